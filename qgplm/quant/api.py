@@ -1,0 +1,191 @@
+"""`quantize_model(model, config)`: swap a Hugging Face LM's layers for quantized ones, in place.
+
+Module selection is by type, so it works on any model built from nn.Linear, GPT-2's Conv1D and
+nn.Embedding (GPT-2, BART, OPT, Llama-style ...):
+- the token (input) embedding, and every embedding sharing its weight (BART's encoder/decoder
+  embed_tokens), get `embedding_bits`;
+- an LM head tied to it reuses the embedding's weight *and its quantizer*, so the head computes
+  with the same quantized table (as in PAPER.md); an untied head gets `embedding_bits` too;
+- every other nn.Linear / Conv1D gets `weight_bits`;
+- position embeddings, LayerNorm and biases are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from qgplm.errors import QgplmError
+from qgplm.quant.config import QuantConfig
+from qgplm.quant.modules import QUANT_MODULES, QuantConv1D, QuantEmbedding, QuantLinear
+from qgplm.quant.quantizers import WEIGHT_QUANTIZERS, ActivationQuantizer, WeightQuantizer
+
+
+class IdentityQuantizer(WeightQuantizer):
+    """Keeps a weight in full precision inside a quantized layer (weights FP, activations quantized)."""
+
+    method = "identity"
+
+    def __init__(self):
+        super().__init__(bits=32)
+
+    def quantize(self, w: Tensor) -> Tensor:
+        return w
+
+    def initialize(self, w: Tensor) -> None:
+        self.initialized.fill_(True)
+
+
+def _selected(name: str, config: QuantConfig) -> bool:
+    if config.include and not any(re.search(p, name) for p in config.include):
+        return False
+    return not any(re.search(p, name) for p in config.exclude)
+
+
+def _make_weight_quantizer(config: QuantConfig, bits: int | None, weight_rows: int) -> WeightQuantizer:
+    if bits is None:
+        return IdentityQuantizer()
+    try:
+        cls = WEIGHT_QUANTIZERS[config.quantizer]
+    except KeyError:
+        raise QgplmError(
+            f"unknown quantizer {config.quantizer!r}: choose one of {sorted(WEIGHT_QUANTIZERS)}"
+        ) from None
+    return cls(bits, num_rows=weight_rows if config.per_row else None, **config.quantizer_kwargs)
+
+
+def _make_act_quantizer(config: QuantConfig) -> ActivationQuantizer | None:
+    if config.activation_bits is None:
+        return None
+    return ActivationQuantizer(config.activation_bits, symmetric=config.activation_symmetric)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Swap quantizable layers of `model` in place and return it (torchao's `quantize_` style).
+
+    A config with every bit-width None leaves the model untouched (plain distillation).
+    """
+    if any(isinstance(m, QUANT_MODULES) for m in model.modules()):
+        raise QgplmError("model is already quantized: call quantize_model once, on a float model")
+    if config.is_full_precision:
+        return model
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    in_emb = get_in() if get_in else None
+    out_emb = get_out() if get_out else None
+    tok_weight = in_emb.weight if in_emb is not None else None
+
+    emb_quantizer: WeightQuantizer | None = None
+    swaps: list[tuple[str, nn.Module]] = []
+    built: dict[int, nn.Module] = {}  # a module reachable under several names is swapped once
+    head_name: str | None = None
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if not name or not _selected(name, config):
+            continue
+        if id(mod) in built:
+            swaps.append((name, built[id(mod)]))
+            continue
+        n_before = len(swaps)
+        if isinstance(mod, nn.Embedding) and tok_weight is not None and mod.weight is tok_weight:
+            if config.embedding_bits is None:
+                continue
+            if emb_quantizer is None:
+                emb_quantizer = _make_weight_quantizer(config, config.embedding_bits, mod.num_embeddings)
+            swaps.append((name, QuantEmbedding.from_float(mod, emb_quantizer)))
+        elif mod is out_emb and isinstance(mod, nn.Linear):
+            head_name = name  # handled below, once the embedding quantizer exists
+        elif isinstance(mod, nn.Linear):
+            wq = _make_weight_quantizer(config, config.weight_bits, mod.out_features)
+            swaps.append((name, QuantLinear.from_float(mod, wq, _make_act_quantizer(config))))
+        elif isinstance(mod, Conv1D):
+            wq = _make_weight_quantizer(config, config.weight_bits, mod.nf)
+            swaps.append((name, QuantConv1D.from_float(mod, wq, _make_act_quantizer(config))))
+        if len(swaps) > n_before:
+            built[id(mod)] = swaps[-1][1]
+    if head_name is not None:
+        head = out_emb
+        if tok_weight is not None and head.weight is tok_weight and emb_quantizer is not None:
+            wq = emb_quantizer  # tied: the head computes with the same quantized table
+        else:
+            wq = _make_weight_quantizer(config, config.embedding_bits, head.out_features)
+        swaps.append((head_name, QuantLinear.from_float(head, wq, _make_act_quantizer(config))))
+    for name, new in swaps:
+        _set_submodule(model, name, new)
+    return model
+
+
+# torchao spelling
+quantize_ = quantize_model
+
+
+def weight_quantizers(model: nn.Module) -> Iterator[tuple[str, WeightQuantizer, nn.Parameter]]:
+    """(module name, quantizer, the weight it quantizes), once per distinct quantizer.
+
+    The weight is oriented as the quantizer sees it ([out, in]); for Conv1D it is transposed.
+    """
+    seen: set[int] = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QUANT_MODULES) and id(mod.weight_quantizer) not in seen:
+            seen.add(id(mod.weight_quantizer))
+            yield name, mod.weight_quantizer, mod.weight
+
+
+def oriented_weight(mod: nn.Module) -> Tensor:
+    """The weight as its quantizer sees it (Conv1D stores [in, out]; quantizers see [out, in])."""
+    return mod.weight.t() if isinstance(mod, QuantConv1D) else mod.weight
+
+
+def quantized_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, QUANT_MODULES):
+            yield name, mod
+
+
+def initialize_quantizers(model: nn.Module, force: bool = False) -> int:
+    """Initialise every not-yet-initialised weight quantizer from its weight; returns how many."""
+    count, seen = 0, set()
+    for _, mod in quantized_modules(model):
+        q = mod.weight_quantizer
+        if id(q) in seen or (bool(q.initialized) and not force):
+            continue
+        seen.add(id(q))
+        q.initialize(oriented_weight(mod).detach())
+        count += 1
+    return count
+
+
+def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every learnable quantizer scale (deduplicated), for the optimizer's scale group."""
+    out, seen = [], set()
+    for m in model.modules():
+        if isinstance(m, WeightQuantizer):
+            for p in m.scale_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
+def set_quantization_enabled(model: nn.Module, enabled: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, (WeightQuantizer, ActivationQuantizer)):
+            m.enabled = enabled
+
+
+@contextlib.contextmanager
+def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the quantized model as its float original (used by tests and for debugging)."""
+    set_quantization_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_quantization_enabled(model, True)

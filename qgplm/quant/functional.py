@@ -1,0 +1,101 @@
+"""Autograd functions of the quantizers, with the exact backward passes of PAPER.md.
+
+They are plain functions so that the numerical tests can check forward and backward against
+hand-computed values without building any module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EPS = 1e-8
+
+
+def levels(bits: int) -> int:
+    """Levels per side of a symmetric b-bit quantizer: n = 2^(b-1) - 1 (b=2 gives ternary)."""
+    return 2 ** (bits - 1) - 1
+
+
+def _mean_abs(w: Tensor, per_row: bool) -> Tensor:
+    return w.abs().mean(dim=-1, keepdim=True) if per_row else w.abs().mean()
+
+
+class DynamicScaleQuantize(torch.autograd.Function):
+    """QuantGPT's module-wise dynamic scaling: alpha = gamma * mean|w|.
+
+    Forward: u = clip(w, -alpha, alpha) / alpha, codes = round(u * n), w_q = codes * (alpha / n).
+    (w_q is written as codes * step so that a packed export reproduces it bit for bit.)
+    Backward (STE through round):
+        dL/dw     = g                      where |w| <= alpha, else 0
+        dw_q/dalpha = round(u n)/n - u     where |w| <= alpha, else sign(w)
+        dL/dgamma = mean|w| * sum_i g_i * dw_q_i/dalpha
+    With `detach_mean=False` the path through mean|w| also reaches w:
+        dL/dw_i += gamma * sign(w_i) / N * sum_j g_j * dw_q_j/dalpha
+    With `per_row`, gamma has one entry per row and every mean/sum runs over the last dim.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, gamma: Tensor, bits: int, per_row: bool, detach_mean: bool) -> Tensor:
+        n = levels(bits)
+        m = _mean_abs(w, per_row)
+        g = gamma.view(-1, 1) if per_row else gamma.reshape(())
+        alpha = (g * m).clamp_min(EPS)
+        u = torch.maximum(torch.minimum(w, alpha), -alpha) / alpha
+        codes = torch.round(u * n)
+        ctx.save_for_backward(w, gamma, m, alpha, u, codes)
+        ctx.n, ctx.per_row, ctx.detach_mean = n, per_row, detach_mean
+        return codes * (alpha / n)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        w, gamma, m, alpha, u, codes = ctx.saved_tensors
+        inside = w.abs() <= alpha
+        dalpha = torch.where(inside, codes / ctx.n - u, torch.sign(w))
+        grad_w = grad_out * inside
+        red = (lambda t: t.sum(dim=-1, keepdim=True)) if ctx.per_row else (lambda t: t.sum())
+        s = red(grad_out * dalpha)  # dL/dalpha
+        grad_gamma = (m * s).reshape(gamma.shape)
+        if not ctx.detach_mean:
+            g = gamma.view(-1, 1) if ctx.per_row else gamma.reshape(())
+            numel = w.shape[-1] if ctx.per_row else w.numel()
+            grad_w = grad_w + s * g * torch.sign(w) / numel
+        return grad_w, grad_gamma, None, None, None
+
+
+def dynamic_scale_quantize(
+    w: Tensor, gamma: Tensor, bits: int, per_row: bool = False, detach_mean: bool = True
+) -> Tensor:
+    """Fake-quantize `w` with QuantGPT's dynamic scaling (see DynamicScaleQuantize)."""
+    return DynamicScaleQuantize.apply(w, gamma, bits, per_row, detach_mean)
+
+
+def dynamic_scale_codes(w: Tensor, gamma: Tensor, bits: int, per_row: bool = False) -> tuple[Tensor, Tensor]:
+    """Integer codes in [-n, n] and the step alpha/n such that codes * step == the forward output."""
+    n = levels(bits)
+    m = _mean_abs(w, per_row)
+    g = gamma.view(-1, 1) if per_row else gamma.reshape(())
+    alpha = (g * m).clamp_min(EPS)
+    u = torch.maximum(torch.minimum(w, alpha), -alpha) / alpha
+    return torch.round(u * n), alpha / n
+
+
+def minmax_activation_quantize(x: Tensor, bits: int = 8, symmetric: bool = False) -> Tensor:
+    """Dynamic per-tensor min-max fake quantization with a straight-through gradient.
+
+    Asymmetric (default): the range [min(x), max(x)] is split into 2^b - 1 steps with an integer
+    zero point, so every element is inside the range and the STE is the identity.
+    Symmetric: the range is [-max|x|, max|x|] with 2^(b-1) - 1 levels per side.
+    """
+    xd = x.detach()
+    if symmetric:
+        n = levels(bits)
+        step = (xd.abs().amax() / n).clamp_min(EPS)
+        xq = torch.clamp(torch.round(xd / step), -n, n) * step
+    else:
+        lo, hi = xd.amin(), xd.amax()
+        qmax = 2**bits - 1
+        step = ((hi - lo) / qmax).clamp_min(EPS)
+        zero = torch.round(-lo / step)
+        xq = (torch.clamp(torch.round(xd / step) + zero, 0, qmax) - zero) * step
+    return x + (xq - x).detach()

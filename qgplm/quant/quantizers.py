@@ -1,0 +1,192 @@
+"""Quantizer modules: each holds the state of one quantized tensor (its learnable scale).
+
+A weight quantizer is a small nn.Module attached to a quantized layer. The interface every
+method implements (QuantGPT here, the baselines of issue #3 later):
+
+- `forward(w)`: the fake-quantized weight used in the forward pass (identity when disabled).
+- `initialize(w)`: set the scale from the weight it will quantize; called once at fit start by
+  the scale warm-up callback. The `initialized` buffer is saved with checkpoints, so a resumed
+  run never re-initialises.
+- `codes(w)`: integer codes and step with `codes * step == forward(w)` (for packed export).
+- `scale_parameters()`: learnable scale tensors; they get their own optimizer group.
+- `clamp_()`: keep the scale valid after an optimizer step; returns True if it had to.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from qgplm.quant.functional import (
+    dynamic_scale_codes,
+    dynamic_scale_quantize,
+    minmax_activation_quantize,
+)
+
+WEIGHT_QUANTIZERS: dict[str, type["WeightQuantizer"]] = {}
+
+
+def register_weight_quantizer(name: str) -> Callable[[type], type]:
+    """Class decorator: make a quantizer available as `method.quantizer=<name>`."""
+
+    def wrap(cls: type) -> type:
+        cls.method = name
+        WEIGHT_QUANTIZERS[name] = cls
+        return cls
+
+    return wrap
+
+
+class WeightQuantizer(nn.Module):
+    """Base class: bit-width, on/off switch, ramp-in factor and the `initialized` flag."""
+
+    method: ClassVar[str] = "base"
+
+    def __init__(self, bits: int, num_rows: int | None = None):
+        super().__init__()
+        self.bits = int(bits)
+        self.num_rows = num_rows  # set for per-row scaling (one scale per output row)
+        self.enabled = True
+        # Quantization ramp-in: forward = w + mix * (Q(w) - w). 1.0 = fully quantized.
+        self.mix = 1.0
+        self.register_buffer("initialized", torch.tensor(False), persistent=True)
+
+    @property
+    def per_row(self) -> bool:
+        return self.num_rows is not None
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.enabled:
+            return w
+        q = self.quantize(w)
+        if self.mix >= 1.0:
+            return q
+        return w + self.mix * (q - w)
+
+    def quantize(self, w: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def codes(self, w: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def initialize(self, w: Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters(recurse=False))
+
+    @torch.no_grad()
+    def clamp_(self) -> bool:
+        return False
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per_row={self.per_row}"
+
+
+# Fallback gammas of PAPER.md (used when gamma_init="fixed"); 8-bit uses max|w|/mean|w|.
+FIXED_GAMMA = {2: 1.4, 4: 3.0}
+
+
+@register_weight_quantizer("quantgpt")
+class DynamicScaleQuantizer(WeightQuantizer):
+    """QuantGPT's quantizer: alpha = gamma * mean|w| with one learnable gamma per module (or row).
+
+    gamma is initialised at fit start to the value minimising ||w - Q(w)||^2 (coarse-to-fine grid
+    search, `gamma_init="mse"`) or to the fixed values of PAPER.md (`gamma_init="fixed"`).
+    `detach_mean=True` (default) stops the gradient through mean|w| into w.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        num_rows: int | None = None,
+        gamma_init: str = "mse",
+        detach_mean: bool = True,
+        min_gamma: float = 1e-3,
+    ):
+        super().__init__(bits, num_rows)
+        if gamma_init not in ("mse", "fixed"):
+            raise ValueError(f"gamma_init must be 'mse' or 'fixed', got {gamma_init!r}")
+        self.gamma_init = gamma_init
+        self.detach_mean = detach_mean
+        self.min_gamma = min_gamma
+        shape = (num_rows,) if num_rows is not None else ()
+        self.gamma = nn.Parameter(torch.full(shape, FIXED_GAMMA.get(self.bits, 1.0)))
+
+    def quantize(self, w: Tensor) -> Tensor:
+        return dynamic_scale_quantize(w, self.gamma, self.bits, self.per_row, self.detach_mean)
+
+    def codes(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        return dynamic_scale_codes(w, self.gamma, self.bits, self.per_row)
+
+    @torch.no_grad()
+    def initialize(self, w: Tensor) -> None:
+        w = w.detach().float()
+        mean = w.abs().mean(dim=-1) if self.per_row else w.abs().mean()
+        top = (w.abs().amax(dim=-1) if self.per_row else w.abs().amax()) / mean.clamp_min(1e-12)
+        if self.gamma_init == "fixed" or self.bits >= 8:
+            value = torch.full_like(mean, FIXED_GAMMA[self.bits]) if self.bits in FIXED_GAMMA else top
+        else:
+            value = _mse_gamma_search(w, self.bits, self.per_row, top)
+        self.gamma.copy_(value.reshape(self.gamma.shape).to(self.gamma.dtype))
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def clamp_(self) -> bool:
+        bad = bool((self.gamma < self.min_gamma).any())
+        if bad:
+            self.gamma.clamp_(min=self.min_gamma)
+        return bad
+
+
+def _mse_gamma_search(w: Tensor, bits: int, per_row: bool, top: Tensor, points: int = 24, rounds: int = 3) -> Tensor:
+    """Coarse-to-fine grid search for the gamma minimising ||w - Q_gamma(w)||^2.
+
+    Each round evaluates `points` gammas in [lo, hi] and narrows the interval around the best.
+    Large per-tensor weights are subsampled (fixed seed) to keep start-up fast on GPT-2 size.
+    """
+    if not per_row and w.numel() > 2**20:
+        gen = torch.Generator().manual_seed(0)
+        idx = torch.randint(0, w.numel(), (2**20,), generator=gen)
+        w = w.reshape(-1)[idx.to(w.device)]
+    lo = torch.full_like(top, 0.05)
+    hi = top.clamp_min(0.1)
+    best = (lo + hi) / 2
+    for _ in range(rounds):
+        frac = torch.linspace(0, 1, points, device=w.device, dtype=w.dtype)
+        grid = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * frac  # [..., points]
+        errs = torch.stack(
+            [_quant_error(w, grid[..., k], bits, per_row) for k in range(points)], dim=-1
+        )
+        k = errs.argmin(dim=-1, keepdim=True)
+        best = grid.gather(-1, k).squeeze(-1)
+        step = (hi - lo) / (points - 1)
+        lo, hi = (best - step).clamp_min(1e-3), best + step
+    return best
+
+
+def _quant_error(w: Tensor, gamma: Tensor, bits: int, per_row: bool) -> Tensor:
+    q = dynamic_scale_quantize(w, gamma, bits, per_row, True)
+    d = (w - q).pow(2)
+    return d.sum(dim=-1) if per_row else d.sum()
+
+
+class ActivationQuantizer(nn.Module):
+    """Dynamic per-tensor min-max quantizer for the input of a quantized layer (no parameters)."""
+
+    def __init__(self, bits: int = 8, symmetric: bool = False):
+        super().__init__()
+        self.bits = int(bits)
+        self.symmetric = symmetric
+        self.enabled = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        return minmax_activation_quantize(x, self.bits, self.symmetric)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}"
