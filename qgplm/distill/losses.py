@@ -1,0 +1,55 @@
+"""Distillation losses of PAPER.md: soft cross-entropy on logits and token-level contrast."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def soft_cross_entropy(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
+    """Per-token soft cross-entropy -sum_v p_T(v) log p_S(v), averaged over unmasked tokens.
+
+    logits: [..., vocab]; mask: [...] (1 = keep). Computed in fp32 for stability under bf16.
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    p_t = F.softmax(teacher_logits.float() / t, dim=-1)
+    per_token = -(p_t * log_p_s).sum(dim=-1) * (t * t)
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def token_contrastive_loss(
+    query: Tensor, teacher_hidden: Tensor, token_ids: Tensor, mask: Tensor | None = None, tau: float = 0.1
+) -> Tensor:
+    """Token-level contrastive loss of QuantGPT (PAPER.md), averaged over valid tokens.
+
+    For each sequence and valid position i: positive = the teacher's representation at i,
+    negatives = the teacher's representations at the other valid positions j of the same sequence
+    whose token id differs from t_i (positions holding the same token are masked out: they are not
+    negatives of each other). Padding is excluded both as anchor and as negative.
+
+        L = -(1/n) sum_i log( exp(cos(q_i, h_i)/tau) / sum_j exp(cos(q_i, h_j)/tau) )
+
+    query: [B, L, H] (student side, usually from the memory bank), teacher_hidden: [B, L, H],
+    token_ids: [B, L], mask: [B, L] (1 = real token).
+    """
+    b, n, _ = query.shape
+    if mask is None:
+        mask = torch.ones(b, n, dtype=torch.bool, device=query.device)
+    mask = mask.bool()
+    q = F.normalize(query.float(), dim=-1)
+    k = F.normalize(teacher_hidden.float(), dim=-1)
+    logits = torch.einsum("bih,bjh->bij", q, k) / tau  # [B, L, L]
+    eye = torch.eye(n, dtype=torch.bool, device=query.device).unsqueeze(0)
+    same_token = token_ids.unsqueeze(-1) == token_ids.unsqueeze(-2)
+    allowed = mask.unsqueeze(-2) & (eye | ~same_token)  # valid key j, and j == i or a different token
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    log_prob = logits.diagonal(dim1=-2, dim2=-1) - torch.logsumexp(logits, dim=-1)  # [B, L]
+    valid = mask.to(log_prob.dtype)
+    return -(log_prob.masked_fill(~mask, 0.0) * valid).sum() / valid.sum().clamp_min(1.0)

@@ -1,0 +1,121 @@
+"""Distillation losses and the memory bank, against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from qgplm.distill import MemoryBank, soft_cross_entropy, token_contrastive_loss
+
+# One sequence of 3 tokens, hidden size 2 (see the derivations in each test).
+Q = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+HT = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
+# cos(q_i, h_j):  i=0: [1, 0, -1]   i=1: [0, 1, 0]   i=2: [r, r, -r] with r = 1/sqrt(2)
+
+
+def test_contrastive_hand_computed():
+    # l_i = -cos(q_i,h_i)/tau + log sum_j exp(cos(q_i,h_j)/tau), tau = 1:
+    # l0 = -1 + log(e + 1 + 1/e); l1 = -1 + log(2 + e); l2 = r + log(2 e^r + e^-r); mean = 1.06037684627
+    loss = token_contrastive_loss(Q, HT, torch.tensor([[5, 6, 7]]), tau=1.0)
+    assert loss.item() == pytest.approx(1.0603768462728107, abs=1e-6)
+
+
+def test_contrastive_temperature():
+    # same with tau = 0.5: every cosine doubled before the softmax
+    loss = token_contrastive_loss(Q, HT, torch.tensor([[5, 6, 7]]), tau=0.5)
+    assert loss.item() == pytest.approx(1.3110584348028376, abs=1e-6)
+
+
+def test_contrastive_masks_repeated_tokens():
+    # ids 5,6,5: position 2 is not a negative of position 0, nor 0 of 2
+    # l0 = -1 + log(e + 1); l1 unchanged; l2 = r + log(e^r + e^-r)
+    loss = token_contrastive_loss(Q, HT, torch.tensor([[5, 6, 5]]), tau=1.0)
+    assert loss.item() == pytest.approx(0.832180561801704, abs=1e-6)
+
+
+def test_contrastive_masks_padding():
+    # third position is padding: neither an anchor nor a negative
+    # l0 = -1 + log(e + 1); l1 = -1 + log(1 + e)
+    mask = torch.tensor([[1, 1, 0]])
+    loss = token_contrastive_loss(Q, HT, torch.tensor([[5, 6, 7]]), mask, tau=1.0)
+    assert loss.item() == pytest.approx(0.3132616875182228, abs=1e-6)
+
+
+def test_contrastive_gradient_reaches_query_only_through_cosine():
+    q = Q.clone().requires_grad_(True)
+    h = HT.clone().requires_grad_(True)
+    token_contrastive_loss(q, h, torch.tensor([[5, 6, 7]])).backward()
+    assert q.grad.abs().sum() > 0 and h.grad.abs().sum() > 0
+    # scaling q does not change cosines: gradient orthogonal to q
+    assert torch.allclose((q.grad * q).sum(-1), torch.zeros(1, 3), atol=1e-6)
+
+
+def test_contrastive_batch_is_per_sequence():
+    # negatives come from the same sequence only: a batch of two equals the mean of each alone
+    q2 = torch.cat([Q, Q.flip(1)])
+    h2 = torch.cat([HT, HT.flip(1)])
+    ids = torch.tensor([[5, 6, 7], [7, 6, 5]])
+    both = token_contrastive_loss(q2, h2, ids)
+    a = token_contrastive_loss(q2[:1], h2[:1], ids[:1])
+    b = token_contrastive_loss(q2[1:], h2[1:], ids[1:])
+    assert both.item() == pytest.approx(((a + b) / 2).item(), abs=1e-6)
+
+
+def test_soft_cross_entropy_hand_computed():
+    # teacher p = softmax([0, ln 3]) = [1/4, 3/4]; student logits [0, 0] -> log q = [-ln 2, -ln 2]
+    # H(p, q) = ln 2 for the first token; second token masked out
+    s = torch.zeros(1, 2, 2)
+    t = torch.tensor([[[0.0, math.log(3)], [5.0, -5.0]]])
+    loss = soft_cross_entropy(s, t, torch.tensor([[1, 0]]))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    # equal distributions: soft CE = entropy of the teacher
+    ent = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert soft_cross_entropy(t[:, :1], t[:, :1]).item() == pytest.approx(ent, abs=1e-6)
+
+
+def test_soft_cross_entropy_temperature_scaling():
+    # T^2 * H(softmax(t/T), softmax(s/T)) with T = 2, t=[0, 2 ln 3] -> p=[1/4, 3/4], s=0 -> ln 2 * 4
+    t = torch.tensor([[[0.0, 2 * math.log(3)]]])
+    assert soft_cross_entropy(torch.zeros(1, 1, 2), t, temperature=2.0).item() == pytest.approx(4 * math.log(2), abs=1e-6)
+
+
+def test_memory_bank_lazy_init_and_momentum():
+    bank = MemoryBank(vocab_size=10, hidden_size=2, momentum=0.5)
+    ids = torch.tensor([[3, 4]])
+    h1 = torch.tensor([[[2.0, 0.0], [0.0, 4.0]]])
+    q = bank.query(h1, ids)
+    assert torch.equal(q, h1)  # empty rows: q = h
+    bank.update(ids, q)
+    h2 = torch.tensor([[[0.0, 2.0], [4.0, 0.0]]])
+    q2 = bank.query(h2, ids)
+    # q = 0.5 * M[t] + 0.5 * h
+    assert torch.allclose(q2, torch.tensor([[[1.0, 1.0], [2.0, 2.0]]]))
+    bank.update(ids, q2)
+    assert torch.allclose(bank.bank[3], torch.tensor([1.0, 1.0]))
+    assert bank.filled.tolist() == [False] * 3 + [True, True] + [False] * 5
+
+
+def test_memory_bank_query_gradient_scaled_by_one_minus_momentum():
+    bank = MemoryBank(5, 2, momentum=0.75)
+    ids = torch.tensor([[1]])
+    bank.update(ids, torch.ones(1, 1, 2))
+    h = torch.zeros(1, 1, 2, requires_grad=True)
+    bank.query(h, ids).sum().backward()
+    assert torch.allclose(h.grad, torch.full((1, 1, 2), 0.25))
+
+
+def test_memory_bank_duplicates_averaged_and_mask_respected():
+    bank = MemoryBank(5, 1, momentum=0.5)
+    ids = torch.tensor([[2, 2, 3]])
+    q = torch.tensor([[[1.0], [3.0], [7.0]]])
+    bank.update(ids, q, mask=torch.tensor([[1, 1, 0]]))
+    assert bank.bank[2].item() == pytest.approx(2.0)  # mean of the two occurrences
+    assert not bool(bank.filled[3])  # masked position not written
+
+
+def test_memory_bank_state_dict_round_trip():
+    bank = MemoryBank(6, 3)
+    bank.update(torch.tensor([[1, 5]]), torch.randn(1, 2, 3))
+    other = MemoryBank(6, 3)
+    other.load_state_dict(bank.state_dict())
+    assert torch.equal(other.bank, bank.bank) and torch.equal(other.filled, bank.filled)
