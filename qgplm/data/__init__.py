@@ -1,0 +1,1 @@
+"""Data: task sources (builtin generator, local files, hub) and datamodules."""
