@@ -1,0 +1,69 @@
+"""MemoryBankCallback: owns the contrastive memory bank for the whole fit.
+
+It creates the bank at set-up (vocab x hidden of the student), attaches it to the module,
+applies the momentum update after every training batch (when the optimizer has stepped),
+gathering the update from every rank first so that all ranks hold the same bank, and saves /
+restores the bank with Lightning checkpoints (callback state).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from qgplm.distill import MemoryBank
+
+
+class MemoryBankCallback(Callback):
+    def __init__(self, momentum: float = 0.5):
+        self.momentum = momentum
+        self.bank: MemoryBank | None = None
+        self._pending: dict[str, torch.Tensor] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "MemoryBankCallback"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.bank is not None:
+            return
+        model = pl_module.student
+        vocab = model.get_input_embeddings().num_embeddings
+        self.bank = MemoryBank(vocab, model.config.hidden_size, self.momentum)
+        if self._pending is not None:
+            self.bank.load_state_dict(self._pending)
+            self._pending = None
+        pl_module.attach_memory_bank(self.bank)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.bank.to(pl_module.device)
+        pl_module.attach_memory_bank(self.bank)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        update = pl_module.pop_bank_update()
+        if update is None or self.bank is None:
+            return
+        ids, queries, mask = update
+        if trainer.world_size > 1:
+            # identical bank on every rank: apply everybody's update, in rank order
+            ids, queries, mask = (trainer.strategy.all_gather(t) for t in (ids, queries, mask))
+            ids, queries, mask = (t.flatten(0, 1) for t in (ids, queries, mask))
+        self.bank.update(ids, queries, mask)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.bank is None:
+            return {}
+        return {"bank": {k: v.detach().cpu().clone() for k, v in self.bank.state_dict().items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("bank")
+        if state is None:
+            return
+        if self.bank is None:
+            self._pending = state
+        else:
+            self.bank.load_state_dict({k: v.to(self.bank.bank.device) for k, v in state.items()})

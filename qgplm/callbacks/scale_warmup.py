@@ -1,0 +1,42 @@
+"""ScaleWarmupCallback: initialise the quantizer scales at fit start, optionally warm them up.
+
+- At fit start every weight quantizer not yet initialised gets its scale from its weight
+  (QuantGPT: the MSE-optimal gamma). Quantizers restored from a checkpoint carry
+  `initialized=True` and are left alone, so resuming never re-calibrates.
+- `hold_steps`: the scales get no update for the first steps (their gradients are dropped),
+  letting the weights adapt to the initial quantization grid first.
+- `ramp_steps`: quantization is blended in linearly, w + r * (Q(w) - w) with r going 1/ramp..1.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from qgplm.quant import initialize_quantizers, scale_parameters
+from qgplm.quant.quantizers import WeightQuantizer
+
+
+class ScaleWarmupCallback(Callback):
+    def __init__(self, hold_steps: int = 0, ramp_steps: int = 0):
+        self.hold_steps, self.ramp_steps = hold_steps, ramp_steps
+        self.initialized_count = 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.initialized_count = initialize_quantizers(pl_module.model)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        mix = 1.0 if self.ramp_steps <= 0 else min(1.0, (trainer.global_step + 1) / self.ramp_steps)
+        for m in pl_module.model.modules():
+            if isinstance(m, WeightQuantizer):
+                m.mix = mix
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if trainer.global_step < self.hold_steps:
+            for p in scale_parameters(pl_module.model):
+                p.grad = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for m in pl_module.model.modules():  # evaluation and export always see full quantization
+            if isinstance(m, WeightQuantizer):
+                m.mix = 1.0

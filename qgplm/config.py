@@ -1,0 +1,300 @@
+"""Typed run configuration, built and validated once from the composed Hydra config.
+
+Hydra composes `conf/` into a DictConfig; `RunConfig.from_hydra(cfg)` turns the parts qgplm
+owns (model, bits, method, task, teacher/student schedules) into dataclasses, rejecting unknown
+keys, wrong types and out-of-range values with one-line messages that name the key and the
+allowed values. Everything downstream receives these objects, never the raw DictConfig.
+The `trainer`, `logger` and `callbacks` groups stay DictConfigs: they are Lightning objects
+built with `hydra.utils.instantiate`, as in lightning-hydra-template.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from qgplm.errors import QgplmError
+from qgplm.quant.config import QuantConfig
+
+STAGES = ("teacher", "quantize", "pipeline")
+MODEL_KINDS = ("causal", "seq2seq")
+TASK_SOURCES = ("builtin", "wikitext2", "ptb", "wikitext103")
+NEGATIVES = ("teacher",)
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build. `name_or_path=None` builds `arch` from `config` with random init."""
+
+    name: str
+    kind: str = "causal"
+    name_or_path: str | None = None
+    arch: str = "gpt2"
+    config: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None  # None: the task's own tokenizer, else name_or_path
+
+    def validate(self) -> None:
+        _choice("model.kind", self.kind, MODEL_KINDS)
+        if self.name_or_path is None and not self.config:
+            raise QgplmError("model: set model.name_or_path=<hub name or dir> or model.config for a random init")
+
+
+@dataclass
+class BitsConfig:
+    """WxEyAz: weight, embedding and activation bits; null = full precision."""
+
+    weight: int | None = 2
+    embedding: int | None = 2
+    activation: int | None = 8
+
+    def validate(self) -> None:
+        for key in ("weight", "embedding", "activation"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 8):
+                raise QgplmError(f"bits.{key} must be an integer in 1..8 or null (full precision), got {v!r}")
+
+    @property
+    def tag(self) -> str:
+        return self.quant_config(QuantConfig()).tag
+
+    def quant_config(self, base: QuantConfig) -> QuantConfig:
+        return dataclasses.replace(base, weight_bits=self.weight, embedding_bits=self.embedding,
+                                   activation_bits=self.activation)
+
+
+@dataclass
+class DistillConfig:
+    """L = kd_weight * L_dist + contrastive_weight * L_cont + ce_weight * CE (PAPER.md)."""
+
+    kd_weight: float = 1.0
+    temperature: float = 1.0
+    contrastive_weight: float = 0.1  # lambda
+    tau: float = 0.1
+    momentum: float = 0.5
+    layer: int = -1  # which hidden layer to contrast (-1: the last)
+    negatives: str = "teacher"
+    ce_weight: float = 0.0
+
+    def validate(self) -> None:
+        _choice("method.distill.negatives", self.negatives, NEGATIVES)
+        _positive("method.distill.tau", self.tau)
+        _positive("method.distill.temperature", self.temperature)
+        if not 0.0 <= self.momentum < 1.0:
+            raise QgplmError(f"method.distill.momentum must be in [0, 1), got {self.momentum}")
+        for key in ("kd_weight", "contrastive_weight", "ce_weight"):
+            if getattr(self, key) < 0:
+                raise QgplmError(f"method.distill.{key} must be >= 0, got {getattr(self, key)}")
+
+    @property
+    def uses_contrastive(self) -> bool:
+        return self.contrastive_weight > 0
+
+
+@dataclass
+class WarmupConfig:
+    """Scale warm-up: hold the quantizer scales for `hold_steps`, ramp quantization in over `ramp_steps`."""
+
+    hold_steps: int = 0
+    ramp_steps: int = 0
+
+
+@dataclass
+class MethodConfig:
+    name: str
+    quantizer: str = "quantgpt"
+    quantizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    per_row: bool = False
+    activation_symmetric: bool = False
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+
+    def validate(self) -> None:
+        from qgplm.quant import WEIGHT_QUANTIZERS
+
+        _choice("method.quantizer", self.quantizer, tuple(sorted(WEIGHT_QUANTIZERS)))
+        self.distill.validate()
+
+    def quant_config(self, bits: BitsConfig) -> QuantConfig:
+        base = QuantConfig(quantizer=self.quantizer, quantizer_kwargs=dict(self.quantizer_kwargs),
+                           per_row=self.per_row, activation_symmetric=self.activation_symmetric,
+                           include=list(self.include), exclude=list(self.exclude))
+        return bits.quant_config(base)
+
+
+@dataclass
+class TaskConfig:
+    """Data and evaluation protocol. `data_dir=None` means the hub (or the builtin generator)."""
+
+    name: str
+    source: str = "builtin"
+    data_dir: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # split -> file name inside data_dir
+    hub_path: str | None = None
+    hub_name: str | None = None
+    block_size: int = 64
+    eval_stride: int | None = None  # None: = block_size (non-overlapping windows)
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    num_workers: int = 0
+    corpus_seed: int = 0
+    max_train_tokens: int | None = None
+    max_eval_tokens: int | None = None
+
+    def validate(self) -> None:
+        _choice("task.source", self.source, TASK_SOURCES)
+        for key in ("block_size", "batch_size", "eval_batch_size"):
+            _positive(f"task.{key}", getattr(self, key))
+        if self.eval_stride is not None and not 0 < self.eval_stride <= self.block_size:
+            raise QgplmError(f"task.eval_stride must be in 1..block_size ({self.block_size}), got {self.eval_stride}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    scale_lr: float | None = None  # quantizer scales; None: = lr
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    scheduler: str = "cosine"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+    def validate(self, prefix: str) -> None:
+        _positive(f"{prefix}.lr", self.lr)
+        _choice(f"{prefix}.scheduler", self.scheduler, SCHEDULERS)
+
+
+@dataclass
+class StageConfig:
+    """A training stage's budget and optimizer (the teacher's or the student's)."""
+
+    max_steps: int = 500
+    eval_every: int = 100
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self, prefix: str) -> None:
+        if self.max_steps < 0:
+            raise QgplmError(f"{prefix}.max_steps must be >= 0, got {self.max_steps}")
+        _positive(f"{prefix}.eval_every", self.eval_every)
+        self.optim.validate(f"{prefix}.optim")
+
+
+@dataclass
+class RunConfig:
+    stage: str
+    seed: int
+    model: ModelConfig
+    bits: BitsConfig
+    method: MethodConfig
+    task: TaskConfig
+    teacher: StageConfig
+    student: StageConfig
+    teacher_path: str | None = None
+    output_dir: str = "."
+    generate_samples: int = 0
+
+    def validate(self) -> None:
+        _choice("stage", self.stage, STAGES)
+        if self.stage == "quantize" and not self.teacher_path:
+            raise QgplmError("stage=quantize needs a teacher: pass teacher_path=<run dir or saved model dir>")
+        self.model.validate()
+        self.bits.validate()
+        self.method.validate()
+        self.task.validate()
+        self.teacher.validate("teacher")
+        self.student.validate("student")
+
+    @property
+    def quant(self) -> QuantConfig:
+        return self.method.quant_config(self.bits)
+
+    @classmethod
+    def from_hydra(cls, cfg: Any) -> "RunConfig":
+        """Build from a composed DictConfig (or a plain dict) and validate."""
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            data = OmegaConf.to_container(cfg, resolve=True)
+        else:
+            data = dict(cfg)
+        owned = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in owned}
+        run = _build(cls, data, "")
+        run.validate()
+        return run
+
+
+# ---------------------------------------------------------------- conversion helpers
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise QgplmError(f"{key}={value!r} is not valid: choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise QgplmError(f"{key} must be a positive number, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise QgplmError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise QgplmError(f"unknown config key {where}{unknown[0]}: allowed keys under "
+                         f"{prefix or 'the root'} are {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise QgplmError(f"missing config key {key}")
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(non_none[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise QgplmError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise QgplmError(f"{key} must be a list, got {value!r}")
+        return list(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise QgplmError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise QgplmError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise QgplmError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise QgplmError(f"{key} must be a string, got {value!r}")
+        return value
+    return value

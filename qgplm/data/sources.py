@@ -1,0 +1,74 @@
+"""Raw text of a language-modelling task, from local files, the hub, or the builtin generator.
+
+Every source returns {"train", "valid", "test"} -> str. Local files are read as UTF-8 with
+their lines kept (newlines included); hub data sets are joined line by line the same way, so
+the perplexity protocol is the same wherever the text comes from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qgplm.config import TaskConfig
+from qgplm.errors import QgplmError
+from qgplm.hub import hub_reachable
+
+SPLITS = ("train", "valid", "test")
+
+# File names of the standard releases (task.files overrides).
+DEFAULT_FILES = {
+    "wikitext2": {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"},
+    "wikitext103": {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"},
+    "ptb": {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"},
+}
+HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+HUB_TEXT_COLUMN = {"wikitext2": "text", "wikitext103": "text", "ptb": "sentence"}
+
+
+def load_texts(task: TaskConfig) -> dict[str, str]:
+    """The three splits of `task` as text."""
+    if task.source == "builtin":
+        from qgplm.data.builtin import generate_corpus
+
+        return generate_corpus(seed=task.corpus_seed)
+    if task.data_dir is not None:
+        return _read_local(task)
+    return _read_hub(task)
+
+
+def _read_local(task: TaskConfig) -> dict[str, str]:
+    root = Path(task.data_dir).expanduser()
+    if not root.is_dir():
+        raise QgplmError(f"task.data_dir={task.data_dir} is not a directory: point it at the folder "
+                         f"holding the {task.name} files")
+    files = {**DEFAULT_FILES.get(task.source, {}), **task.files}
+    out = {}
+    for split in SPLITS:
+        path = root / files[split]
+        if not path.is_file():
+            raise QgplmError(f"missing {split} file {path}: set task.files.{split}=<file name> or fix task.data_dir")
+        try:
+            out[split] = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise QgplmError(f"{path} is not UTF-8 text (byte {e.start}): convert it with iconv -t UTF-8") from None
+    return out
+
+
+def _read_hub(task: TaskConfig) -> dict[str, str]:
+    if not task.hub_path:
+        raise QgplmError(f"task {task.name} has no hub data set: pass task.data_dir=<folder with its files>")
+    if not hub_reachable():
+        raise QgplmError(f"the Hugging Face hub is unreachable, so {task.hub_path}/{task.hub_name} cannot be "
+                         f"downloaded: pass task.data_dir=<local folder> (offline copy: ../shared/data)")
+    try:
+        import datasets
+    except ImportError:
+        raise QgplmError("hub data sets need the `datasets` package: pip install 'qgplm[hub]' "
+                         "(or pass task.data_dir=<local folder>)") from None
+    ds = datasets.load_dataset(task.hub_path, task.hub_name)
+    column = HUB_TEXT_COLUMN.get(task.source, "text")
+    return {split: "".join(_with_newline(t) for t in ds[HUB_SPLITS[split]][column]) for split in SPLITS}
+
+
+def _with_newline(line: str) -> str:
+    return line if line.endswith("\n") else line + "\n"

@@ -1,0 +1,33 @@
+"""The end-of-run summary table (rich), built from metrics.json's content."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_summary(metrics: dict[str, Any], run_dir: str, console: Console | None = None) -> None:
+    console = console or Console()
+    c = metrics["config"]
+    table = Table(title=f"qgplm {c['model']} on {c['task']}: {c['method']} {c['bits']} (stage={c['stage']})")
+    for col in ("model", "test PPL", "PPL / teacher", "size (MiB)", "compression", "wall time (s)"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    t, wall = metrics["teacher"], metrics["wall_time_s"]
+    size = metrics.get("size")
+    table.add_row("teacher (FP32)", _fmt(t["test_ppl"]), "1.00", _fmt(size and size["fp32_mib"]), "1.0x",
+                  _fmt(wall.get("teacher"), ".1f"))
+    if "student" in metrics:
+        s = metrics["student"]
+        table.add_row(f"student ({c['bits']})", _fmt(s["test_ppl"]), _fmt(metrics["ppl_ratio"]),
+                      _fmt(size["quantized_mib"], ".3f"), f"{size['compression']:.1f}x", _fmt(wall.get("student"), ".1f"))
+    console.print(table)
+    for who, rows in metrics.get("samples", {}).items():
+        for r in rows:
+            console.print(f"[bold]{who}[/bold] {r['prompt']} [cyan]{r['continuation']}[/cyan]", highlight=False)
+    console.print(f"total wall time {wall['total']:.1f} s; run dir: {run_dir} (metrics.json, checkpoints/, teacher/)")

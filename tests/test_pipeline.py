@@ -1,0 +1,150 @@
+"""The composed Hydra config, end to end, offline, on tiny sizes."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from qgplm.config import RunConfig
+from qgplm.pipeline import run_stages
+from qgplm.quant import quantized_modules
+from tests.conftest import SHARED_DATA
+
+
+def _run(cfg):
+    run = RunConfig.from_hydra(cfg)
+    return run, run_stages(run, cfg.trainer, cfg.get("logger"), cfg.get("callbacks"))
+
+
+def test_pipeline_fast_dev_run_writes_everything(tiny_cfg, tmp_path):
+    run, metrics = _run(tiny_cfg("trainer.fast_dev_run=true"))
+    assert (tmp_path / "teacher" / "config.json").is_file()
+    assert (tmp_path / "teacher" / "tokenizer.json").is_file()
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["config"]["bits"] == "W2E2A8" and on_disk["config"]["method"] == "quantgpt"
+    for key in ("teacher", "student", "ppl_ratio", "size", "protocol", "wall_time_s", "samples"):
+        assert key in on_disk
+    assert on_disk["student"]["test_ppl"] > 1 and on_disk["teacher"]["test_ppl"] > 1
+    assert on_disk["size"]["compression"] > 1
+    assert on_disk["protocol"]["block_size"] == 32
+
+
+def test_pipeline_trains_and_checkpoints(tiny_cfg, tmp_path):
+    run, metrics = _run(tiny_cfg())
+    for stage in ("teacher", "student"):
+        assert (tmp_path / "checkpoints" / stage / "last.ckpt").is_file()
+        assert (tmp_path / "checkpoints" / stage / "best.ckpt").is_file()
+    ckpt = torch.load(tmp_path / "checkpoints" / "student" / "last.ckpt", weights_only=False)
+    # the frozen teacher is not in the student's checkpoint; quantizer scales and bank are
+    assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    assert any(k.endswith("weight_quantizer.gamma") for k in ckpt["state_dict"])
+    bank = ckpt["callbacks"]["MemoryBankCallback"]["bank"]
+    assert bank["filled"].any()
+    assert metrics["teacher"]["best_val_ppl"] is not None
+
+
+def test_bits_fp_is_plain_distillation(tiny_cfg):
+    cfg = tiny_cfg("bits=fp", "trainer.fast_dev_run=true")
+    run, metrics = _run(cfg)
+    assert run.quant.is_full_precision and run.quant.tag == "W32E32A32"
+    assert metrics["size"]["compression"] == pytest.approx(1.0)
+
+
+def test_bits_fp_student_starts_equal_to_teacher(tiny_cfg):
+    """With bits=fp no module is swapped, so before any step the student is the teacher and the
+    KD loss is the teacher's own entropy: QAT is plain distillation."""
+    import copy
+
+    from qgplm.distill import soft_cross_entropy
+    from qgplm.module import DistillModule
+    from qgplm.pipeline import prepare_data
+    from qgplm.models import build_model
+    from qgplm.quant import quantize_model
+
+    run = RunConfig.from_hydra(tiny_cfg("bits=fp"))
+    tok, dm = prepare_data(run)
+    teacher = build_model(run.model, tok, run.task.block_size).eval()
+    student = quantize_model(copy.deepcopy(teacher), run.quant)
+    assert not list(quantized_modules(student))
+    module = DistillModule(student, teacher, run.method.distill, run.student.optim, 1).eval()
+    batch = next(iter(dm.train_dataloader()))
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"]).logits
+        s = student(input_ids=batch["input_ids"]).logits
+    assert torch.equal(s, t)
+    ent = soft_cross_entropy(t, t)
+    p = torch.softmax(t, -1)
+    assert ent.item() == pytest.approx(-(p * torch.log_softmax(t, -1)).sum(-1).mean().item(), rel=1e-5)
+
+
+def test_stage_quantize_reuses_a_saved_teacher(tiny_cfg, tmp_path):
+    teacher_run = tmp_path / "teacher_run"
+    from tests.conftest import compose_cfg
+
+    _run(compose_cfg(["stage=teacher", "trainer.fast_dev_run=true"], teacher_run))
+    assert not (teacher_run / "checkpoints" / "student").exists()
+    metrics_t = json.loads((teacher_run / "metrics.json").read_text())
+    assert "student" not in metrics_t
+    q_run = tmp_path / "q_run"
+    _, metrics = _run(compose_cfg(["stage=quantize", f"teacher_path={teacher_run}", "bits=4",
+                                   "trainer.fast_dev_run=true"], q_run))
+    assert metrics["config"]["bits"] == "W4E4A8"
+    # the teacher evaluated in stage=quantize is the saved one: same test PPL
+    assert metrics["teacher"]["test_ppl"] == pytest.approx(metrics_t["teacher"]["test_ppl"], rel=1e-5)
+
+
+def test_wikitext2_local_files(tiny_cfg):
+    data_dir = SHARED_DATA / "wikitext-2"
+    if not data_dir.is_dir():
+        pytest.fail(f"offline data missing: {data_dir}")
+    run, metrics = _run(tiny_cfg("task=wikitext2", f"task.data_dir={data_dir}", "trainer.fast_dev_run=true",
+                                 "task.block_size=32"))
+    assert metrics["config"]["task"] == "wikitext2"
+    assert metrics["protocol"]["tokens"]["train"] == 4000
+
+
+def test_ptb_local_files(tiny_cfg):
+    run, metrics = _run(tiny_cfg("task=ptb", f"task.data_dir={SHARED_DATA / 'ptb'}", "trainer.fast_dev_run=true"))
+    assert metrics["config"]["task"] == "ptb"
+
+
+def test_scales_initialised_at_fit_start_and_kept_on_resume(tiny_cfg, tmp_path):
+    """ScaleWarmupCallback initialises gamma once; a resumed fit keeps the checkpointed scales."""
+    import copy
+
+    from qgplm.callbacks import MemoryBankCallback, ScaleWarmupCallback
+    from qgplm.models import build_model
+    from qgplm.module import DistillModule
+    from qgplm.pipeline import prepare_data
+    from qgplm.quant import quantize_model, weight_quantizers
+
+    run = RunConfig.from_hydra(tiny_cfg())
+    tok, dm = prepare_data(run)
+    teacher = build_model(run.model, tok, run.task.block_size)
+
+    def fit(steps, ckpt=None):
+        student = quantize_model(copy.deepcopy(teacher).requires_grad_(True), run.quant)
+        module = DistillModule(student, teacher, run.method.distill, run.student.optim, 10)
+        bank_cb = MemoryBankCallback()
+        trainer = pl.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                             callbacks=[ScaleWarmupCallback(), bank_cb], default_root_dir=tmp_path,
+                             enable_checkpointing=False)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        return trainer, module, bank_cb
+
+    trainer, module, bank_cb = fit(2)
+    gammas = {n: q.gamma.detach().clone() for n, q, _ in weight_quantizers(module.student)}
+    assert all(bool(q.initialized) for _, q, _ in weight_quantizers(module.student))
+    assert any(abs(g.item() - 1.4) > 1e-3 for g in gammas.values())  # mse init, not the fallback
+    path = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(path)
+    bank_before = bank_cb.bank.bank.clone()
+
+    # resume: restore at step 2 and run 0 more steps -> scales and bank exactly as saved
+    trainer2, module2, bank_cb2 = fit(2, ckpt=str(path))
+    for n, q, _ in weight_quantizers(module2.student):
+        assert torch.equal(q.gamma.detach(), gammas[n]), n
+    assert torch.equal(bank_cb2.bank.bank, bank_before)
