@@ -51,10 +51,11 @@ def resolve_tokenizer(cfg: RunConfig) -> Any:
         return load_tokenizer(str(teacher_dir(cfg.teacher_path)), key="teacher_path")
     if cfg.task.source == "builtin":
         return None  # the builtin task brings its own, built from its training text
-    name = cfg.model.tokenizer or cfg.model.name_or_path
-    if name is None:
+    if cfg.model.tokenizer:
+        return load_tokenizer(cfg.model.tokenizer, key="model.tokenizer")
+    if cfg.model.name_or_path is None:
         raise QgplmError("no tokenizer: set model.tokenizer=<dir or hub name>")
-    return load_tokenizer(name)
+    return load_tokenizer(cfg.model.name_or_path, key="model.name_or_path")
 
 
 def prepare_data(cfg: RunConfig) -> tuple[Any, LMDataModule]:

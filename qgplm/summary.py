@@ -13,7 +13,7 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 
 
 def print_summary(metrics: dict[str, Any], run_dir: str, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or Console(width=None if Console().is_terminal else 110)
     c = metrics["config"]
     table = Table(title=f"qgplm {c['model']} on {c['task']}: {c['method']} {c['bits']} (stage={c['stage']})")
     for col in ("model", "test PPL", "PPL / teacher", "size (MiB)", "compression", "wall time (s)"):

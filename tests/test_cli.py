@@ -1,0 +1,79 @@
+"""The command line as a user types it: exit codes and one-line errors (subprocess, offline)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from qgplm.run import quote_int_group_overrides
+from tests.conftest import TINY, run_cli
+
+
+def test_quote_int_group_overrides():
+    assert quote_int_group_overrides(["bits=2", "bits.weight=4", "model=gpt2"]) == \
+        ["bits='2'", "bits.weight=4", "model=gpt2"]
+    assert quote_int_group_overrides(["bits=2,4,8"]) == ["bits='2','4','8'"]
+
+
+def _one_line_error(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("bits.weight=9", "bits.weight must be an integer in 1..8"),
+    ("bits.activation=3.5", "bits.activation must be an integer"),
+    ("stage=train", "stage='train' is not valid: choose one of teacher, quantize, pipeline"),
+    ("method.distill.tau=0", "method.distill.tau must be a positive number"),
+    ("+method.distill.tua=0.2", "unknown config key method.distill.tua"),
+    ("method.quantizer=nope", "method.quantizer='nope' is not valid"),
+    ("stage=quantize", "stage=quantize needs a teacher: pass teacher_path="),
+])
+def test_bad_override_is_one_clear_line(tmp_path, override, expected):
+    err = _one_line_error(run_cli([override, f"hydra.run.dir={tmp_path}"]))
+    assert expected in err
+
+
+def test_unknown_group_option_lists_alternatives(tmp_path):
+    proc = run_cli(["model=nope", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode != 0
+    assert "Could not find 'model/nope'" in proc.stderr and "tiny_gpt2" in proc.stderr
+
+
+def test_hub_name_offline_fails_at_once_naming_alternatives(tmp_path):
+    t = time.time()
+    err = _one_line_error(run_cli(["model=gpt2", "task=wikitext2", "task.data_dir=../shared/data/wikitext-2",
+                                   f"hydra.run.dir={tmp_path}"]))
+    assert "hub is unreachable" in err and "model.name_or_path=<local dir" in err
+    assert "model=tiny_gpt2" in err
+    assert time.time() - t < 60
+
+
+def test_hub_dataset_offline_names_data_dir(tmp_path):
+    err = _one_line_error(run_cli(["task=wikitext2", f"hydra.run.dir={tmp_path}"]))
+    assert "task.data_dir=" in err
+
+
+def test_cli_default_pipeline_fast_dev_run(tmp_path):
+    proc = run_cli([*TINY, "bits=2", "trainer.fast_dev_run=true", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "student (W2E2A8)" in proc.stdout
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_default_pipeline_learns_and_student_stays_close(tmp_path):
+    """A shortened default run (real sizes, 250 steps per stage): the teacher learns the builtin
+    corpus well below its unigram PPL (~144) and the W2E2A8 student stays within 25% of it."""
+    import json
+
+    proc = run_cli(["teacher.max_steps=250", "student.max_steps=250", "generate_samples=0",
+                    f"hydra.run.dir={tmp_path}"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["teacher"]["test_ppl"] < 60
+    assert m["ppl_ratio"] < 1.25
