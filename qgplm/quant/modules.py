@@ -59,6 +59,11 @@ class QuantConv1D(Conv1D):
         new.train(mod.training)
         return new
 
+    __repr__ = nn.Module.__repr__  # Conv1D's own repr would hide the quantizers
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}"
+
     def quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self.weight.t()).t()
 

@@ -43,6 +43,8 @@ class WeightQuantizer(nn.Module):
     """Base class: bit-width, on/off switch, ramp-in factor and the `initialized` flag."""
 
     method: ClassVar[str] = "base"
+    # bit-widths the method can represent (checked once, at config validation)
+    supported_bits: ClassVar[tuple[int, ...]] = tuple(range(2, 9))
 
     def __init__(self, bits: int, num_rows: int | None = None):
         super().__init__()
@@ -131,7 +133,11 @@ class DynamicScaleQuantizer(WeightQuantizer):
             value = torch.full_like(mean, FIXED_GAMMA[self.bits]) if self.bits in FIXED_GAMMA else top
         else:
             value = _mse_gamma_search(w, self.bits, self.per_row, top)
-        self.gamma.copy_(value.reshape(self.gamma.shape).to(self.gamma.dtype))
+        value = value.reshape(self.gamma.shape).to(self.gamma.dtype)
+        if self.bits >= 8 and self.gamma_init != "fixed":
+            # gamma * mean|w| must not round below max|w|: one float step up keeps every w inside
+            value = torch.nextafter(value, torch.full_like(value, float("inf")))
+        self.gamma.copy_(value)
         self.initialized.fill_(True)
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
 """Model size with the paper's accounting (PAPER.md): b bits per quantized weight element plus
-one 32-bit scale per quantized tensor (or per row), 32 bits for everything kept in FP."""
+one 32-bit scale per quantized tensor (or per row), 32 bits for everything kept in FP (parameters
+and persistent float buffers such as BART's final_logits_bias)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from qgplm.quant.api import quantized_modules
+from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
 MIB = 2**20
 
@@ -53,6 +55,14 @@ def model_size(model: nn.Module) -> SizeReport:
             quant_bits[id(mod.weight)] = q.bits
             scale_elems[id(mod.weight)] = q.num_rows if q.per_row else 1
     scale_param_ids = {id(p) for m in model.modules() if hasattr(m, "scale_parameters") for p in m.scale_parameters()}
+    # Persistent floating-point buffers are model state kept in FP32 too (PAPER.md: BART's
+    # final_logits_bias); quantizer state (e.g. the `initialized` flag) is not model weight.
+    for m in model.modules():
+        if isinstance(m, (WeightQuantizer, ActivationQuantizer)):
+            continue
+        for bname, b in m._buffers.items():
+            if b is not None and b.is_floating_point() and bname not in m._non_persistent_buffers_set:
+                params.setdefault(id(b), b)
     fp32 = codes = scales = fp = 0.0
     for pid, p in params.items():
         if pid in scale_param_ids:
