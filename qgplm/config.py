@@ -204,9 +204,23 @@ class RunConfig:
         self.model.validate()
         self.bits.validate()
         self.method.validate()
+        self._check_bits_supported()
         self.task.validate()
         self.teacher.validate("teacher")
         self.student.validate("student")
+
+    def _check_bits_supported(self) -> None:
+        from qgplm.quant import WEIGHT_QUANTIZERS
+
+        supported = WEIGHT_QUANTIZERS[self.method.quantizer].supported_bits
+        for key in ("weight", "embedding"):
+            b = getattr(self.bits, key)
+            if b is not None and b not in supported:
+                raise QgplmError(f"method {self.method.name} (quantizer {self.method.quantizer}) cannot quantize "
+                                 f"{key}s to {b} bits: use bits.{key} in {', '.join(map(str, supported))}")
+        if self.method.activation_symmetric and self.bits.activation == 1:
+            raise QgplmError("symmetric activation quantization needs bits.activation >= 2: raise it or set "
+                             "method.activation_symmetric=false")
 
     @property
     def quant(self) -> QuantConfig:

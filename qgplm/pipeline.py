@@ -170,10 +170,22 @@ def sample_generations(model: torch.nn.Module, tokenizer: Any, dm: LMDataModule,
     return out
 
 
+RESULT_ENTRIES = ("metrics.json", "checkpoints", "teacher")
+
+
+def check_fresh_run_dir(out: Path) -> None:
+    """Never write over an earlier run's results."""
+    taken = [name for name in RESULT_ENTRIES if (out / name).exists()]
+    if taken:
+        raise QgplmError(f"run dir {out} already holds a run ({', '.join(taken)}): choose a new hydra.run.dir "
+                         f"(or leave it unset for a fresh timestamped one)")
+
+
 def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig | None,
                callbacks_cfg: DictConfig | None) -> dict[str, Any]:
     t_start = time.time()
     out = Path(cfg.output_dir)
+    check_fresh_run_dir(out)
     pl.seed_everything(cfg.seed, workers=True)
     tokenizer, dm = prepare_data(cfg)
     runner = StageRunner(cfg, trainer_cfg, logger_cfg, callbacks_cfg)

@@ -26,6 +26,7 @@ def _one_line_error(proc) -> str:
 
 @pytest.mark.parametrize("override, expected", [
     ("bits.weight=9", "bits.weight must be an integer in 1..8"),
+    ("bits.weight=1", "cannot quantize weights to 1 bits: use bits.weight in 2, 3, 4, 5, 6, 7, 8"),
     ("bits.activation=3.5", "bits.activation must be an integer"),
     ("stage=train", "stage='train' is not valid: choose one of teacher, quantize, pipeline"),
     ("method.distill.tau=0", "method.distill.tau must be a positive number"),
@@ -77,3 +78,10 @@ def test_default_pipeline_learns_and_student_stays_close(tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["teacher"]["test_ppl"] < 60
     assert m["ppl_ratio"] < 1.25
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"earlier": true}')
+    err = _one_line_error(run_cli([f"hydra.run.dir={tmp_path}"]))
+    assert "already holds a run" in err
+    assert (tmp_path / "metrics.json").read_text() == '{"earlier": true}'

@@ -3,10 +3,11 @@
 Protocol (also written into metrics.json by `protocol()`):
 - each split's text is tokenized line by line (newlines kept) and the ids concatenated;
 - training uses non-overlapping blocks of `block_size` tokens, shuffled each epoch;
-- evaluation uses windows of `block_size` tokens advancing by `eval_stride`; each window scores
-  only the tokens not scored by the previous one (the first window scores all but its first
-  token), the last window is aligned to the end of the stream, so every token after the first
-  is scored exactly once; PPL = exp(mean token NLL) over the split.
+- evaluation uses windows of `block_size` tokens advancing by `eval_stride` (at most
+  block_size - 1, so consecutive windows share at least one token); each window scores only the
+  tokens not scored by the previous one (the first window scores all but its first token), the
+  last window is aligned to the end of the stream, so every token after the first is scored
+  exactly once; PPL = exp(mean token NLL) over the split.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class EvalWindows(Dataset):
     def __init__(self, ids: torch.Tensor, block_size: int, stride: int):
         n = ids.numel()
         self.ids, self.block = ids, block_size
+        stride = min(stride, block_size - 1)  # a window's first token is context only
         starts = list(range(0, n - block_size + 1, stride))
         if starts[-1] + block_size < n:
             starts.append(n - block_size)
@@ -110,7 +112,7 @@ class LMDataModule(pl.LightningDataModule):
             "metric": "perplexity = exp(mean NLL of every token after the first)",
             "tokenization": "line by line, newlines kept, ids concatenated",
             "block_size": self.task.block_size,
-            "eval_stride": self.stride,
+            "eval_stride": min(self.stride, self.task.block_size - 1),
             "tokens": {k: int(v.numel()) for k, v in self.ids.items()},
             "split": "test (final figures), valid (model selection)",
         }
