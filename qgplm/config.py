@@ -22,7 +22,7 @@ from qgplm.quant.config import QuantConfig
 STAGES = ("teacher", "quantize", "pipeline")
 MODEL_KINDS = ("causal", "seq2seq")
 TASK_SOURCES = ("builtin", "wikitext2", "ptb", "wikitext103")
-NEGATIVES = ("teacher",)
+NEGATIVES = ("teacher", "student", "random")
 SCHEDULERS = ("cosine", "linear", "constant")
 
 
@@ -76,7 +76,7 @@ class DistillConfig:
     tau: float = 0.1
     momentum: float = 0.5
     layer: int = -1  # which hidden layer to contrast (-1: the last)
-    negatives: str = "teacher"
+    negatives: str = "teacher"  # ablations: student (its own detached states), random (vocab embeddings)
     ce_weight: float = 0.0
 
     def validate(self) -> None:

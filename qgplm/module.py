@@ -159,7 +159,8 @@ class DistillModule(LMModule):
             h_s = s_out.hidden_states[d.layer]
             h_t = t_out.hidden_states[d.layer]
             q = self.memory_bank.query(h_s, ids) if self.memory_bank is not None else h_s
-            terms["contrastive"] = token_contrastive_loss(q, h_t, ids, mask, d.tau)
+            negatives, negative_ids = self._negatives(h_s, ids)
+            terms["contrastive"] = token_contrastive_loss(q, h_t, ids, mask, d.tau, negatives, negative_ids)
             loss = loss + d.contrastive_weight * terms["contrastive"]
             self._bank_update = (ids, q.detach(), mask)
         if d.ce_weight > 0:
@@ -170,6 +171,21 @@ class DistillModule(LMModule):
         for k, v in terms.items():
             self.log(f"train/{k}", v)
         return loss
+
+    def _negatives(self, student_hidden: Tensor, ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Negatives other than the teacher's (PAPER.md ablation): `student` uses the student's own
+        representations of the sequence (detached), `random` the teacher's embeddings of uniformly
+        drawn vocabulary tokens."""
+        kind = self.distill.negatives
+        if kind == "teacher":
+            return None, None
+        if kind == "student":
+            return student_hidden.detach(), None
+        emb = self.teacher.get_input_embeddings().weight
+        if emb.shape[1] != student_hidden.shape[-1]:
+            raise QgplmError("distill.negatives=random needs embedding size == hidden size: use negatives=teacher")
+        rand_ids = torch.randint(0, emb.shape[0], ids.shape, device=ids.device)
+        return emb[rand_ids].detach(), rand_ids
 
     def pop_bank_update(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """(token ids, queries, mask) of the last step, for the memory-bank callback."""

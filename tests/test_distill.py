@@ -119,3 +119,28 @@ def test_memory_bank_state_dict_round_trip():
     other = MemoryBank(6, 3)
     other.load_state_dict(bank.state_dict())
     assert torch.equal(other.bank, bank.bank) and torch.equal(other.filled, bank.filled)
+
+
+def test_contrastive_student_negatives_replace_off_diagonal_keys():
+    # negatives N: the positive stays cos(q_i, h_i); off-diagonal keys are N_j.
+    # With N = HT the loss is unchanged; with N = Q (q's own states) by hand, tau = 1:
+    # cos(q_i, q_j): i=0: [., 0, r]  i=1: [0, ., r]  i=2: [r, r, .]; positives 1, 1, -r
+    # l0 = -1 + log(e + 1 + e^r); l1 = -1 + log(1 + e + e^r); l2 = r + log(2 e^r + e^-r)
+    ids = torch.tensor([[5, 6, 7]])
+    base = token_contrastive_loss(Q, HT, ids, tau=1.0)
+    assert token_contrastive_loss(Q, HT, ids, tau=1.0, negatives=HT).item() == pytest.approx(base.item(), abs=1e-6)
+    r = 1 / math.sqrt(2)
+    e = math.exp
+    expect = ((-1 + math.log(e(1) + 1 + e(r))) * 2 + r + math.log(2 * e(r) + e(-r))) / 3
+    assert token_contrastive_loss(Q, HT, ids, tau=1.0, negatives=Q).item() == pytest.approx(expect, abs=1e-6)
+
+
+def test_contrastive_random_negatives_mask_by_their_own_ids():
+    # random negatives whose id equals the anchor's token are masked out: all three equal -> only positives
+    ids = torch.tensor([[5, 6, 7]])
+    loss = token_contrastive_loss(Q, HT, ids, tau=1.0, negatives=torch.randn(1, 3, 2),
+                                  negative_ids=torch.tensor([[5, 5, 5]]))
+    # anchor 0 (id 5): every negative has id 5 -> only itself -> loss 0; anchors 1, 2 keep some negatives
+    l0 = token_contrastive_loss(Q[:, :1], HT[:, :1], ids[:, :1], tau=1.0)
+    assert l0.item() == pytest.approx(0.0, abs=1e-6)
+    assert loss.item() > 0

@@ -148,3 +148,11 @@ def test_scales_initialised_at_fit_start_and_kept_on_resume(tiny_cfg, tmp_path):
     for n, q, _ in weight_quantizers(module2.student):
         assert torch.equal(q.gamma.detach(), gammas[n]), n
     assert torch.equal(bank_cb2.bank.bank, bank_before)
+
+
+@pytest.mark.parametrize("negatives", ["student", "random"])
+def test_contrastive_negative_ablations_train(tiny_cfg, negatives):
+    run, metrics = _run(tiny_cfg(f"method.distill.negatives={negatives}", "trainer.fast_dev_run=true",
+                                 "generate_samples=0"))
+    assert run.method.distill.negatives == negatives
+    assert metrics["student"]["test_ppl"] > 1

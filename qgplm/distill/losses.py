@@ -25,7 +25,13 @@ def soft_cross_entropy(
 
 
 def token_contrastive_loss(
-    query: Tensor, teacher_hidden: Tensor, token_ids: Tensor, mask: Tensor | None = None, tau: float = 0.1
+    query: Tensor,
+    teacher_hidden: Tensor,
+    token_ids: Tensor,
+    mask: Tensor | None = None,
+    tau: float = 0.1,
+    negatives: Tensor | None = None,
+    negative_ids: Tensor | None = None,
 ) -> Tensor:
     """Token-level contrastive loss of QuantGPT (PAPER.md), averaged over valid tokens.
 
@@ -38,6 +44,9 @@ def token_contrastive_loss(
 
     query: [B, L, H] (student side, usually from the memory bank), teacher_hidden: [B, L, H],
     token_ids: [B, L], mask: [B, L] (1 = real token).
+    negatives / negative_ids: other negatives for the ablations of PAPER.md (the student's own
+    representations, or random vocabulary embeddings with their ids); the positive stays the
+    teacher's h_i. Default: the teacher's representations of the same sequence.
     """
     b, n, _ = query.shape
     if mask is None:
@@ -45,9 +54,15 @@ def token_contrastive_loss(
     mask = mask.bool()
     q = F.normalize(query.float(), dim=-1)
     k = F.normalize(teacher_hidden.float(), dim=-1)
-    logits = torch.einsum("bih,bjh->bij", q, k) / tau  # [B, L, L]
     eye = torch.eye(n, dtype=torch.bool, device=query.device).unsqueeze(0)
-    same_token = token_ids.unsqueeze(-1) == token_ids.unsqueeze(-2)
+    logits = torch.einsum("bih,bjh->bij", q, k) / tau  # [B, L, L]
+    if negatives is not None:
+        k_neg = F.normalize(negatives.float(), dim=-1)
+        pos = logits.diagonal(dim1=-2, dim2=-1)
+        logits = torch.einsum("bih,bjh->bij", q, k_neg) / tau
+        logits = torch.where(eye, torch.diag_embed(pos), logits)
+    neg_ids = token_ids if negative_ids is None else negative_ids
+    same_token = token_ids.unsqueeze(-1) == neg_ids.unsqueeze(-2)
     allowed = mask.unsqueeze(-2) & (eye | ~same_token)  # valid key j, and j == i or a different token
     logits = logits.masked_fill(~allowed, float("-inf"))
     log_prob = logits.diagonal(dim1=-2, dim2=-1) - torch.logsumexp(logits, dim=-1)  # [B, L]
