@@ -1,6 +1,8 @@
-"""Lightning callbacks that own method state: the contrastive memory bank and the scale warm-up."""
+"""Lightning callbacks that own method state: the contrastive memory bank, the scale warm-up and
+LAQ's curvature feed."""
 
+from qgplm.callbacks.laq import LAQCurvatureCallback
 from qgplm.callbacks.memory_bank import MemoryBankCallback
 from qgplm.callbacks.scale_warmup import ScaleWarmupCallback
 
-__all__ = ["MemoryBankCallback", "ScaleWarmupCallback"]
+__all__ = ["LAQCurvatureCallback", "MemoryBankCallback", "ScaleWarmupCallback"]

@@ -1,0 +1,55 @@
+"""LAQCurvatureCallback: feed LAQ quantizers the diagonal curvature estimate from Adam's state.
+
+Before every training batch, for each quantized weight whose quantizer is LAQ, it reads the
+optimizer's second moment v = state[weight]["exp_avg_sq"] and sets D = sqrt(v) + eps
+(PAPER.md, "Baseline quantizers"). D is oriented as the quantizer sees the weight ([out, in]):
+for GPT-2's Conv1D (stored [in, out]) it is transposed. Before the first optimizer step there is
+no state yet and LAQ keeps D = identity. No bias correction is applied: alpha is invariant to a
+uniform scaling of D (up to eps), so it would not change the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from qgplm.quant.api import oriented_weight, quantized_modules
+from qgplm.quant.baselines import LAQQuantizer
+from qgplm.quant.modules import QuantConv1D
+
+
+class LAQCurvatureCallback(Callback):
+    def __init__(self, eps: float = 1e-8):
+        self.eps = eps
+        self.updated = 0  # quantizers updated at the last batch (for tests and logging)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """Set D on every LAQ quantizer of `model` from `optimizer`'s state; returns how many."""
+        count, seen = 0, set()
+        for _, mod in quantized_modules(model):
+            q = mod.weight_quantizer
+            if not isinstance(q, LAQQuantizer) or id(q) in seen:
+                continue
+            seen.add(id(q))
+            state = optimizer.state.get(mod.weight, {})
+            v = state.get("exp_avg_sq") if isinstance(state, dict) else None
+            if v is None:
+                continue
+            d = v.sqrt() + self.eps
+            if isinstance(mod, QuantConv1D):
+                d = d.t()
+            if d.shape != oriented_weight(mod).shape:  # e.g. a sharded / flattened optimizer state
+                continue
+            q.set_curvature(d.contiguous())
+            count += 1
+        return count
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not trainer.optimizers:
+            return
+        self.updated = self.update(pl_module.model, trainer.optimizers[0])
