@@ -143,6 +143,7 @@ class TaskConfig:
     eval_batch_size: int = 32
     num_workers: int = 0
     corpus_seed: int = 0
+    bpe_vocab_size: int | None = None  # train a byte-level BPE of this size on the train split
     max_train_tokens: int | None = None
     max_eval_tokens: int | None = None
 

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from qgplm.callbacks import MemoryBankCallback, ScaleWarmupCallback
+from qgplm.callbacks import LAQCurvatureCallback, MemoryBankCallback, ScaleWarmupCallback
 from qgplm.config import RunConfig, StageConfig
 from qgplm.data.lm import LMDataModule
 from qgplm.data.sources import load_texts
@@ -46,11 +46,19 @@ def teacher_dir(path: str) -> Path:
     return p
 
 
-def resolve_tokenizer(cfg: RunConfig) -> Any:
+def resolve_tokenizer(cfg: RunConfig, texts: dict[str, str]) -> Any:
+    """The teacher's tokenizer (stage=quantize), else one built from the task's training text
+    (builtin task, or task.bpe_vocab_size), else model.tokenizer / model.name_or_path."""
     if cfg.stage == "quantize":
         return load_tokenizer(str(teacher_dir(cfg.teacher_path)), key="teacher_path")
     if cfg.task.source == "builtin":
-        return None  # the builtin task brings its own, built from its training text
+        from qgplm.data.builtin import build_tokenizer
+
+        return build_tokenizer(texts["train"])
+    if cfg.task.bpe_vocab_size:
+        from qgplm.data.bpe import train_bpe_tokenizer
+
+        return train_bpe_tokenizer(texts["train"], cfg.task.bpe_vocab_size)
     if cfg.model.tokenizer:
         return load_tokenizer(cfg.model.tokenizer, key="model.tokenizer")
     if cfg.model.name_or_path is None:
@@ -60,11 +68,7 @@ def resolve_tokenizer(cfg: RunConfig) -> Any:
 
 def prepare_data(cfg: RunConfig) -> tuple[Any, LMDataModule]:
     texts = load_texts(cfg.task)
-    tokenizer = resolve_tokenizer(cfg)
-    if tokenizer is None:
-        from qgplm.data.builtin import build_tokenizer
-
-        tokenizer = build_tokenizer(texts["train"])
+    tokenizer = resolve_tokenizer(cfg, texts)
     return tokenizer, LMDataModule(cfg.task, tokenizer, texts, seed=cfg.seed)
 
 
@@ -140,6 +144,8 @@ def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: LMDataModul
     extra: list[pl.Callback] = [ScaleWarmupCallback(cfg.method.warmup.hold_steps, cfg.method.warmup.ramp_steps)]
     if cfg.method.distill.uses_contrastive:
         extra.append(MemoryBankCallback(cfg.method.distill.momentum))
+    if cfg.method.quantizer == "laq":
+        extra.append(LAQCurvatureCallback())  # D = sqrt(Adam's second moment) for LAQ's alpha
     trainer = runner.trainer("student", cfg.student, extra)
     trainer.fit(module, datamodule=dm)
     ppl = runner.test(trainer, module, dm, fitted=True)
@@ -191,7 +197,9 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
     runner = StageRunner(cfg, trainer_cfg, logger_cfg, callbacks_cfg)
     metrics: dict[str, Any] = {
         "config": {"stage": cfg.stage, "model": cfg.model.name, "task": cfg.task.name, "method": cfg.method.name,
-                   "bits": cfg.quant.tag, "seed": cfg.seed},
+                   "bits": cfg.quant.tag, "seed": cfg.seed, "quantizer": cfg.method.quantizer,
+                   "contrastive_weight": cfg.method.distill.contrastive_weight,
+                   "negatives": cfg.method.distill.negatives, "student_steps": cfg.student.max_steps},
         "protocol": dm.protocol(),
         "wall_time_s": {},
     }

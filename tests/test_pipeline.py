@@ -156,3 +156,10 @@ def test_contrastive_negative_ablations_train(tiny_cfg, negatives):
                                  "generate_samples=0"))
     assert run.method.distill.negatives == negatives
     assert metrics["student"]["test_ppl"] > 1
+
+
+@pytest.mark.parametrize("method", ["pact", "lsq", "laq", "twn", "minmax", "kd_only", "quantgpt_no_contrastive",
+                                    "quantgpt_pact_grad"])
+def test_every_method_runs_end_to_end(tiny_cfg, method):
+    run, metrics = _run(tiny_cfg(f"method={method}", "trainer.fast_dev_run=true", "generate_samples=0"))
+    assert metrics["config"]["method"] == method and metrics["student"]["test_ppl"] > 1

@@ -1,0 +1,67 @@
+"""The fair comparison of issue #3: one teacher, every method at the same budget, one table.
+
+    python experiments/compare.py --experiment wt2_small --bits 2 [--ablations]
+    python experiments/compare.py --experiment wt2_small --bits 4,8
+
+1. trains the teacher once (`stage=teacher`) into experiments/results/<experiment>/teacher,
+   reused by every later call;
+2. runs a Hydra multirun `method=<methods> bits=<bits>` of `stage=quantize` from that teacher
+   (same schedule, same quantized modules, same 8-bit activations, same KD loss);
+3. with --ablations, a second multirun over the QuantGPT ablations at W2E2A8;
+4. prints the tables of experiments/table.py and writes table.md and ppl_vs_bits.png.
+Sweeps whose directory already exists are not re-run (delete it to re-run).
+Extra arguments are passed to every run as Hydra overrides (e.g. student.max_steps=1000 trainer=gpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = "quantgpt,pact,lsq,laq,twn,minmax"
+ABLATIONS = [
+    ("ablations", ["method=quantgpt_no_contrastive,quantgpt_pact_grad,kd_only"]),
+    ("negatives", ["method=quantgpt", "method.distill.negatives=student,random"]),
+]
+
+
+def qgplm_run(args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "qgplm.run", *args]
+    print("+", " ".join(cmd), flush=True)
+    t = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    print(f"  done in {time.time() - t:.0f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experiment", default="wt2_small")
+    ap.add_argument("--bits", default="2")
+    ap.add_argument("--methods", default=METHODS)
+    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
+    args, extra = ap.parse_known_args()
+    root = args.results / args.experiment
+    teacher = root / "teacher"
+    if not (teacher / "metrics.json").is_file():
+        qgplm_run([f"experiment={args.experiment}", "stage=teacher", f"hydra.run.dir={teacher}", *extra])
+    common = [f"experiment={args.experiment}", "stage=quantize", f"teacher_path={teacher}", *extra]
+    sweeps = [(f"methods_w{args.bits.replace(',', '-')}", [f"method={args.methods}", f"bits={args.bits}"])]
+    if args.ablations:
+        sweeps += [(name, [*ov, "bits=2"]) for name, ov in ABLATIONS]
+    for name, overrides in sweeps:
+        sweep_dir = root / name
+        if sweep_dir.exists():
+            print(f"skip {sweep_dir} (exists)")
+            continue
+        qgplm_run(["-m", *common, *overrides, f"hydra.sweep.dir={sweep_dir}"])
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "table.py"), str(root)], check=True)
+
+
+if __name__ == "__main__":
+    main()
