@@ -15,11 +15,11 @@ from omegaconf import DictConfig
 
 from qgplm.errors import QgplmError
 
-_INT_GROUP = re.compile(r"^(~?\+{0,2}bits)=([0-9][0-9,]*)$")
+_INT_GROUP = re.compile(r"^(~?\+{0,2}bits)=([\w,]+)$")
 
 
 def quote_int_group_overrides(argv: list[str]) -> list[str]:
-    """`bits=2` -> `bits='2'` (also `bits=2,4,8` for multirun).
+    """`bits=2` -> `bits='2'` (also `bits=2,4,fp` for multirun: numbers quoted, names kept).
 
     Hydra parses `bits=2` as an int and refuses it as a config-group choice; the group's options
     are the files conf/bits/2.yaml, 4.yaml, ... so we quote the numbers before Hydra sees them.
@@ -28,7 +28,7 @@ def quote_int_group_overrides(argv: list[str]) -> list[str]:
     for arg in argv:
         m = _INT_GROUP.match(arg)
         if m:
-            arg = f"{m.group(1)}=" + ",".join(f"'{v}'" for v in m.group(2).split(","))
+            arg = f"{m.group(1)}=" + ",".join(f"'{v}'" if v.isdigit() else v for v in m.group(2).split(","))
         out.append(arg)
     return out
 

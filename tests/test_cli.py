@@ -14,6 +14,7 @@ def test_quote_int_group_overrides():
     assert quote_int_group_overrides(["bits=2", "bits.weight=4", "model=gpt2"]) == \
         ["bits='2'", "bits.weight=4", "model=gpt2"]
     assert quote_int_group_overrides(["bits=2,4,8"]) == ["bits='2','4','8'"]
+    assert quote_int_group_overrides(["-m", "bits=2,fp", "bits=fp"]) == ["-m", "bits='2',fp", "bits=fp"]
 
 
 def _one_line_error(proc) -> str:
@@ -85,3 +86,13 @@ def test_existing_run_dir_is_never_overwritten(tmp_path):
     err = _one_line_error(run_cli([f"hydra.run.dir={tmp_path}"]))
     assert "already holds a run" in err
     assert (tmp_path / "metrics.json").read_text() == '{"earlier": true}'
+
+
+def test_multirun_sweep_over_bits_writes_one_run_dir_each(tmp_path):
+    proc = run_cli(["-m", *TINY, "bits=2,fp", "trainer.fast_dev_run=true", "generate_samples=0",
+                    f"hydra.sweep.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    tags = sorted(json.loads((tmp_path / d / "metrics.json").read_text())["config"]["bits"] for d in ("0", "1"))
+    assert tags == ["W2E2A8", "W32E32A32"]

@@ -53,3 +53,18 @@ def test_table_script_builds_main_and_ablation_tables(tmp_path):
     assert main.index("| quantgpt | 4-4-8") < main.index("| quantgpt | 2-2-8")  # higher bits first
     assert "| quantgpt_no_contrastive | 2-2-8 |" in ablations and "| quantgpt (negatives=student) |" in ablations
     assert (tmp_path / "table.md").is_file() and (tmp_path / "ppl_vs_bits.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_compare_harness_end_to_end_tiny(tmp_path):
+    """compare.py: teacher once, a 2-method multirun from it, the table; tiny sizes."""
+    from tests.conftest import TINY
+
+    tiny = [o for o in TINY if not o.startswith(("logger", "generate_samples"))]
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "compare.py"), "--experiment", "wt2_small",
+                           "--methods", "quantgpt,minmax", "--results", str(tmp_path), *tiny,
+                           "task.bpe_vocab_size=500", "logger=none"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| quantgpt | 2-2-8 |" in proc.stdout and "| minmax | 2-2-8 |" in proc.stdout
+    assert (tmp_path / "wt2_small" / "teacher" / "teacher" / "config.json").is_file()
