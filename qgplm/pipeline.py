@@ -162,12 +162,12 @@ def _best_score(trainer: pl.Trainer) -> float | None:
 
 def sample_generations(model: torch.nn.Module, tokenizer: Any, dm: LMDataModule, n: int,
                        prompt_tokens: int = 12, new_tokens: int = 16) -> list[dict[str, str]]:
-    """Greedy continuations of the first `n` test windows (HF generate)."""
+    """Greedy continuations (HF generate) of `n` prompts spread evenly over the test stream."""
     out = []
     ids = dm.ids["test"]
     model.eval()
     for i in range(n):
-        start = i * (prompt_tokens + new_tokens) * 7
+        start = i * max(0, ids.numel() - prompt_tokens) // n
         prompt = ids[start : start + prompt_tokens].unsqueeze(0).to(model.device)
         with torch.no_grad():
             gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
