@@ -111,6 +111,7 @@ class MethodConfig:
     activation_symmetric: bool = False
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
+    quantize_attention: bool = False  # 8-bit inputs of the attention score / value matmuls
     distill: DistillConfig = field(default_factory=DistillConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
@@ -123,7 +124,8 @@ class MethodConfig:
     def quant_config(self, bits: BitsConfig) -> QuantConfig:
         base = QuantConfig(quantizer=self.quantizer, quantizer_kwargs=dict(self.quantizer_kwargs),
                            per_row=self.per_row, activation_symmetric=self.activation_symmetric,
-                           include=list(self.include), exclude=list(self.exclude))
+                           include=list(self.include), exclude=list(self.exclude),
+                           quantize_attention=self.quantize_attention)
         return bits.quant_config(base)
 
 

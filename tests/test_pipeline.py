@@ -163,3 +163,8 @@ def test_contrastive_negative_ablations_train(tiny_cfg, negatives):
 def test_every_method_runs_end_to_end(tiny_cfg, method):
     run, metrics = _run(tiny_cfg(f"method={method}", "trainer.fast_dev_run=true", "generate_samples=0"))
     assert metrics["config"]["method"] == method and metrics["student"]["test_ppl"] > 1
+
+
+def test_quantize_attention_through_the_config(tiny_cfg):
+    run, metrics = _run(tiny_cfg("method.quantize_attention=true", "trainer.fast_dev_run=true", "generate_samples=0"))
+    assert run.quant.quantize_attention and metrics["student"]["test_ppl"] > 1

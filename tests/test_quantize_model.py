@@ -490,3 +490,39 @@ def test_bart_shared_embedding_scale_and_cross_attention():
     assert torch.equal(off, ref)
     assert not torch.allclose(on, ref, atol=1e-3)
     assert "final_logits_bias" in model.state_dict()
+
+
+def test_quantize_attention_flag_is_exact_eager_when_disabled_and_quantizes_when_on():
+    import copy as _copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qgplm.quant import ActivationQuantizer, initialize_quantizers, quantization_disabled
+
+    torch.manual_seed(0)
+    for model in (GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=60, n_positions=32)),
+                  LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=60))):
+        model.eval().set_attn_implementation("eager")
+        x = torch.randint(0, 60, (2, 10))
+        mask = torch.ones(2, 10, dtype=torch.long)
+        mask[0, :3] = 0
+        ref = model(x, attention_mask=mask).logits
+        q = quantize_model(_copy.deepcopy(model), QuantConfig(2, 2, 8, quantize_attention=True))
+        initialize_quantizers(q)
+        attn = [m for m in q.modules() if hasattr(m, "attn_act_quantizer")]
+        assert attn and all(isinstance(m.attn_act_quantizer, ActivationQuantizer) for m in attn)
+        with quantization_disabled(q):
+            assert torch.equal(q(x, attention_mask=mask).logits, ref)
+        # weights quantized only vs weights + attention matmuls quantized: different outputs
+        q_plain = quantize_model(_copy.deepcopy(model), QuantConfig(2, 2, 8))
+        q_plain.load_state_dict(q.state_dict(), strict=False)
+        assert not torch.equal(q(x).logits, q_plain(x).logits)
+
+
+def test_quantize_attention_off_by_default_keeps_the_attention_implementation():
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=30))
+    impl = m.config._attn_implementation
+    quantize_model(m, QuantConfig(2, 2, 8))
+    assert m.config._attn_implementation == impl
+    assert not any(hasattr(mod, "attn_act_quantizer") for mod in m.modules())

@@ -120,7 +120,21 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         swaps.append((head_name, QuantLinear.from_float(head, wq, _make_act_quantizer(config))))
     for name, new in swaps:
         _set_submodule(model, name, new)
+    if config.quantize_attention and config.activation_bits is not None:
+        _quantize_attention(model, config)
     return model
+
+
+def _quantize_attention(model: nn.Module, config: QuantConfig) -> None:
+    from qgplm.quant.attention import IMPLEMENTATION, is_attention_module
+
+    modules = [m for m in model.modules() if is_attention_module(m)]
+    if not modules:
+        raise QgplmError(f"quantize_attention: no attention module found in {type(model).__name__}: "
+                         f"set method.quantize_attention=false")
+    for m in modules:
+        m.attn_act_quantizer = ActivationQuantizer(config.activation_bits, symmetric=config.activation_symmetric)
+    model.set_attn_implementation(IMPLEMENTATION)
 
 
 # torchao spelling

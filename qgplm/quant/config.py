@@ -18,6 +18,8 @@ class QuantConfig:
     per_row: one scale per output row instead of one per tensor.
     include / exclude: regexes on module names (re.search); a module is swapped if it matches
         any include pattern (or include is empty) and no exclude pattern.
+    quantize_attention: also quantize the inputs of the attention score and value matmuls to
+        `activation_bits` (PAPER.md: off by default).
     """
 
     weight_bits: int | None = 2
@@ -29,6 +31,7 @@ class QuantConfig:
     activation_symmetric: bool = False
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
+    quantize_attention: bool = False
 
     @property
     def tag(self) -> str:
