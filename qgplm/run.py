@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from qgplm.errors import QgplmError
+
+# absolute, so that the entry point works however it is started (`python -m qgplm.run`, the
+# `qgplm-run` console script, or an import): Hydra resolves a relative config_path against the
+# calling module, which for a console script is not qgplm/run.py
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 _INT_GROUP = re.compile(r"^(~?\+{0,2}bits)=([\w,]+)$")
 
@@ -33,7 +39,7 @@ def quote_int_group_overrides(argv: list[str]) -> list[str]:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="run")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")
 def main(cfg: DictConfig) -> float | None:
     from qgplm.config import RunConfig
     from qgplm.pipeline import run_stages

@@ -96,3 +96,14 @@ def test_multirun_sweep_over_bits_writes_one_run_dir_each(tmp_path):
 
     tags = sorted(json.loads((tmp_path / d / "metrics.json").read_text())["config"]["bits"] for d in ("0", "1"))
     assert tags == ["W2E2A8", "W32E32A32"]
+
+
+def test_entry_point_works_when_imported_from_another_dir(tmp_path):
+    """What the `qgplm-run` console script does: import qgplm.run and call cli(), from any cwd."""
+    import subprocess
+    import sys
+
+    code = "import sys; from qgplm.run import cli; sys.argv = ['qgplm-run', '--cfg', 'job']; cli()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stage: pipeline" in proc.stdout
