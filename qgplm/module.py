@@ -46,6 +46,8 @@ class LMModule(pl.LightningModule):
         super().__init__()
         self.model = model
         self.optim, self.max_steps = optim, max_steps
+        # who wrote a checkpoint (model, task, method, bits, ...): checked on resume (qgplm.resume)
+        self.run_identity: dict[str, Any] = {}
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
 
@@ -94,6 +96,9 @@ class LMModule(pl.LightningModule):
             opt, lr_lambda(self.optim.scheduler, self.optim.warmup_steps, self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["qgplm"] = dict(self.run_identity)
+
     def _check_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
         if not torch.isfinite(loss):
             parts = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
@@ -111,12 +116,27 @@ class TeacherModule(LMModule):
         return loss
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """p = 0 in every dropout layer (also what HF's fused attention paths read as dropout_p)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
 class DistillModule(LMModule):
-    """QAT of the student by distillation from the frozen full-precision teacher."""
+    """QAT of the student by distillation from the frozen full-precision teacher.
+
+    The student trains in train mode without dropout: its targets are the teacher's soft outputs
+    and quantization already injects noise; dropout on top only slows convergence at QAT budgets.
+    Setting it explicitly also makes the student independent of how the teacher was obtained (a
+    model from `from_pretrained` is in eval mode, one just trained in train mode), which exact
+    resume relies on.
+    """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, distill: DistillConfig, optim: OptimConfig,
                  max_steps: int):
-        super().__init__(student, optim, max_steps)
+        super().__init__(disable_dropout(student.train()), optim, max_steps)
         self.teacher = teacher
         self.teacher.eval().requires_grad_(False)
         self.distill = distill
@@ -218,6 +238,7 @@ class DistillModule(LMModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith("teacher.")]:
             del sd[k]
