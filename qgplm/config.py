@@ -197,6 +197,7 @@ class RunConfig:
     teacher: StageConfig
     student: StageConfig
     teacher_path: str | None = None
+    ckpt_path: str | None = None
     output_dir: str = "."
     generate_samples: int = 0
 

@@ -12,6 +12,7 @@ run directory:
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -23,15 +24,17 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from qgplm.callbacks import LAQCurvatureCallback, MemoryBankCallback, ScaleWarmupCallback
+from qgplm.callbacks import (KillAtStepCallback, LAQCurvatureCallback, MemoryBankCallback, RNGStateCallback,
+                             ScaleWarmupCallback)
 from qgplm.config import RunConfig, StageConfig
 from qgplm.data.lm import LMDataModule
 from qgplm.data.sources import load_texts
 from qgplm.errors import QgplmError
-from qgplm.io import atomic_write_json
+from qgplm.io import AtomicCheckpointIO, atomic_write_json
 from qgplm.models import build_model, check_compatible, load_pretrained, load_tokenizer, save_model
 from qgplm.module import DistillModule, LMModule, TeacherModule
 from qgplm.quant import model_size, quantize_model
+from qgplm.resume import ResumePoint, resume_point, run_identity
 
 log = logging.getLogger("qgplm")
 
@@ -76,16 +79,16 @@ class StageRunner:
     """Builds one Lightning Trainer per stage from the Hydra trainer/logger/callbacks groups."""
 
     def __init__(self, cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig | None,
-                 callbacks_cfg: DictConfig | None):
+                 callbacks_cfg: DictConfig | None, out: Path | None = None):
         self.cfg, self.trainer_cfg = cfg, trainer_cfg
         self.logger_cfg = logger_cfg or OmegaConf.create()
         self.callbacks_cfg = callbacks_cfg or OmegaConf.create()
-        self.out = Path(cfg.output_dir)
+        self.out = Path(out or cfg.output_dir)
 
     def trainer(self, stage: str, budget: StageConfig, extra_callbacks: list[pl.Callback]) -> pl.Trainer:
         callbacks = []
         for name, cb_cfg in self.callbacks_cfg.items():
-            if name == "model_checkpoint":
+            if str(cb_cfg.get("_target_", "")).endswith("ModelCheckpoint"):
                 cb_cfg = OmegaConf.merge(cb_cfg, {"dirpath": str(self.out / "checkpoints" / stage)})
             callbacks.append(instantiate(cb_cfg))
         loggers = []
@@ -99,10 +102,15 @@ class StageRunner:
                 loggers.append(instantiate(lg_cfg))
         if not loggers:  # nothing to log learning rates to (logger=none)
             callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+        callbacks.append(RNGStateCallback())  # exact resume: RNG states travel with every checkpoint
+        kill = KillAtStepCallback.from_env(stage)
+        if kill is not None:
+            callbacks.append(kill)
         steps = max(1, budget.max_steps)
+        plugins = [] if "plugins" in self.trainer_cfg else [AtomicCheckpointIO()]
         return instantiate(self.trainer_cfg, max_steps=steps, val_check_interval=min(budget.eval_every, steps),
                            check_val_every_n_epoch=None, callbacks=callbacks + extra_callbacks,
-                           logger=loggers or False, _convert_="partial")
+                           logger=loggers or False, plugins=plugins, _convert_="partial")
 
     @staticmethod
     def finish_loggers(trainer: pl.Trainer) -> None:
@@ -119,13 +127,15 @@ class StageRunner:
         return float(res[0]["test/ppl"])
 
 
-def train_teacher(runner: StageRunner, model: torch.nn.Module, dm: LMDataModule) -> tuple[float, float | None]:
+def train_teacher(runner: StageRunner, model: torch.nn.Module, dm: LMDataModule,
+                  ckpt: Path | None = None) -> tuple[float, float | None]:
     cfg = runner.cfg
     module = TeacherModule(model, cfg.teacher.optim, cfg.teacher.max_steps)
+    module.run_identity = run_identity(cfg, "teacher")
     trainer = runner.trainer("teacher", cfg.teacher, [])
     fitted = cfg.teacher.max_steps > 0
     if fitted:
-        trainer.fit(module, datamodule=dm)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     ppl = runner.test(trainer, module, dm, fitted)
     best_val = _best_score(trainer)
     runner.finish_loggers(trainer)
@@ -137,17 +147,19 @@ def evaluate_only(runner: StageRunner, model: torch.nn.Module, dm: LMDataModule)
     return runner.test(trainer, LMModule(model, runner.cfg.teacher.optim, 1), dm, fitted=False)
 
 
-def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: LMDataModule) -> tuple[DistillModule, float, float | None]:
+def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: LMDataModule,
+                  ckpt: Path | None = None) -> tuple[DistillModule, float, float | None]:
     cfg = runner.cfg
     student = quantize_model(copy.deepcopy(teacher).requires_grad_(True), cfg.quant)
     module = DistillModule(student, teacher, cfg.method.distill, cfg.student.optim, cfg.student.max_steps)
+    module.run_identity = run_identity(cfg, "student")
     extra: list[pl.Callback] = [ScaleWarmupCallback(cfg.method.warmup.hold_steps, cfg.method.warmup.ramp_steps)]
     if cfg.method.distill.uses_contrastive:
         extra.append(MemoryBankCallback(cfg.method.distill.momentum))
     if cfg.method.quantizer == "laq":
         extra.append(LAQCurvatureCallback())  # D = sqrt(Adam's second moment) for LAQ's alpha
     trainer = runner.trainer("student", cfg.student, extra)
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     ppl = runner.test(trainer, module, dm, fitted=True)
     best_val = _best_score(trainer)
     runner.finish_loggers(trainer)
@@ -190,11 +202,15 @@ def check_fresh_run_dir(out: Path) -> None:
 def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig | None,
                callbacks_cfg: DictConfig | None) -> dict[str, Any]:
     t_start = time.time()
-    out = Path(cfg.output_dir)
-    check_fresh_run_dir(out)
+    resume = resume_point(cfg)
+    out = resume.run_dir if resume else Path(cfg.output_dir)
+    if resume is None:
+        check_fresh_run_dir(out)
+    else:
+        log.info("resuming the %s stage of %s from %s", resume.stage, out, resume.ckpt)
     pl.seed_everything(cfg.seed, workers=True)
     tokenizer, dm = prepare_data(cfg)
-    runner = StageRunner(cfg, trainer_cfg, logger_cfg, callbacks_cfg)
+    runner = StageRunner(cfg, trainer_cfg, logger_cfg, callbacks_cfg, out=out)
     metrics: dict[str, Any] = {
         "config": {"stage": cfg.stage, "model": cfg.model.name, "task": cfg.task.name, "method": cfg.method.name,
                    "bits": cfg.quant.tag, "seed": cfg.seed, "quantizer": cfg.method.quantizer,
@@ -203,25 +219,19 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
         "protocol": dm.protocol(),
         "wall_time_s": {},
     }
+    if resume is not None:
+        metrics["resumed_from"] = str(resume.ckpt)
     t0 = time.time()
-    if cfg.stage == "quantize":
-        teacher = load_pretrained(str(teacher_dir(cfg.teacher_path)), cfg.model.kind, key="teacher_path")
-        check_compatible(teacher, tokenizer, cfg.task.block_size)
-        teacher_ppl, teacher_val = evaluate_only(runner, teacher, dm), None
-    else:
-        teacher = build_model(cfg.model, tokenizer, cfg.task.block_size)
-        teacher_ppl, teacher_val = train_teacher(runner, teacher, dm)
-        save_model(teacher, tokenizer, out / "teacher")
-    metrics["teacher"] = {"test_ppl": teacher_ppl, "best_val_ppl": teacher_val,
-                          "params": sum(p.numel() for p in teacher.parameters())}
+    teacher, metrics["teacher"] = _teacher_stage(cfg, runner, tokenizer, dm, out, resume)
     metrics["wall_time_s"]["teacher"] = time.time() - t0
 
     if cfg.stage in ("quantize", "pipeline"):
         t0 = time.time()
-        module, student_ppl, student_val = train_student(runner, teacher, dm)
+        student_ckpt = resume.ckpt if resume is not None and resume.stage == "student" else None
+        module, student_ppl, student_val = train_student(runner, teacher, dm, student_ckpt)
         size = model_size(module.student)
         metrics["student"] = {"test_ppl": student_ppl, "best_val_ppl": student_val}
-        metrics["ppl_ratio"] = student_ppl / teacher_ppl
+        metrics["ppl_ratio"] = student_ppl / metrics["teacher"]["test_ppl"]
         metrics["size"] = size.as_dict()
         metrics["wall_time_s"]["student"] = time.time() - t0
         if cfg.generate_samples > 0:
@@ -232,3 +242,27 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
     metrics["wall_time_s"]["total"] = time.time() - t_start
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+TEACHER_METRICS = "teacher_metrics.json"
+
+
+def _teacher_stage(cfg: RunConfig, runner: StageRunner, tokenizer: Any, dm: LMDataModule, out: Path,
+                   resume: ResumePoint | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The FP teacher and its figures: loaded (stage=quantize, or a run resumed after its teacher
+    stage finished) or trained (and saved, with its figures, for a later resume)."""
+    if cfg.stage == "quantize" or (resume is not None and resume.stage == "student"):
+        path = teacher_dir(cfg.teacher_path) if cfg.stage == "quantize" else out / "teacher"
+        teacher = load_pretrained(str(path), cfg.model.kind, key="teacher_path")
+        check_compatible(teacher, tokenizer, cfg.task.block_size)
+        saved = out / TEACHER_METRICS
+        if cfg.stage == "pipeline" and saved.is_file():
+            return teacher, json.loads(saved.read_text())
+        ppl = evaluate_only(runner, teacher, dm)
+        return teacher, {"test_ppl": ppl, "best_val_ppl": None, "params": sum(p.numel() for p in teacher.parameters())}
+    teacher = build_model(cfg.model, tokenizer, cfg.task.block_size)
+    ppl, best_val = train_teacher(runner, teacher, dm, resume.ckpt if resume is not None else None)
+    save_model(teacher, tokenizer, out / "teacher")
+    figures = {"test_ppl": ppl, "best_val_ppl": best_val, "params": sum(p.numel() for p in teacher.parameters())}
+    atomic_write_json(out / TEACHER_METRICS, figures)
+    return teacher, figures

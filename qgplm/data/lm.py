@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qgplm.config import TaskConfig
+from qgplm.data.sampling import resumable_loader
 from qgplm.errors import QgplmError
 
 IGNORE_INDEX = -100
@@ -93,9 +94,9 @@ class LMDataModule(pl.LightningDataModule):
         self.stride = task.eval_stride or task.block_size
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(TrainBlocks(self.ids["train"], self.task.block_size), batch_size=self.task.batch_size,
-                          shuffle=True, drop_last=True, generator=gen, num_workers=self.task.num_workers)
+        ds = TrainBlocks(self.ids["train"], self.task.block_size)
+        return resumable_loader(ds, self.task.batch_size, self.seed, self.task.num_workers,
+                                getattr(self, "trainer", None))
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = EvalWindows(self.ids[split], self.task.block_size, self.stride)
