@@ -12,6 +12,7 @@ run directory:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -24,13 +25,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from qgplm.callbacks import (KillAtStepCallback, LAQCurvatureCallback, MemoryBankCallback, RNGStateCallback,
-                             ScaleWarmupCallback)
+from qgplm.callbacks import (KillAtStepCallback, LAQCurvatureCallback, MemoryBankCallback, QuantStatsCallback,
+                             RNGStateCallback, ScaleWarmupCallback)
 from qgplm.config import RunConfig, StageConfig
 from qgplm.data.lm import LMDataModule
 from qgplm.data.sources import load_texts
 from qgplm.errors import QgplmError
 from qgplm.io import AtomicCheckpointIO, atomic_write_json
+from qgplm.loggers import build_loggers, finish_loggers, wandb_runs
 from qgplm.models import build_model, check_compatible, load_pretrained, load_tokenizer, save_model
 from qgplm.module import DistillModule, LMModule, TeacherModule
 from qgplm.quant import model_size, quantize_model
@@ -91,18 +93,14 @@ class StageRunner:
             if str(cb_cfg.get("_target_", "")).endswith("ModelCheckpoint"):
                 cb_cfg = OmegaConf.merge(cb_cfg, {"dirpath": str(self.out / "checkpoints" / stage)})
             callbacks.append(instantiate(cb_cfg))
-        loggers = []
-        for name, lg_cfg in self.logger_cfg.items():
-            target = str(lg_cfg.get("_target_", ""))
-            if target.endswith("CSVLogger"):
-                loggers.append(instantiate(lg_cfg, version=stage))
-            elif target.endswith("WandbLogger"):
-                loggers.append(instantiate(lg_cfg, name=f"{Path(self.out).name}-{stage}", job_type=stage))
-            else:
-                loggers.append(instantiate(lg_cfg))
+        hparams = {**dataclasses.asdict(self.cfg), "stage_run": stage,
+                   "trainer": OmegaConf.to_container(self.trainer_cfg, resolve=True)}
+        loggers = build_loggers(self.logger_cfg, self.out, stage, f"{self.cfg.task.name}-{self.cfg.model.name}",
+                                hparams)
         if not loggers:  # nothing to log learning rates to (logger=none)
             callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
         callbacks.append(RNGStateCallback())  # exact resume: RNG states travel with every checkpoint
+        callbacks.append(QuantStatsCallback())  # homogeneity, scales (and their histograms on W&B)
         kill = KillAtStepCallback.from_env(stage)
         if kill is not None:
             callbacks.append(kill)
@@ -113,10 +111,18 @@ class StageRunner:
                            logger=loggers or False, plugins=plugins, _convert_="partial")
 
     @staticmethod
-    def finish_loggers(trainer: pl.Trainer) -> None:
+    def log_final(trainer: pl.Trainer, figures: dict[str, float], samples: list[dict[str, str]] | None = None) -> None:
+        """End-of-stage figures (size, compression) to every logger, generated samples to W&B as a
+        table; then close the W&B runs."""
         for lg in trainer.loggers:
-            if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
-                lg.experiment.finish()
+            lg.log_metrics(figures, step=trainer.global_step)
+        if samples:
+            import wandb
+
+            columns = list(samples[0])
+            for run in wandb_runs(trainer.loggers):
+                run.log({"samples": wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])})
+        finish_loggers(trainer.loggers)
 
     @staticmethod
     def test(trainer: pl.Trainer, module: LMModule, dm: LMDataModule, fitted: bool) -> float:
@@ -138,17 +144,19 @@ def train_teacher(runner: StageRunner, model: torch.nn.Module, dm: LMDataModule,
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     ppl = runner.test(trainer, module, dm, fitted)
     best_val = _best_score(trainer)
-    runner.finish_loggers(trainer)
+    runner.log_final(trainer, {"test/ppl_final": ppl, "size/fp32_mib": model_size(model).fp32_mib})
     return ppl, best_val
 
 
 def evaluate_only(runner: StageRunner, model: torch.nn.Module, dm: LMDataModule) -> float:
     trainer = runner.trainer("teacher_eval", runner.cfg.teacher, [])
-    return runner.test(trainer, LMModule(model, runner.cfg.teacher.optim, 1), dm, fitted=False)
+    ppl = runner.test(trainer, LMModule(model, runner.cfg.teacher.optim, 1), dm, fitted=False)
+    runner.log_final(trainer, {"test/ppl_final": ppl})
+    return ppl
 
 
 def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: LMDataModule,
-                  ckpt: Path | None = None) -> tuple[DistillModule, float, float | None]:
+                  ckpt: Path | None = None) -> tuple[DistillModule, float, float | None, pl.Trainer]:
     cfg = runner.cfg
     student = quantize_model(copy.deepcopy(teacher).requires_grad_(True), cfg.quant)
     module = DistillModule(student, teacher, cfg.method.distill, cfg.student.optim, cfg.student.max_steps)
@@ -162,8 +170,7 @@ def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: LMDataModul
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     ppl = runner.test(trainer, module, dm, fitted=True)
     best_val = _best_score(trainer)
-    runner.finish_loggers(trainer)
-    return module, ppl, best_val
+    return module, ppl, best_val, trainer
 
 
 def _best_score(trainer: pl.Trainer) -> float | None:
@@ -228,7 +235,7 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
     if cfg.stage in ("quantize", "pipeline"):
         t0 = time.time()
         student_ckpt = resume.ckpt if resume is not None and resume.stage == "student" else None
-        module, student_ppl, student_val = train_student(runner, teacher, dm, student_ckpt)
+        module, student_ppl, student_val, trainer = train_student(runner, teacher, dm, student_ckpt)
         size = model_size(module.student)
         metrics["student"] = {"test_ppl": student_ppl, "best_val_ppl": student_val}
         metrics["ppl_ratio"] = student_ppl / metrics["teacher"]["test_ppl"]
@@ -239,6 +246,10 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
                 "teacher": sample_generations(teacher, tokenizer, dm, cfg.generate_samples),
                 "student": sample_generations(module.student, tokenizer, dm, cfg.generate_samples),
             }
+        samples = [{"model": role, **s} for role, rows in metrics.get("samples", {}).items() for s in rows]
+        runner.log_final(trainer, {"test/ppl_final": student_ppl, "test/ppl_ratio": metrics["ppl_ratio"],
+                                   "size/fp32_mib": size.fp32_mib, "size/quantized_mib": size.quantized_mib,
+                                   "size/compression": size.compression}, samples)
     metrics["wall_time_s"]["total"] = time.time() - t_start
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

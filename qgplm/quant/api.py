@@ -141,7 +141,7 @@ def _quantize_attention(model: nn.Module, config: QuantConfig) -> None:
 quantize_ = quantize_model
 
 
-def weight_quantizers(model: nn.Module) -> Iterator[tuple[str, WeightQuantizer, nn.Parameter]]:
+def weight_quantizers(model: nn.Module) -> Iterator[tuple[str, WeightQuantizer, Tensor]]:
     """(module name, quantizer, the weight it quantizes), once per distinct quantizer.
 
     The weight is oriented as the quantizer sees it ([out, in]); for Conv1D it is transposed.
@@ -150,7 +150,7 @@ def weight_quantizers(model: nn.Module) -> Iterator[tuple[str, WeightQuantizer, 
     for name, mod in model.named_modules():
         if isinstance(mod, QUANT_MODULES) and id(mod.weight_quantizer) not in seen:
             seen.add(id(mod.weight_quantizer))
-            yield name, mod.weight_quantizer, mod.weight
+            yield name, mod.weight_quantizer, oriented_weight(mod)
 
 
 def oriented_weight(mod: nn.Module) -> Tensor:

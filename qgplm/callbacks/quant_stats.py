@@ -1,0 +1,73 @@
+"""QuantStatsCallback: what a user watches during QAT, logged at every validation.
+
+- `val/homogeneity_student`, `val/homogeneity_teacher`: mean pairwise cosine similarity of the
+  last-layer token representations on the first validation batch (qgplm.distill.metrics);
+- `scales/<module>/alpha` (clipping threshold = step * levels) and `scales/<module>/gamma`
+  (the learnable scale, where the quantizer has one), per quantized module;
+- on W&B also the histograms `scales/alpha` and `scales/gamma` over all modules (and rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from qgplm.distill.metrics import token_homogeneity
+from qgplm.loggers import wandb_runs
+from qgplm.quant.api import weight_quantizers
+from qgplm.quant.functional import levels
+
+
+@torch.no_grad()
+def scale_stats(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {"alpha": clipping threshold(s), "gamma": learnable scale(s)}} per weight quantizer."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, q, w in weight_quantizers(model):
+        if not bool(q.initialized):
+            continue
+        _, step = q.codes(w.detach())
+        stats = {"alpha": (step * levels(q.bits)).flatten().float().cpu()}
+        params = q.scale_parameters()
+        if params:
+            stats["gamma"] = torch.cat([p.detach().flatten().float().cpu() for p in params])
+        out[name] = stats
+    return out
+
+
+class QuantStatsCallback(Callback):
+    def __init__(self) -> None:
+        self._homogeneity: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch_idx != 0 or trainer.sanity_checking:
+            return
+        mask = batch["attention_mask"]
+        teacher = getattr(pl_module, "teacher", None)
+        models = {"student": pl_module.model, "teacher": teacher} if teacher is not None else {"teacher": pl_module.model}
+        for role, model in models.items():
+            out = model(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True)
+            self._homogeneity[role] = token_homogeneity(out.hidden_states[-1], mask)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for role, value in self._homogeneity.items():
+            pl_module.log(f"val/homogeneity_{role}", value, sync_dist=True)
+        self._homogeneity = {}
+        stats = scale_stats(pl_module.model)
+        for name, s in stats.items():
+            for key, values in s.items():
+                pl_module.log(f"scales/{name}/{key}", values.mean())
+        runs = wandb_runs(trainer.loggers)
+        if runs and stats and trainer.is_global_zero:
+            import wandb
+
+            hist = {f"scales/{key}": wandb.Histogram(torch.cat([s[key] for s in stats.values() if key in s]).numpy())
+                    for key in ("alpha", "gamma") if any(key in s for s in stats.values())}
+            for run in runs:
+                run.log({**hist, "trainer/global_step": trainer.global_step})
