@@ -43,6 +43,12 @@ def teacher_dir(path: str) -> Path:
         return p / "teacher"
     if not p.exists():
         raise QgplmError(f"teacher_path={path} does not exist: pass a run dir of stage=teacher or a saved model dir")
+    if p.is_file():
+        raise QgplmError(f"teacher_path={path} is a file: pass the run dir of a stage=teacher or pipeline run "
+                         f"(or its teacher/ folder)")
+    if not (p / "config.json").is_file() and ((p / "metrics.json").is_file() or (p / "checkpoints").is_dir()):
+        raise QgplmError(f"teacher_path={path} is a run dir without a saved teacher/ (a stage=quantize run?): pass "
+                         f"the run dir of the stage=teacher or pipeline run that trained the teacher")
     return p
 
 
