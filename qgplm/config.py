@@ -197,6 +197,7 @@ class RunConfig:
     teacher: StageConfig
     student: StageConfig
     teacher_path: str | None = None
+    ckpt_path: str | None = None  # resume the student's QAT from a Lightning checkpoint (stage=quantize)
     output_dir: str = "."
     generate_samples: int = 0
 
@@ -204,6 +205,9 @@ class RunConfig:
         _choice("stage", self.stage, STAGES)
         if self.stage == "quantize" and not self.teacher_path:
             raise QgplmError("stage=quantize needs a teacher: pass teacher_path=<run dir or saved model dir>")
+        if self.ckpt_path and self.stage != "quantize":
+            raise QgplmError(f"ckpt_path resumes a student's QAT: use it with stage=quantize teacher_path=<the run "
+                             f"dir of its teacher>, not stage={self.stage}")
         self.model.validate()
         self.bits.validate()
         self.method.validate()

@@ -94,6 +94,12 @@ class LMModule(pl.LightningModule):
             opt, lr_lambda(self.optim.scheduler, self.optim.warmup_steps, self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # ---------------------------------------------------------------- checkpoints
+    ckpt_info: dict[str, Any] = {"stage": "teacher"}  # what the checkpoint holds (qgplm.checkpoints)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["qgplm"] = dict(self.ckpt_info)
+
     def _check_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
         if not torch.isfinite(loss):
             parts = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
@@ -218,6 +224,7 @@ class DistillModule(LMModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith("teacher.")]:
             del sd[k]

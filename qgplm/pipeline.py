@@ -12,6 +12,7 @@ run directory:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from qgplm.callbacks import LAQCurvatureCallback, MemoryBankCallback, ScaleWarmupCallback
+from qgplm.checkpoints import check_resumable, student_info
 from qgplm.config import RunConfig, StageConfig
 from qgplm.data.lm import LMDataModule
 from qgplm.data.sources import load_texts
@@ -147,17 +149,22 @@ def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: LMDataModul
     cfg = runner.cfg
     student = quantize_model(copy.deepcopy(teacher).requires_grad_(True), cfg.quant)
     module = DistillModule(student, teacher, cfg.method.distill, cfg.student.optim, cfg.student.max_steps)
+    module.ckpt_info = _student_info(cfg)
     extra: list[pl.Callback] = [ScaleWarmupCallback(cfg.method.warmup.hold_steps, cfg.method.warmup.ramp_steps)]
     if cfg.method.distill.uses_contrastive:
         extra.append(MemoryBankCallback(cfg.method.distill.momentum))
     if cfg.method.quantizer == "laq":
         extra.append(LAQCurvatureCallback())  # D = sqrt(Adam's second moment) for LAQ's alpha
     trainer = runner.trainer("student", cfg.student, extra)
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
     ppl = runner.test(trainer, module, dm, fitted=True)
     best_val = _best_score(trainer)
     runner.finish_loggers(trainer)
     return module, ppl, best_val
+
+
+def _student_info(cfg: RunConfig) -> dict[str, Any]:
+    return student_info(cfg.method.name, cfg.method.quantizer, dataclasses.asdict(cfg.bits), cfg.quant.tag)
 
 
 def _best_score(trainer: pl.Trainer) -> float | None:
@@ -198,6 +205,8 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
     t_start = time.time()
     out = Path(cfg.output_dir)
     check_fresh_run_dir(out)
+    if cfg.ckpt_path:
+        check_resumable(cfg.ckpt_path, _student_info(cfg))
     pl.seed_everything(cfg.seed, workers=True)
     tokenizer, dm = prepare_data(cfg)
     runner = StageRunner(cfg, trainer_cfg, logger_cfg, callbacks_cfg)
