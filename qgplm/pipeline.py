@@ -33,6 +33,7 @@ from qgplm.errors import QgplmError
 from qgplm.io import atomic_write_json
 from qgplm.models import build_model, check_compatible, load_pretrained, load_tokenizer, save_model
 from qgplm.module import DistillModule, LMModule, TeacherModule
+from qgplm.oom import explain_out_of_memory
 from qgplm.quant import model_size, quantize_model
 
 log = logging.getLogger("qgplm")
@@ -200,6 +201,7 @@ def check_fresh_run_dir(out: Path) -> None:
                          f"(or leave it unset for a fresh timestamped one)")
 
 
+@explain_out_of_memory
 def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig | None,
                callbacks_cfg: DictConfig | None) -> dict[str, Any]:
     t_start = time.time()

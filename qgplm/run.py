@@ -41,8 +41,10 @@ def quote_int_group_overrides(argv: list[str]) -> list[str]:
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
-def fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+def fail(message: str, new_line: bool = False) -> NoReturn:
+    """`new_line`: end a progress bar's unterminated line first, so `error:` starts a line."""
+    sys.stdout.flush()
+    print(f"{chr(10) if new_line else ''}error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -97,14 +99,17 @@ def execute(cfg: DictConfig) -> float | None:
 
     try:
         run = RunConfig.from_hydra(cfg)
-        metrics = run_stages(run, cfg.trainer, cfg.get("logger"), cfg.get("callbacks"))
     except QgplmError as e:
         fail(str(e))
+    try:
+        metrics = run_stages(run, cfg.trainer, cfg.get("logger"), cfg.get("callbacks"))
+    except QgplmError as e:
+        fail(str(e), new_line=True)
     except OSError as e:
         msg = write_error_message(e)
         if msg is None:
             raise
-        fail(msg)
+        fail(msg, new_line=True)
     print_summary(metrics, run.output_dir)
     return metrics.get("student", metrics["teacher"])["test_ppl"]
 

@@ -71,5 +71,5 @@ def test_nan_loss_stops_with_step_and_term(tiny_cfg):
     with torch.no_grad():
         module.model.lm_head.weight.fill_(float("nan"))
     x = torch.randint(0, 50, (2, 8))
-    with pytest.raises(QgplmError, match=r"non-finite loss at step 0 \(ce=nan\): lower the learning rate"):
+    with pytest.raises(QgplmError, match=r"non-finite loss at step 0 in the ce term \(ce=nan\): lower teacher.optim.lr"):
         module.training_step({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}, 0)
