@@ -219,8 +219,15 @@ class DistillModule(LMModule):
         upd, self._bank_update = self._bank_update, None
         return upd
 
-    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        """After each optimizer step: keep every quantizer scale positive (warn once)."""
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """After each optimizer step: keep every quantizer scale positive (warn once).
+
+        Not in `on_before_zero_grad`: Lightning zeroes gradients between a step's forward and its
+        backward, so an in-place clamp there breaks that backward."""
+        super().optimizer_step(*args, **kwargs)
+        self._clamp_scales()
+
+    def _clamp_scales(self) -> None:
         clamped = False
         for m in self.student.modules():
             if isinstance(m, WeightQuantizer):
