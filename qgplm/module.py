@@ -60,8 +60,13 @@ class LMModule(pl.LightningModule):
         self._update_ppl(self.val_ppl, self.model, batch)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/ppl", self.val_ppl.compute(), prog_bar=True, sync_dist=True)
+        ppl = self.val_ppl.compute()
         self.val_ppl.reset()
+        if not self.trainer.sanity_checking and not torch.isfinite(ppl):
+            # Raised before ModelCheckpoint.on_validation_end: the diverged weights are never saved.
+            raise QgplmError(f"validation perplexity is {ppl.item()} at step {self.global_step}: training diverged; "
+                             f"{self._lower_lr_hint()}; {self._last_checkpoint_note()}")
+        self.log("val/ppl", ppl, prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._update_ppl(self.test_ppl, self.model, batch)
@@ -99,11 +104,25 @@ class LMModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["qgplm"] = dict(self.run_identity)
 
+    optim_key = "teacher.optim"  # where this stage's optimizer is configured, for messages
+
+    def _lower_lr_hint(self) -> str:
+        hint = f"lower {self.optim_key}.lr (now {self.optim.lr:g})"
+        if any(g.get("name") == "scales" for g in self.param_groups()):
+            hint += f" or {self.optim_key}.scale_lr"
+        return hint
+
+    def _last_checkpoint_note(self) -> str:
+        cb = self._trainer.checkpoint_callback if self._trainer is not None else None
+        last = (getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")) if cb is not None else ""
+        return f"the last good checkpoint is kept: {last}" if last else "no checkpoint had been saved yet"
+
     def _check_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
         if not torch.isfinite(loss):
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)] or list(terms)
             parts = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-            raise QgplmError(f"non-finite loss at step {self.global_step} ({parts}): lower the learning rate "
-                             f"or the scale LR; the last good checkpoint is kept in the run dir")
+            raise QgplmError(f"non-finite loss at step {self.global_step} in the {bad[0]} term ({parts}): "
+                             f"{self._lower_lr_hint()}; {self._last_checkpoint_note()}")
 
 
 class TeacherModule(LMModule):
@@ -133,6 +152,8 @@ class DistillModule(LMModule):
     model from `from_pretrained` is in eval mode, one just trained in train mode), which exact
     resume relies on.
     """
+
+    optim_key = "student.optim"
 
     def __init__(self, student: nn.Module, teacher: nn.Module, distill: DistillConfig, optim: OptimConfig,
                  max_steps: int):
@@ -212,8 +233,15 @@ class DistillModule(LMModule):
         upd, self._bank_update = self._bank_update, None
         return upd
 
-    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        """After each optimizer step: keep every quantizer scale positive (warn once)."""
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """After each optimizer step: keep every quantizer scale positive (warn once).
+
+        Not in `on_before_zero_grad`: Lightning zeroes gradients between a step's forward and its
+        backward, so an in-place clamp there breaks that backward."""
+        super().optimizer_step(*args, **kwargs)
+        self._clamp_scales()
+
+    def _clamp_scales(self) -> None:
         clamped = False
         for m in self.student.modules():
             if isinstance(m, WeightQuantizer):

@@ -35,6 +35,7 @@ from qgplm.io import AtomicCheckpointIO, atomic_write_json
 from qgplm.loggers import build_loggers, finish_loggers, wandb_runs
 from qgplm.models import build_model, check_compatible, load_pretrained, load_tokenizer, save_model
 from qgplm.module import DistillModule, LMModule, TeacherModule
+from qgplm.oom import explain_out_of_memory
 from qgplm.quant import model_size, quantize_model
 from qgplm.resume import ResumePoint, resume_point, run_identity
 
@@ -48,6 +49,12 @@ def teacher_dir(path: str) -> Path:
         return p / "teacher"
     if not p.exists():
         raise QgplmError(f"teacher_path={path} does not exist: pass a run dir of stage=teacher or a saved model dir")
+    if p.is_file():
+        raise QgplmError(f"teacher_path={path} is a file: pass the run dir of a stage=teacher or pipeline run "
+                         f"(or its teacher/ folder)")
+    if not (p / "config.json").is_file() and ((p / "metrics.json").is_file() or (p / "checkpoints").is_dir()):
+        raise QgplmError(f"teacher_path={path} is a run dir without a saved teacher/ (a stage=quantize run?): pass "
+                         f"the run dir of the stage=teacher or pipeline run that trained the teacher")
     return p
 
 
@@ -206,6 +213,7 @@ def check_fresh_run_dir(out: Path) -> None:
                          f"(or leave it unset for a fresh timestamped one)")
 
 
+@explain_out_of_memory
 def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig | None,
                callbacks_cfg: DictConfig | None) -> dict[str, Any]:
     t_start = time.time()

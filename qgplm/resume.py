@@ -13,6 +13,7 @@ teacher and logs are); the new Hydra directory only gets the log of the resume.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,21 @@ IDENTITY_KEYS = ("model", "task", "method", "quantizer", "bits", "seed")
 def run_identity(cfg: RunConfig, stage: str) -> dict[str, Any]:
     """Stored in every checkpoint as checkpoint["qgplm"]."""
     return {"stage": stage, "model": cfg.model.name, "task": cfg.task.name, "method": cfg.method.name,
-            "quantizer": cfg.method.quantizer, "bits": cfg.quant.tag, "seed": cfg.seed}
+            "quantizer": cfg.method.quantizer, "bits": cfg.quant.tag, "seed": cfg.seed,
+            "bit_widths": dataclasses.asdict(cfg.bits)}
+
+
+def _as_overrides(ident: dict[str, Any], keys: list[str]) -> str:
+    """The command-line settings that reproduce `ident` for the differing `keys`."""
+    out = []
+    for k in keys:
+        if k == "bits" and isinstance(ident.get("bit_widths"), dict):
+            out += [f"bits.{b}={'null' if v is None else v}" for b, v in ident["bit_widths"].items()]
+        elif k == "quantizer":
+            out.append(f"method.quantizer={ident.get(k)}")
+        else:
+            out.append(f"{k}={ident.get(k)}")
+    return " ".join(out)
 
 
 @dataclass
@@ -76,8 +91,9 @@ def resume_point(cfg: RunConfig) -> ResumePoint | None:
     if diff:
         was = " ".join(f"{k}={ident.get(k)}" for k in diff)
         now = " ".join(f"{k}={expected[k]}" for k in diff)
+        fix = _as_overrides(ident, [k for k in diff if not (k == "quantizer" and "method" in diff)])
         raise QgplmError(f"checkpoint {ckpt} is from a run with {was}, this run has {now}: "
-                         f"resume with the interrupted run's settings, or start a new run without ckpt_path")
+                         f"resume with {fix}, or start a new run without ckpt_path")
     allowed = {"teacher": ("teacher", "pipeline"), "student": ("quantize", "pipeline")}[stage]
     if cfg.stage not in allowed:
         raise QgplmError(f"checkpoint {ckpt} is of the {stage} stage, which stage={cfg.stage} does not run: "

@@ -2,14 +2,19 @@
 
 Validates the composed config once (qgplm.config.RunConfig), runs the stages, prints the summary
 and returns the student's test PPL (the value Hydra sweepers optimise). User errors end with
-one line on stderr and exit code 2.
+one line on stderr (`error: <what is wrong>: <how to fix it>`) and exit code 2: qgplm's own
+QgplmError, Hydra's composition errors (unknown group option or key, unparsable override) and
+failed writes (read-only or full disk).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -39,25 +44,100 @@ def quote_int_group_overrides(argv: list[str]) -> list[str]:
     return out
 
 
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def fail(message: str, new_line: bool = False) -> NoReturn:
+    """`new_line`: end a progress bar's unterminated line first, so `error:` starts a line."""
+    sys.stdout.flush()
+    print(f"{chr(10) if new_line else ''}error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def write_error_message(e: OSError) -> str | None:
+    """One line for a failed write (full disk, read-only dir, ...), None for other OSErrors."""
+    if e.errno not in WRITE_ERRNOS:
+        return None
+    where = e.filename or "the run dir"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free disk space or set hydra.run.dir=<dir on another disk>; earlier files are left as they were"
+    else:
+        fix = "set hydra.run.dir=<a writable dir>"
+    return f"cannot write {where} ({e.strerror or os.strerror(e.errno)}): {fix}"
+
+
+def hydra_error_message(e: Exception, argv: list[str]) -> str:
+    """Hydra's multi-line composition errors as one line naming the fix."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options:
+        group, _, choice = e.missing_cfg_file.rpartition("/")
+        if group:
+            msg = f"{group}={choice} is not an option: choose one of {', '.join(e.options)}"
+            if group == "bits":
+                msg += " (or set bits.weight / bits.embedding / bits.activation to an integer in 1..8)"
+            return msg
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse the command line ({first}): write key=value, quote values with spaces or commas"
+    m = re.match(r"Could not override '([^']+)'", first)
+    if m:
+        key = m.group(1)
+        given = next((a for a in argv if a.split("=", 1)[0] == key), f"{key}=...")
+        return (f"unknown config key {key}: check its spelling (python -m qgplm.run --cfg job prints every key), "
+                f"or add a new key with +{given}")
+    m = re.search(r"Could not find '([^']+)'", first)
+    if m:
+        return f"{m.group(1)} is not a config: check the option name (python -m qgplm.run --help lists them)"
+    return f"{first}: check the overrides (python -m qgplm.run --help lists groups and options)"
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")
 def main(cfg: DictConfig) -> float | None:
+    return execute(cfg)
+
+
+def execute(cfg: DictConfig) -> float | None:
+    """Validate, run the stages, print the summary; user errors -> one line and exit 2."""
     from qgplm.config import RunConfig
     from qgplm.pipeline import run_stages
     from qgplm.summary import print_summary
 
     try:
         run = RunConfig.from_hydra(cfg)
+    except QgplmError as e:
+        fail(str(e))
+    try:
         metrics = run_stages(run, cfg.trainer, cfg.get("logger"), cfg.get("callbacks"))
     except QgplmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e), new_line=True)
+    except OSError as e:
+        msg = write_error_message(e)
+        if msg is None:
+            raise
+        fail(msg, new_line=True)
     print_summary(metrics, run.output_dir)
     return metrics.get("student", metrics["teacher"])["test_ppl"]
 
 
 def cli() -> None:
+    from hydra.errors import HydraException
+
     sys.argv = [sys.argv[0], *quote_int_group_overrides(sys.argv[1:])]
-    main()
+    # Let Hydra's own errors (composition, callbacks, run-dir creation) reach us as exceptions
+    # instead of Hydra's multi-line report, so they end as one line too.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except QgplmError as e:
+        fail(str(e))
+    except HydraException as e:
+        fail(hydra_error_message(e, sys.argv[1:]))
+    except OSError as e:
+        msg = write_error_message(e)
+        if msg is None:
+            raise
+        fail(msg)
 
 
 if __name__ == "__main__":

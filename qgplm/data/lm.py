@@ -90,8 +90,21 @@ class LMDataModule(pl.LightningDataModule):
                 raise QgplmError(
                     f"{task.name} {split} split has {ids.numel()} tokens, fewer than one block "
                     f"(task.block_size={task.block_size}) + 1: lower task.block_size or give more data")
+            self._check_known(split, ids)
             self.ids[split] = ids
         self.stride = task.eval_stride or task.block_size
+
+    def _check_known(self, split: str, ids: torch.Tensor, max_unknown: float = 0.5) -> None:
+        """Mostly <unk>: the tokenizer (with stage=quantize, the teacher's) was built for other text."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is None or unk == getattr(self.tokenizer, "eos_token_id", None):  # GPT-2: unk is <|endoftext|>
+            return
+        frac = float((ids == unk).float().mean())
+        if frac > max_unknown:
+            raise QgplmError(
+                f"{frac:.0%} of the {self.task.name} {split} tokens are unknown ({self.tokenizer.unk_token}) to the "
+                f"tokenizer, which was built for other text (with stage=quantize: the teacher's): use a teacher "
+                f"trained on task={self.task.name} (stage=teacher or pipeline)")
 
     def train_dataloader(self) -> DataLoader:
         ds = TrainBlocks(self.ids["train"], self.task.block_size)

@@ -51,6 +51,9 @@ def _read_local(task: TaskConfig) -> dict[str, str]:
             out[split] = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise QgplmError(f"{path} is not UTF-8 text (byte {e.start}): convert it with iconv -t UTF-8") from None
+        if not out[split].strip():
+            raise QgplmError(f"the {split} file {path} is empty: put the {split} text there or point "
+                             f"task.files.{split} at another file")
     return out
 
 

@@ -91,10 +91,23 @@ def load_pretrained(name_or_path: str, kind: str = "causal", key: str = "model.n
     name, local_only = _resolve(name_or_path, "model", key)
     try:
         model = AUTO_CLASSES[kind].from_pretrained(name, local_files_only=local_only)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        model_type = getattr(AutoConfig.from_pretrained(name, local_files_only=local_only), "model_type", "?")
+        other = next(k for k in AUTO_CLASSES if k != kind)
+        raise QgplmError(f"{key}={name_or_path} holds a {model_type} model, which model.kind={kind} cannot load: "
+                         f"set model.kind={other} (or pass a {kind} model)") from None
     except OSError as e:
         if _is_local(name_or_path):
             raise QgplmError(f"cannot load the model in {name_or_path}: {str(e).splitlines()[0]}") from None
         raise _offline_error("model", name_or_path, key) from None
+    except Exception as e:  # truncated/corrupt weights: SafetensorError, torch.load's RuntimeError/EOFError
+        if not _is_local(name_or_path):
+            raise
+        raise QgplmError(f"the weights in {name_or_path} are truncated or corrupt ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}): save the model again or re-run the stage "
+                         f"that wrote it") from None
     return model
 
 
