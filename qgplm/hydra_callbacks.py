@@ -40,6 +40,10 @@ def check_fresh_dir(path: Path) -> None:
 
 class RunDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from qgplm.distributed import is_launched_rank
+
+        if is_launched_rank():  # a DDP rank started into rank 0's (already checked) run dir
+            return
         try:
             out = Path(str(OmegaConf.select(config, "hydra.run.dir")))
             check_fresh_dir(out)

@@ -30,6 +30,7 @@ from qgplm.callbacks import (KillAtStepCallback, LAQCurvatureCallback, MemoryBan
 from qgplm.config import RunConfig, StageConfig
 from qgplm.data.lm import LMDataModule
 from qgplm.data.sources import load_texts
+from qgplm.distributed import global_rank, is_launched_rank
 from qgplm.errors import QgplmError
 from qgplm.io import AtomicCheckpointIO, atomic_write_json
 from qgplm.loggers import build_loggers, finish_loggers, wandb_runs
@@ -220,7 +221,8 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
     resume = resume_point(cfg)
     out = resume.run_dir if resume else Path(cfg.output_dir)
     if resume is None:
-        check_fresh_run_dir(out)
+        if not is_launched_rank():  # ranks > 0 join the run dir rank 0 has checked
+            check_fresh_run_dir(out)
     else:
         log.info("resuming the %s stage of %s from %s", resume.stage, out, resume.ckpt)
     pl.seed_everything(cfg.seed, workers=True)
@@ -246,6 +248,10 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
         module, student_ppl, student_val, trainer = train_student(runner, teacher, dm, student_ckpt)
         size = model_size(module.student)
         metrics["student"] = {"test_ppl": student_ppl, "best_val_ppl": student_val}
+        metrics["world_size"] = trainer.world_size
+        bank = next((cb for cb in trainer.callbacks if isinstance(cb, MemoryBankCallback)), None)
+        if bank is not None and bank.rank_checksums:
+            metrics["memory_bank_checksums"] = bank.rank_checksums  # one row per rank, all equal
         metrics["ppl_ratio"] = student_ppl / metrics["teacher"]["test_ppl"]
         metrics["size"] = size.as_dict()
         metrics["wall_time_s"]["student"] = time.time() - t0
@@ -259,7 +265,8 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
                                    "size/fp32_mib": size.fp32_mib, "size/quantized_mib": size.quantized_mib,
                                    "size/compression": size.compression}, samples)
     metrics["wall_time_s"]["total"] = time.time() - t_start
-    atomic_write_json(out / "metrics.json", metrics)
+    if global_rank() == 0:
+        atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -281,7 +288,8 @@ def _teacher_stage(cfg: RunConfig, runner: StageRunner, tokenizer: Any, dm: LMDa
         return teacher, {"test_ppl": ppl, "best_val_ppl": None, "params": sum(p.numel() for p in teacher.parameters())}
     teacher = build_model(cfg.model, tokenizer, cfg.task.block_size)
     ppl, best_val = train_teacher(runner, teacher, dm, resume.ckpt if resume is not None else None)
-    save_model(teacher, tokenizer, out / "teacher")
     figures = {"test_ppl": ppl, "best_val_ppl": best_val, "params": sum(p.numel() for p in teacher.parameters())}
-    atomic_write_json(out / TEACHER_METRICS, figures)
+    if global_rank() == 0:
+        save_model(teacher, tokenizer, out / "teacher")
+        atomic_write_json(out / TEACHER_METRICS, figures)
     return teacher, figures

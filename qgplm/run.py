@@ -100,15 +100,19 @@ def main(cfg: DictConfig) -> float | None:
 def execute(cfg: DictConfig) -> float | None:
     """Validate, run the stages, print the summary; user errors -> one line and exit 2."""
     from qgplm.config import RunConfig
+    from qgplm.distributed import distributed_job, global_rank, install_hydra_ddp_fix
     from qgplm.pipeline import run_stages
     from qgplm.summary import print_summary
+
+    install_hydra_ddp_fix()
 
     try:
         run = RunConfig.from_hydra(cfg)
     except QgplmError as e:
         fail(str(e))
     try:
-        metrics = run_stages(run, cfg.trainer, cfg.get("logger"), cfg.get("callbacks"))
+        with distributed_job():
+            metrics = run_stages(run, cfg.trainer, cfg.get("logger"), cfg.get("callbacks"))
     except QgplmError as e:
         fail(str(e), new_line=True)
     except OSError as e:
@@ -116,7 +120,8 @@ def execute(cfg: DictConfig) -> float | None:
         if msg is None:
             raise
         fail(msg, new_line=True)
-    print_summary(metrics, run.output_dir)
+    if global_rank() == 0:
+        print_summary(metrics, run.output_dir)
     return metrics.get("student", metrics["teacher"])["test_ppl"]
 
 

@@ -22,6 +22,7 @@ class MemoryBankCallback(Callback):
         self.momentum = momentum
         self.bank: MemoryBank | None = None
         self._pending: dict[str, torch.Tensor] | None = None
+        self.rank_checksums: list[list[float]] = []
 
     @property
     def state_key(self) -> str:
@@ -53,6 +54,19 @@ class MemoryBankCallback(Callback):
             ids, queries, mask = (trainer.strategy.all_gather(t) for t in (ids, queries, mask))
             ids, queries, mask = (t.flatten(0, 1) for t in (ids, queries, mask))
         self.bank.update(ids, queries, mask)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the invariant the gathered updates maintain: every rank holds the same bank.
+        `rank_checksums` (one per rank) go into metrics.json; a mismatch is an error."""
+        if self.bank is None:
+            return
+        b = self.bank.bank.detach().double()
+        weights = torch.arange(1, b.shape[1] + 1, dtype=torch.float64, device=b.device)
+        local = torch.stack([b.sum(), (b * b).sum(), (b * weights).sum()])
+        sums = trainer.strategy.all_gather(local) if trainer.world_size > 1 else local.unsqueeze(0)
+        self.rank_checksums = sums.reshape(-1, 3).cpu().tolist()
+        if any(row != self.rank_checksums[0] for row in self.rank_checksums):
+            raise RuntimeError(f"memory banks differ across ranks: {self.rank_checksums}")
 
     def state_dict(self) -> dict[str, Any]:
         if self.bank is None:
