@@ -7,11 +7,13 @@ run directory:
     checkpoints/student/      ... of the QAT stage (student, quantizer scales, memory bank)
     csv/                      per-stage metric logs (logger=csv)
     metrics.json              final figures and the evaluation protocol
+    summaries_{teacher,student}.jsonl   summarization: the generated test summaries
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ from qgplm.config import RunConfig, StageConfig
 from qgplm.data.lm import LMDataModule
 from qgplm.data.sources import load_texts
 from qgplm.errors import QgplmError
-from qgplm.io import atomic_write_json
+from qgplm.io import atomic_write_json, atomic_write_text
 from qgplm.models import build_model, check_compatible, load_pretrained, load_tokenizer, save_model
 from qgplm.module import DistillModule, LMModule, TeacherModule
 from qgplm.quant import model_size, quantize_model
@@ -46,30 +48,65 @@ def teacher_dir(path: str) -> Path:
     return p
 
 
-def resolve_tokenizer(cfg: RunConfig, texts: dict[str, str]) -> Any:
+def _bare_bpe_class(cfg: RunConfig) -> type:
+    """The class reading a bare vocab.json + merges.txt folder: BART's (<s> ... </s>) for seq2seq."""
+    from transformers import BartTokenizerFast, GPT2TokenizerFast
+
+    return BartTokenizerFast if cfg.model.kind == "seq2seq" else GPT2TokenizerFast
+
+
+def resolve_tokenizer(cfg: RunConfig, texts: dict[str, str] | None) -> Any:
     """The teacher's tokenizer (stage=quantize), else one built from the task's training text
     (builtin task, or task.bpe_vocab_size), else model.tokenizer / model.name_or_path."""
+    bare = _bare_bpe_class(cfg)
     if cfg.stage == "quantize":
-        return load_tokenizer(str(teacher_dir(cfg.teacher_path)), key="teacher_path")
-    if cfg.task.source == "builtin":
+        return load_tokenizer(str(teacher_dir(cfg.teacher_path)), key="teacher_path", bare_bpe_class=bare)
+    if texts is None:  # example-based tasks use the model's tokenizer
+        pass
+    elif cfg.task.source == "builtin":
         from qgplm.data.builtin import build_tokenizer
 
         return build_tokenizer(texts["train"])
-    if cfg.task.bpe_vocab_size:
+    elif cfg.task.bpe_vocab_size:
         from qgplm.data.bpe import train_bpe_tokenizer
 
         return train_bpe_tokenizer(texts["train"], cfg.task.bpe_vocab_size)
     if cfg.model.tokenizer:
-        return load_tokenizer(cfg.model.tokenizer, key="model.tokenizer")
+        return load_tokenizer(cfg.model.tokenizer, key="model.tokenizer", bare_bpe_class=bare)
     if cfg.model.name_or_path is None:
         raise QgplmError("no tokenizer: set model.tokenizer=<dir or hub name>")
-    return load_tokenizer(cfg.model.name_or_path, key="model.name_or_path")
+    return load_tokenizer(cfg.model.name_or_path, key="model.name_or_path", bare_bpe_class=bare)
 
 
-def prepare_data(cfg: RunConfig) -> tuple[Any, LMDataModule]:
+def prepare_data(cfg: RunConfig) -> tuple[Any, Any]:
+    """(tokenizer, datamodule) for the task's kind: LM streams, summarization pairs or dialogs."""
+    kind = cfg.task.kind
+    if kind == "summarization":
+        from qgplm.data.seq2seq import Seq2SeqDataModule, load_examples
+
+        tokenizer = resolve_tokenizer(cfg, None)
+        examples, source = load_examples(cfg.task)
+        return tokenizer, Seq2SeqDataModule(cfg.task, tokenizer, examples, source, seed=cfg.seed)
+    if kind == "next_utterance":
+        from qgplm.data.personachat import PersonaChatDataModule, load_dialogs
+
+        dialogs = load_dialogs(cfg.task)
+        tokenizer = resolve_tokenizer(cfg, None)
+        return tokenizer, PersonaChatDataModule(cfg.task, tokenizer, dialogs, seed=cfg.seed)
     texts = load_texts(cfg.task)
     tokenizer = resolve_tokenizer(cfg, texts)
     return tokenizer, LMDataModule(cfg.task, tokenizer, texts, seed=cfg.seed)
+
+
+def make_evaluator(cfg: RunConfig, tokenizer: Any, dm: Any) -> Any:
+    """The task's test-time metric beyond PPL (None for language modelling)."""
+    from qgplm.evaluation import RankingEvaluator, SummaryEvaluator
+
+    if cfg.task.kind == "summarization":
+        return SummaryEvaluator(tokenizer, cfg.task.generation, cfg.task.rouge_keys, dm.examples["test"])
+    if cfg.task.kind == "next_utterance":
+        return RankingEvaluator()
+    return None
 
 
 class StageRunner:
@@ -111,17 +148,19 @@ class StageRunner:
                 lg.experiment.finish()
 
     @staticmethod
-    def test(trainer: pl.Trainer, module: LMModule, dm: LMDataModule, fitted: bool) -> float:
-        """Test PPL; after a fit, of the best checkpoint (its weights are loaded into `module`)."""
+    def test(trainer: pl.Trainer, module: LMModule, dm: Any, fitted: bool) -> dict[str, float]:
+        """Test metrics ({"ppl", task metrics}); after a fit, of the best checkpoint (its weights
+        are loaded into `module`)."""
         best = fitted and not trainer.fast_dev_run and trainer.checkpoint_callback is not None \
             and trainer.checkpoint_callback.best_model_path
         res = trainer.test(module, datamodule=dm, ckpt_path="best" if best else None, verbose=False)
-        return float(res[0]["test/ppl"])
+        return {k.removeprefix("test/"): float(v) for k, v in res[0].items()}
 
 
-def train_teacher(runner: StageRunner, model: torch.nn.Module, dm: LMDataModule) -> tuple[float, float | None]:
+def train_teacher(runner: StageRunner, model: torch.nn.Module, dm: Any,
+                  evaluator: Any = None) -> tuple[dict[str, float], float | None]:
     cfg = runner.cfg
-    module = TeacherModule(model, cfg.teacher.optim, cfg.teacher.max_steps)
+    module = TeacherModule(model, cfg.teacher.optim, cfg.teacher.max_steps, evaluator)
     trainer = runner.trainer("teacher", cfg.teacher, [])
     fitted = cfg.teacher.max_steps > 0
     if fitted:
@@ -132,18 +171,19 @@ def train_teacher(runner: StageRunner, model: torch.nn.Module, dm: LMDataModule)
     return ppl, best_val
 
 
-def evaluate_only(runner: StageRunner, model: torch.nn.Module, dm: LMDataModule) -> float:
+def evaluate_only(runner: StageRunner, model: torch.nn.Module, dm: Any, evaluator: Any = None) -> dict[str, float]:
     trainer = runner.trainer("teacher_eval", runner.cfg.teacher, [])
-    return runner.test(trainer, LMModule(model, runner.cfg.teacher.optim, 1), dm, fitted=False)
+    return runner.test(trainer, LMModule(model, runner.cfg.teacher.optim, 1, evaluator), dm, fitted=False)
 
 
-def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: LMDataModule) -> tuple[DistillModule, float, float | None]:
+def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: Any,
+                  evaluator: Any = None) -> tuple[DistillModule, dict[str, float], float | None]:
     cfg = runner.cfg
     student = quantize_model(copy.deepcopy(teacher).requires_grad_(True), cfg.quant)
-    module = DistillModule(student, teacher, cfg.method.distill, cfg.student.optim, cfg.student.max_steps)
+    module = DistillModule(student, teacher, cfg.method.distill, cfg.student.optim, cfg.student.max_steps, evaluator)
     extra: list[pl.Callback] = [ScaleWarmupCallback(cfg.method.warmup.hold_steps, cfg.method.warmup.ramp_steps)]
     if cfg.method.distill.uses_contrastive:
-        extra.append(MemoryBankCallback(cfg.method.distill.momentum))
+        extra.append(MemoryBankCallback(cfg.method.distill.momentum, encoder=cfg.method.distill.contrast_encoder))
     if cfg.method.quantizer == "laq":
         extra.append(LAQCurvatureCallback())  # D = sqrt(Adam's second moment) for LAQ's alpha
     trainer = runner.trainer("student", cfg.student, extra)
@@ -176,6 +216,14 @@ def sample_generations(model: torch.nn.Module, tokenizer: Any, dm: LMDataModule,
     return out
 
 
+def save_records(evaluator: Any, path: Path) -> list[dict[str, str]]:
+    """Write the evaluator's per-example outputs (generated summaries) as JSON lines."""
+    records = evaluator.records() if evaluator is not None else []
+    if records:
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return records
+
+
 RESULT_ENTRIES = ("metrics.json", "checkpoints", "teacher")
 
 
@@ -203,32 +251,42 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
         "protocol": dm.protocol(),
         "wall_time_s": {},
     }
+    max_positions = getattr(dm, "max_positions", cfg.task.block_size)
     t0 = time.time()
+    evaluator = make_evaluator(cfg, tokenizer, dm)
     if cfg.stage == "quantize":
         teacher = load_pretrained(str(teacher_dir(cfg.teacher_path)), cfg.model.kind, key="teacher_path")
-        check_compatible(teacher, tokenizer, cfg.task.block_size)
-        teacher_ppl, teacher_val = evaluate_only(runner, teacher, dm), None
+        check_compatible(teacher, tokenizer, max_positions)
+        teacher_test, teacher_val = evaluate_only(runner, teacher, dm, evaluator), None
     else:
-        teacher = build_model(cfg.model, tokenizer, cfg.task.block_size)
-        teacher_ppl, teacher_val = train_teacher(runner, teacher, dm)
+        teacher = build_model(cfg.model, tokenizer, max_positions)
+        teacher_test, teacher_val = train_teacher(runner, teacher, dm, evaluator)
         save_model(teacher, tokenizer, out / "teacher")
-    metrics["teacher"] = {"test_ppl": teacher_ppl, "best_val_ppl": teacher_val,
-                          "params": sum(p.numel() for p in teacher.parameters())}
+    metrics["teacher"] = {"test_ppl": teacher_test.pop("ppl"), "best_val_ppl": teacher_val,
+                          "params": sum(p.numel() for p in teacher.parameters()), **teacher_test}
     metrics["wall_time_s"]["teacher"] = time.time() - t0
+    summaries = {"teacher": save_records(evaluator, out / "summaries_teacher.jsonl")}
 
     if cfg.stage in ("quantize", "pipeline"):
         t0 = time.time()
-        module, student_ppl, student_val = train_student(runner, teacher, dm)
+        evaluator = make_evaluator(cfg, tokenizer, dm)
+        module, student_test, student_val = train_student(runner, teacher, dm, evaluator)
         size = model_size(module.student)
-        metrics["student"] = {"test_ppl": student_ppl, "best_val_ppl": student_val}
-        metrics["ppl_ratio"] = student_ppl / teacher_ppl
+        metrics["student"] = {"test_ppl": student_test.pop("ppl"), "best_val_ppl": student_val, **student_test}
+        metrics["ppl_ratio"] = metrics["student"]["test_ppl"] / metrics["teacher"]["test_ppl"]
         metrics["size"] = size.as_dict()
         metrics["wall_time_s"]["student"] = time.time() - t0
-        if cfg.generate_samples > 0:
+        summaries["student"] = save_records(evaluator, out / "summaries_student.jsonl")
+        if cfg.generate_samples > 0 and cfg.task.kind == "lm":
             metrics["samples"] = {
                 "teacher": sample_generations(teacher, tokenizer, dm, cfg.generate_samples),
                 "student": sample_generations(module.student, tokenizer, dm, cfg.generate_samples),
             }
+    if cfg.generate_samples > 0 and cfg.task.kind == "summarization":
+        who = "student" if "student" in summaries else "teacher"
+        metrics["summaries"] = {who: summaries[who][: cfg.generate_samples]}
+        for r in metrics["summaries"][who]:
+            log.info("%s summary of %s: %s | reference: %s", who, r["id"], r["summary"], r["reference"])
     metrics["wall_time_s"]["total"] = time.time() - t_start
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
