@@ -55,13 +55,17 @@ def _bare_bpe_class(cfg: RunConfig) -> type:
     return BartTokenizerFast if cfg.model.kind == "seq2seq" else GPT2TokenizerFast
 
 
-def resolve_tokenizer(cfg: RunConfig, texts: dict[str, str] | None) -> Any:
+def resolve_tokenizer(cfg: RunConfig, texts: dict[str, Any] | None) -> Any:
     """The teacher's tokenizer (stage=quantize), else one built from the task's training text
     (builtin task, or task.bpe_vocab_size), else model.tokenizer / model.name_or_path."""
     bare = _bare_bpe_class(cfg)
     if cfg.stage == "quantize":
         return load_tokenizer(str(teacher_dir(cfg.teacher_path)), key="teacher_path", bare_bpe_class=bare)
-    if texts is None:  # example-based tasks use the model's tokenizer
+    if cfg.task.kind == "summarization" and cfg.task.bpe_vocab_size:
+        from qgplm.data.bpe import train_bpe_tokenizer
+
+        return train_bpe_tokenizer(texts["train"], cfg.task.bpe_vocab_size, seq2seq=True)
+    if texts is None:  # other example-based tasks use the model's tokenizer
         pass
     elif cfg.task.source == "builtin":
         from qgplm.data.builtin import build_tokenizer
@@ -84,14 +88,17 @@ def prepare_data(cfg: RunConfig) -> tuple[Any, Any]:
     if kind == "summarization":
         from qgplm.data.seq2seq import Seq2SeqDataModule, load_examples
 
-        tokenizer = resolve_tokenizer(cfg, None)
         examples, source = load_examples(cfg.task)
+        train_text = [t for e in examples["train"] for t in (e["document"], e["summary"])]
+        tokenizer = resolve_tokenizer(cfg, {"train": train_text})
         return tokenizer, Seq2SeqDataModule(cfg.task, tokenizer, examples, source, seed=cfg.seed)
     if kind == "next_utterance":
         from qgplm.data.personachat import PersonaChatDataModule, load_dialogs
 
         dialogs = load_dialogs(cfg.task)
-        tokenizer = resolve_tokenizer(cfg, None)
+        train_text = [t + "\n" for d in dialogs["train"] for t in
+                      (*d["personality"], *(x for u in d["utterances"] for x in (*u["history"], u["candidates"][-1])))]
+        tokenizer = resolve_tokenizer(cfg, {"train": train_text})
         return tokenizer, PersonaChatDataModule(cfg.task, tokenizer, dialogs, seed=cfg.seed)
     texts = load_texts(cfg.task)
     tokenizer = resolve_tokenizer(cfg, texts)
