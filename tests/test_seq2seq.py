@@ -268,3 +268,14 @@ def test_distill_seq2seq_contrasts_decoder_states_and_optionally_encoder():
 
         gpt = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
         DistillModule(gpt, gpt, DistillConfig(contrast_encoder=True), OptimConfig(), 10)
+
+
+def test_tiny_bart_stage_quantize_from_a_teacher_run_dir(tmp_path):
+    """stage=teacher, then stage=quantize teacher_path=<run dir>: the saved BART and its trained
+    tokenizer are reloaded, the teacher re-evaluated and the student distilled (the benchmark path)."""
+    common = [*TINY_BART, "task.bpe_vocab_size=500", "task.max_eval_examples=2", "generate_samples=0"]
+    _run(compose_run([*common, "stage=teacher"], tmp_path / "t"))
+    run, m = _run(compose_run([*common, "stage=quantize", f"teacher_path={tmp_path / 't'}", "method=pact"],
+                              tmp_path / "q"))
+    assert m["config"]["method"] == "pact" and "rouge2" in m["student"] and "rouge2" in m["teacher"]
+    assert (tmp_path / "q" / "summaries_student.jsonl").is_file()
