@@ -21,7 +21,12 @@ from qgplm.quant.config import QuantConfig
 
 STAGES = ("teacher", "quantize", "pipeline")
 MODEL_KINDS = ("causal", "seq2seq")
-TASK_SOURCES = ("builtin", "wikitext2", "ptb", "wikitext103")
+# task.source -> what kind of task it is (and so which datamodule / evaluation / model kind)
+TASK_KINDS = {"builtin": "lm", "wikitext2": "lm", "ptb": "lm", "wikitext103": "lm",
+              "xsum": "summarization", "cnndm": "summarization", "personachat": "next_utterance"}
+TASK_SOURCES = tuple(TASK_KINDS)
+MODEL_KIND_FOR_TASK = {"lm": "causal", "summarization": "seq2seq", "next_utterance": "causal"}
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 NEGATIVES = ("teacher", "student", "random")
 SCHEDULERS = ("cosine", "linear", "constant")
 
@@ -78,6 +83,7 @@ class DistillConfig:
     layer: int = -1  # which hidden layer to contrast (-1: the last)
     negatives: str = "teacher"  # ablations: student (its own detached states), random (vocab embeddings)
     ce_weight: float = 0.0
+    contrast_encoder: bool = False  # seq2seq: also contrast the encoder's last layer (own memory bank)
 
     def validate(self) -> None:
         _choice("method.distill.negatives", self.negatives, NEGATIVES)
@@ -130,6 +136,26 @@ class MethodConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Beam search of the summarization evaluation (HF `generate`); defaults: BART's XSum recipe."""
+
+    num_beams: int = 6
+    max_length: int = 62
+    min_length: int = 11
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 3
+
+    def validate(self) -> None:
+        _positive("task.generation.num_beams", self.num_beams)
+        _positive("task.generation.max_length", self.max_length)
+        if not 0 <= self.min_length <= self.max_length:
+            raise QgplmError(f"task.generation.min_length must be in 0..max_length ({self.max_length}), "
+                             f"got {self.min_length}")
+        if self.no_repeat_ngram_size < 0:
+            raise QgplmError(f"task.generation.no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+
+
+@dataclass
 class TaskConfig:
     """Data and evaluation protocol. `data_dir=None` means the hub (or the builtin generator)."""
 
@@ -148,11 +174,39 @@ class TaskConfig:
     bpe_vocab_size: int | None = None  # train a byte-level BPE of this size on the train split
     max_train_tokens: int | None = None
     max_eval_tokens: int | None = None
+    # --- example-based tasks (summarization, next-utterance prediction)
+    offline_dir: str | None = None  # data_dir=null and no hub: read this local sample instead
+    valid_size: int | None = None  # a local sample without splits: examples held out for validation
+    test_size: int | None = None  # ... and for test (the rest trains)
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None  # cap on validation and test examples
+    max_source_length: int = 512  # summarization: document tokens (truncated)
+    max_target_length: int = 64  # summarization: summary tokens (truncated)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    rouge_keys: list[str] = field(default_factory=lambda: ["rouge1", "rouge2", "rougeL"])
+    max_history: int = 2  # next_utterance: previous turns kept = 2 * max_history + 1
+    num_candidates: int | None = None  # next_utterance: candidates scored per turn (the last ones; null: all)
+
+    @property
+    def kind(self) -> str:
+        """lm | summarization | next_utterance, from task.source."""
+        return TASK_KINDS[self.source]
 
     def validate(self) -> None:
         _choice("task.source", self.source, TASK_SOURCES)
-        for key in ("block_size", "batch_size", "eval_batch_size"):
+        for key in ("block_size", "batch_size", "eval_batch_size", "max_source_length", "max_target_length"):
             _positive(f"task.{key}", getattr(self, key))
+        for key in ("valid_size", "test_size", "max_train_examples", "max_eval_examples", "num_candidates"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise QgplmError(f"task.{key} must be >= 1 or null, got {v}")
+        if self.max_history < 0:
+            raise QgplmError(f"task.max_history must be >= 0, got {self.max_history}")
+        if self.num_candidates == 1:
+            raise QgplmError("task.num_candidates=1 leaves nothing to rank: use >= 2 or null (all)")
+        for k in self.rouge_keys:
+            _choice("task.rouge_keys entry", k, ROUGE_KEYS)
+        self.generation.validate()
         if self.eval_stride is not None and not 0 < self.eval_stride <= self.block_size:
             raise QgplmError(f"task.eval_stride must be in 1..block_size ({self.block_size}), got {self.eval_stride}")
 
@@ -206,6 +260,11 @@ class RunConfig:
         if self.stage == "quantize" and not self.teacher_path:
             raise QgplmError("stage=quantize needs a teacher: pass teacher_path=<run dir or saved model dir>")
         self.model.validate()
+        want = MODEL_KIND_FOR_TASK[TASK_KINDS.get(self.task.source, "lm")]
+        if self.task.source in TASK_KINDS and self.model.kind != want:
+            hint = "model=tiny_bart, bart or seq2seq_lm" if want == "seq2seq" else "model=tiny_gpt2, gpt2 or causal_lm"
+            raise QgplmError(f"task={self.task.name} needs a {want} model but model={self.model.name} is "
+                             f"{self.model.kind}: use {hint}")
         self.bits.validate()
         self.method.validate()
         self._check_bits_supported()

@@ -1,5 +1,12 @@
 """LightningModules: the full-precision teacher trainer and the QAT distillation module.
 
+Both work for causal LMs (GPT-2) and encoder-decoders (BART): `model_forward` is the one place
+that knows how to run either on a batch (seq2seq: decoder inputs built from the labels by the
+model's own `prepare_decoder_input_ids_from_labels`), and what to distil (logits at the target
+positions; hidden states of the last decoder layer, or of the causal LM, for the contrastive loss;
+optionally the encoder's last layer too). Task metrics beyond PPL (ROUGE, candidate ranking)
+come from an evaluator (qgplm.evaluation) run in the test loop.
+
 `DistillModule` holds the frozen teacher (eval mode, no grad, never in the optimizer or the
 checkpoint) and the quantized student initialised from it, and computes
     L = kd_weight * L_dist + lambda * L_cont + ce_weight * CE      (PAPER.md)
@@ -11,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,22 +47,65 @@ def lr_lambda(scheduler: str, warmup: int, total: int):
     return f
 
 
-class LMModule(pl.LightningModule):
-    """Shared evaluation (perplexity) and optimizer set-up; `self.model` is what is trained."""
+@dataclass
+class Forward:
+    """What the losses need from one forward pass of a causal LM or an encoder-decoder."""
 
-    def __init__(self, model: nn.Module, optim: OptimConfig, max_steps: int):
+    logits: Tensor  # [B, T, V]
+    mask: Tensor  # [B, T] positions to distil (real target tokens)
+    hidden: Tensor | None  # [B, T, H] hidden states to contrast (causal LM / last decoder layer)
+    hidden_ids: Tensor  # [B, T] token id at each hidden position (memory-bank rows)
+    encoder_hidden: Tensor | None = None  # [B, S, H] the encoder's last layer (seq2seq only)
+    loss: Tensor | None = None  # the model's own CE against the labels, when asked for
+
+
+def is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def model_forward(model: nn.Module, batch: dict[str, Tensor], layer: int | None = None, encoder: bool = False,
+                  with_loss: bool = False) -> Forward:
+    """Run `model` on a batch. `layer`: which hidden layer to return (None: none)."""
+    ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    want_hidden = layer is not None or encoder
+    if is_seq2seq(model):
+        dec_in = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        out = model(input_ids=ids, attention_mask=attn, decoder_input_ids=dec_in, output_hidden_states=want_hidden,
+                    labels=labels if with_loss else None)
+        return Forward(out.logits, labels != IGNORE_INDEX,
+                       out.decoder_hidden_states[layer] if layer is not None else None, dec_in,
+                       out.encoder_hidden_states[-1] if encoder else None, out.loss)
+    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=want_hidden,
+                labels=labels if with_loss else None)
+    return Forward(out.logits, attn.bool() & (labels != IGNORE_INDEX),
+                   out.hidden_states[layer] if layer is not None else None, ids, None, out.loss)
+
+
+class LMModule(pl.LightningModule):
+    """Shared evaluation (perplexity, plus the task's evaluator at test time) and optimizer set-up;
+    `self.model` is what is trained."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, max_steps: int, evaluator: Any = None):
         super().__init__()
         self.model = model
         self.optim, self.max_steps = optim, max_steps
         # who wrote a checkpoint (model, task, method, bits, ...): checked on resume (qgplm.resume)
         self.run_identity: dict[str, Any] = {}
+        self.evaluator = evaluator
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
 
     # ---------------------------------------------------------------- evaluation
     def _update_ppl(self, metric: Perplexity, model: nn.Module, batch: dict[str, Tensor]) -> None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        metric.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+        """PPL of the target tokens: causal LM shifted by one; seq2seq the labels themselves.
+        Candidate-ranking batches (a `gold` row flag) score the gold rows only."""
+        if "gold" in batch:
+            batch = {k: batch[k][batch["gold"]] for k in ("input_ids", "attention_mask", "labels")}
+        logits = model_forward(model, batch).logits
+        if is_seq2seq(model):
+            metric.update(logits.float(), batch["labels"])
+        else:
+            metric.update(logits[:, :-1].float(), batch["labels"][:, 1:])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._update_ppl(self.val_ppl, self.model, batch)
@@ -68,12 +119,21 @@ class LMModule(pl.LightningModule):
                              f"{self._lower_lr_hint()}; {self._last_checkpoint_note()}")
         self.log("val/ppl", ppl, prog_bar=True, sync_dist=True)
 
+    def on_test_epoch_start(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.reset()
+
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._update_ppl(self.test_ppl, self.model, batch)
+        if self.evaluator is not None:
+            self.evaluator.update(self.model, batch)
 
     def on_test_epoch_end(self) -> None:
         self.log("test/ppl", self.test_ppl.compute(), sync_dist=True)
         self.test_ppl.reset()
+        if self.evaluator is not None:
+            for k, v in self.evaluator.compute().items():
+                self.log(f"test/{k}", float(v), sync_dist=True)
 
     # ---------------------------------------------------------------- optimisation
     def param_groups(self) -> list[dict[str, Any]]:
@@ -129,7 +189,7 @@ class TeacherModule(LMModule):
     """Trains (or fine-tunes) the full-precision model with cross-entropy."""
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.model(**batch).loss
+        loss = model_forward(self.model, batch, with_loss=True).loss
         self._check_finite(loss, {"ce": loss})
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -156,13 +216,17 @@ class DistillModule(LMModule):
     optim_key = "student.optim"
 
     def __init__(self, student: nn.Module, teacher: nn.Module, distill: DistillConfig, optim: OptimConfig,
-                 max_steps: int):
-        super().__init__(disable_dropout(student.train()), optim, max_steps)
+                 max_steps: int, evaluator: Any = None):
+        super().__init__(disable_dropout(student.train()), optim, max_steps, evaluator)
         self.teacher = teacher
         self.teacher.eval().requires_grad_(False)
         self.distill = distill
+        if distill.contrast_encoder and not is_seq2seq(student):
+            raise QgplmError("method.distill.contrast_encoder=true needs an encoder-decoder model: set it to false")
         self.memory_bank: MemoryBank | None = None
+        self.encoder_memory_bank: MemoryBank | None = None
         self._bank_update: tuple[Tensor, Tensor, Tensor] | None = None
+        self._encoder_bank_update: tuple[Tensor, Tensor, Tensor] | None = None
         self._teacher_val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self._teacher_ppl_logged = False
         self._warned_clamp = False
@@ -173,10 +237,12 @@ class DistillModule(LMModule):
     def student(self) -> nn.Module:
         return self.model
 
-    def attach_memory_bank(self, bank: MemoryBank | None) -> None:
+    def attach_memory_bank(self, bank: MemoryBank | None, encoder_bank: MemoryBank | None = None) -> None:
         """Called by MemoryBankCallback. Stored outside the module tree on purpose: the callback
-        owns the bank's state (and checkpoints it), so it must not also land in state_dict."""
+        owns the bank's state (and checkpoints it), so it must not also land in state_dict.
+        `encoder_bank`: the encoder contrast's own bank (distill.contrast_encoder)."""
         object.__setattr__(self, "memory_bank", bank)
+        object.__setattr__(self, "encoder_memory_bank", encoder_bank)
 
     def train(self, mode: bool = True) -> "DistillModule":
         super().train(mode)
@@ -185,27 +251,35 @@ class DistillModule(LMModule):
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         d = self.distill
-        need_hidden = d.uses_contrastive
+        layer = d.layer if d.uses_contrastive else None
+        encoder = d.uses_contrastive and d.contrast_encoder
         with torch.no_grad():
-            t_out = self.teacher(input_ids=ids, attention_mask=attn, output_hidden_states=need_hidden)
-        s_out = self.student(input_ids=ids, attention_mask=attn, output_hidden_states=need_hidden,
-                             labels=labels if d.ce_weight > 0 else None)
-        mask = attn.bool() & (labels != IGNORE_INDEX)
+            t = model_forward(self.teacher, batch, layer, encoder)
+        s = model_forward(self.student, batch, layer, encoder, with_loss=d.ce_weight > 0)
         terms: dict[str, Tensor] = {}
-        terms["kd"] = soft_cross_entropy(s_out.logits, t_out.logits, mask, d.temperature)
+        terms["kd"] = soft_cross_entropy(s.logits, t.logits, s.mask, d.temperature)
         loss = d.kd_weight * terms["kd"]
         if d.uses_contrastive:
-            h_s = s_out.hidden_states[d.layer]
-            h_t = t_out.hidden_states[d.layer]
-            q = self.memory_bank.query(h_s, ids) if self.memory_bank is not None else h_s
-            negatives, negative_ids = self._negatives(h_s, ids)
-            terms["contrastive"] = token_contrastive_loss(q, h_t, ids, mask, d.tau, negatives, negative_ids)
-            loss = loss + d.contrastive_weight * terms["contrastive"]
+            ids, mask = s.hidden_ids, s.mask
+            q = self.memory_bank.query(s.hidden, ids) if self.memory_bank is not None else s.hidden
+            negatives, negative_ids = self._negatives(s.hidden, ids)
+            terms["contrastive"] = token_contrastive_loss(q, t.hidden, ids, mask, d.tau, negatives, negative_ids)
             self._bank_update = (ids, q.detach(), mask)
+            if encoder:
+                e_ids, e_mask = batch["input_ids"], batch["attention_mask"].bool()
+                bank = self.encoder_memory_bank
+                q_enc = bank.query(s.encoder_hidden, e_ids) if bank is not None else s.encoder_hidden
+                neg, neg_ids = self._negatives(s.encoder_hidden, e_ids)
+                terms["contrastive_encoder"] = token_contrastive_loss(q_enc, t.encoder_hidden, e_ids, e_mask, d.tau,
+                                                                      neg, neg_ids)
+                self._encoder_bank_update = (e_ids, q_enc.detach(), e_mask)
+                contrast = 0.5 * (terms["contrastive"] + terms["contrastive_encoder"])
+            else:
+                contrast = terms["contrastive"]
+            loss = loss + d.contrastive_weight * contrast
         if d.ce_weight > 0:
-            terms["ce"] = s_out.loss
+            terms["ce"] = s.loss
             loss = loss + d.ce_weight * terms["ce"]
         self._check_finite(loss, terms)
         self.log("train/loss", loss, prog_bar=True)
@@ -231,6 +305,11 @@ class DistillModule(LMModule):
     def pop_bank_update(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """(token ids, queries, mask) of the last step, for the memory-bank callback."""
         upd, self._bank_update = self._bank_update, None
+        return upd
+
+    def pop_encoder_bank_update(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The same for the encoder contrast's bank (distill.contrast_encoder)."""
+        upd, self._encoder_bank_update = self._encoder_bank_update, None
         return upd
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

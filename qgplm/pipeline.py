@@ -7,6 +7,7 @@ run directory:
     checkpoints/student/      ... of the QAT stage (student, quantizer scales, memory bank)
     csv/                      per-stage metric logs (logger=csv)
     metrics.json              final figures and the evaluation protocol
+    summaries_{teacher,student}.jsonl   summarization: the generated test summaries
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from qgplm.data.lm import LMDataModule
 from qgplm.data.sources import load_texts
 from qgplm.distributed import global_rank, is_launched_rank
 from qgplm.errors import QgplmError
-from qgplm.io import AtomicCheckpointIO, atomic_write_json
+from qgplm.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
 from qgplm.loggers import build_loggers, finish_loggers, wandb_runs
 from qgplm.models import build_model, check_compatible, load_pretrained, load_tokenizer, save_model
 from qgplm.module import DistillModule, LMModule, TeacherModule
@@ -59,30 +60,72 @@ def teacher_dir(path: str) -> Path:
     return p
 
 
-def resolve_tokenizer(cfg: RunConfig, texts: dict[str, str]) -> Any:
+def _bare_bpe_class(cfg: RunConfig) -> type:
+    """The class reading a bare vocab.json + merges.txt folder: BART's (<s> ... </s>) for seq2seq."""
+    from transformers import BartTokenizerFast, GPT2TokenizerFast
+
+    return BartTokenizerFast if cfg.model.kind == "seq2seq" else GPT2TokenizerFast
+
+
+def resolve_tokenizer(cfg: RunConfig, texts: dict[str, Any] | None) -> Any:
     """The teacher's tokenizer (stage=quantize), else one built from the task's training text
     (builtin task, or task.bpe_vocab_size), else model.tokenizer / model.name_or_path."""
+    bare = _bare_bpe_class(cfg)
     if cfg.stage == "quantize":
-        return load_tokenizer(str(teacher_dir(cfg.teacher_path)), key="teacher_path")
-    if cfg.task.source == "builtin":
+        return load_tokenizer(str(teacher_dir(cfg.teacher_path)), key="teacher_path", bare_bpe_class=bare)
+    if cfg.task.kind == "summarization" and cfg.task.bpe_vocab_size:
+        from qgplm.data.bpe import train_bpe_tokenizer
+
+        return train_bpe_tokenizer(texts["train"], cfg.task.bpe_vocab_size, seq2seq=True)
+    if texts is None:  # other example-based tasks use the model's tokenizer
+        pass
+    elif cfg.task.source == "builtin":
         from qgplm.data.builtin import build_tokenizer
 
         return build_tokenizer(texts["train"])
-    if cfg.task.bpe_vocab_size:
+    elif cfg.task.bpe_vocab_size:
         from qgplm.data.bpe import train_bpe_tokenizer
 
         return train_bpe_tokenizer(texts["train"], cfg.task.bpe_vocab_size)
     if cfg.model.tokenizer:
-        return load_tokenizer(cfg.model.tokenizer, key="model.tokenizer")
+        return load_tokenizer(cfg.model.tokenizer, key="model.tokenizer", bare_bpe_class=bare)
     if cfg.model.name_or_path is None:
         raise QgplmError("no tokenizer: set model.tokenizer=<dir or hub name>")
-    return load_tokenizer(cfg.model.name_or_path, key="model.name_or_path")
+    return load_tokenizer(cfg.model.name_or_path, key="model.name_or_path", bare_bpe_class=bare)
 
 
-def prepare_data(cfg: RunConfig) -> tuple[Any, LMDataModule]:
+def prepare_data(cfg: RunConfig) -> tuple[Any, Any]:
+    """(tokenizer, datamodule) for the task's kind: LM streams, summarization pairs or dialogs."""
+    kind = cfg.task.kind
+    if kind == "summarization":
+        from qgplm.data.seq2seq import Seq2SeqDataModule, load_examples
+
+        examples, source = load_examples(cfg.task)
+        train_text = [t for e in examples["train"] for t in (e["document"], e["summary"])]
+        tokenizer = resolve_tokenizer(cfg, {"train": train_text})
+        return tokenizer, Seq2SeqDataModule(cfg.task, tokenizer, examples, source, seed=cfg.seed)
+    if kind == "next_utterance":
+        from qgplm.data.personachat import PersonaChatDataModule, load_dialogs
+
+        dialogs = load_dialogs(cfg.task)
+        train_text = [t + "\n" for d in dialogs["train"] for t in
+                      (*d["personality"], *(x for u in d["utterances"] for x in (*u["history"], u["candidates"][-1])))]
+        tokenizer = resolve_tokenizer(cfg, {"train": train_text})
+        return tokenizer, PersonaChatDataModule(cfg.task, tokenizer, dialogs, seed=cfg.seed)
     texts = load_texts(cfg.task)
     tokenizer = resolve_tokenizer(cfg, texts)
     return tokenizer, LMDataModule(cfg.task, tokenizer, texts, seed=cfg.seed)
+
+
+def make_evaluator(cfg: RunConfig, tokenizer: Any, dm: Any) -> Any:
+    """The task's test-time metric beyond PPL (None for language modelling)."""
+    from qgplm.evaluation import RankingEvaluator, SummaryEvaluator
+
+    if cfg.task.kind == "summarization":
+        return SummaryEvaluator(tokenizer, cfg.task.generation, cfg.task.rouge_keys, dm.examples["test"])
+    if cfg.task.kind == "next_utterance":
+        return RankingEvaluator()
+    return None
 
 
 class StageRunner:
@@ -133,52 +176,54 @@ class StageRunner:
         finish_loggers(trainer.loggers)
 
     @staticmethod
-    def test(trainer: pl.Trainer, module: LMModule, dm: LMDataModule, fitted: bool) -> float:
-        """Test PPL; after a fit, of the best checkpoint (its weights are loaded into `module`)."""
+    def test(trainer: pl.Trainer, module: LMModule, dm: Any, fitted: bool) -> dict[str, float]:
+        """Test metrics ({"ppl", task metrics}); after a fit, of the best checkpoint (its weights
+        are loaded into `module`)."""
         best = fitted and not trainer.fast_dev_run and trainer.checkpoint_callback is not None \
             and trainer.checkpoint_callback.best_model_path
         res = trainer.test(module, datamodule=dm, ckpt_path="best" if best else None, verbose=False)
-        return float(res[0]["test/ppl"])
+        return {k.removeprefix("test/"): float(v) for k, v in res[0].items()}
 
 
-def train_teacher(runner: StageRunner, model: torch.nn.Module, dm: LMDataModule,
-                  ckpt: Path | None = None) -> tuple[float, float | None]:
+def train_teacher(runner: StageRunner, model: torch.nn.Module, dm: Any, evaluator: Any = None,
+                  ckpt: Path | None = None) -> tuple[dict[str, float], float | None]:
     cfg = runner.cfg
-    module = TeacherModule(model, cfg.teacher.optim, cfg.teacher.max_steps)
+    module = TeacherModule(model, cfg.teacher.optim, cfg.teacher.max_steps, evaluator)
     module.run_identity = run_identity(cfg, "teacher")
     trainer = runner.trainer("teacher", cfg.teacher, [])
     fitted = cfg.teacher.max_steps > 0
     if fitted:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-    ppl = runner.test(trainer, module, dm, fitted)
+    test = runner.test(trainer, module, dm, fitted)
     best_val = _best_score(trainer)
-    runner.log_final(trainer, {"test/ppl_final": ppl, "size/fp32_mib": model_size(model).fp32_mib})
-    return ppl, best_val
+    runner.log_final(trainer, {**{f"test/{k}_final": v for k, v in test.items()},
+                               "size/fp32_mib": model_size(model).fp32_mib})
+    return test, best_val
 
 
-def evaluate_only(runner: StageRunner, model: torch.nn.Module, dm: LMDataModule) -> float:
+def evaluate_only(runner: StageRunner, model: torch.nn.Module, dm: Any, evaluator: Any = None) -> dict[str, float]:
     trainer = runner.trainer("teacher_eval", runner.cfg.teacher, [])
-    ppl = runner.test(trainer, LMModule(model, runner.cfg.teacher.optim, 1), dm, fitted=False)
-    runner.log_final(trainer, {"test/ppl_final": ppl})
-    return ppl
+    test = runner.test(trainer, LMModule(model, runner.cfg.teacher.optim, 1, evaluator), dm, fitted=False)
+    runner.log_final(trainer, {f"test/{k}_final": v for k, v in test.items()})
+    return test
 
 
-def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: LMDataModule,
-                  ckpt: Path | None = None) -> tuple[DistillModule, float, float | None, pl.Trainer]:
+def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: Any, evaluator: Any = None,
+                  ckpt: Path | None = None) -> tuple[DistillModule, dict[str, float], float | None, pl.Trainer]:
     cfg = runner.cfg
     student = quantize_model(copy.deepcopy(teacher).requires_grad_(True), cfg.quant)
-    module = DistillModule(student, teacher, cfg.method.distill, cfg.student.optim, cfg.student.max_steps)
+    module = DistillModule(student, teacher, cfg.method.distill, cfg.student.optim, cfg.student.max_steps, evaluator)
     module.run_identity = run_identity(cfg, "student")
     extra: list[pl.Callback] = [ScaleWarmupCallback(cfg.method.warmup.hold_steps, cfg.method.warmup.ramp_steps)]
     if cfg.method.distill.uses_contrastive:
-        extra.append(MemoryBankCallback(cfg.method.distill.momentum))
+        extra.append(MemoryBankCallback(cfg.method.distill.momentum, encoder=cfg.method.distill.contrast_encoder))
     if cfg.method.quantizer == "laq":
         extra.append(LAQCurvatureCallback())  # D = sqrt(Adam's second moment) for LAQ's alpha
     trainer = runner.trainer("student", cfg.student, extra)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-    ppl = runner.test(trainer, module, dm, fitted=True)
+    test = runner.test(trainer, module, dm, fitted=True)
     best_val = _best_score(trainer)
-    return module, ppl, best_val, trainer
+    return module, test, best_val, trainer
 
 
 def _best_score(trainer: pl.Trainer) -> float | None:
@@ -201,6 +246,14 @@ def sample_generations(model: torch.nn.Module, tokenizer: Any, dm: LMDataModule,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
         out.append({"prompt": tokenizer.decode(prompt[0]), "continuation": tokenizer.decode(gen[0, prompt_tokens:])})
     return out
+
+
+def save_records(evaluator: Any, path: Path) -> list[dict[str, str]]:
+    """Write the evaluator's per-example outputs (generated summaries) as JSON lines."""
+    records = evaluator.records() if evaluator is not None else []
+    if records:
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return records
 
 
 RESULT_ENTRIES = ("metrics.json", "checkpoints", "teacher")
@@ -239,31 +292,43 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
     if resume is not None:
         metrics["resumed_from"] = str(resume.ckpt)
     t0 = time.time()
-    teacher, metrics["teacher"] = _teacher_stage(cfg, runner, tokenizer, dm, out, resume)
+    evaluator = make_evaluator(cfg, tokenizer, dm)
+    teacher, metrics["teacher"] = _teacher_stage(cfg, runner, tokenizer, dm, out, resume, evaluator)
     metrics["wall_time_s"]["teacher"] = time.time() - t0
+    summaries = {"teacher": save_records(evaluator, out / "summaries_teacher.jsonl")}
 
     if cfg.stage in ("quantize", "pipeline"):
         t0 = time.time()
+        evaluator = make_evaluator(cfg, tokenizer, dm)
         student_ckpt = resume.ckpt if resume is not None and resume.stage == "student" else None
-        module, student_ppl, student_val, trainer = train_student(runner, teacher, dm, student_ckpt)
+        module, student_test, student_val, trainer = train_student(runner, teacher, dm, evaluator, student_ckpt)
         size = model_size(module.student)
-        metrics["student"] = {"test_ppl": student_ppl, "best_val_ppl": student_val}
+        metrics["student"] = {"test_ppl": student_test.pop("ppl"), "best_val_ppl": student_val, **student_test}
+        metrics["ppl_ratio"] = metrics["student"]["test_ppl"] / metrics["teacher"]["test_ppl"]
         metrics["world_size"] = trainer.world_size
         bank = next((cb for cb in trainer.callbacks if isinstance(cb, MemoryBankCallback)), None)
         if bank is not None and bank.rank_checksums:
             metrics["memory_bank_checksums"] = bank.rank_checksums  # one row per rank, all equal
-        metrics["ppl_ratio"] = student_ppl / metrics["teacher"]["test_ppl"]
         metrics["size"] = size.as_dict()
         metrics["wall_time_s"]["student"] = time.time() - t0
-        if cfg.generate_samples > 0:
+        summaries["student"] = save_records(evaluator, out / "summaries_student.jsonl")
+        if cfg.generate_samples > 0 and cfg.task.kind == "lm":
             metrics["samples"] = {
                 "teacher": sample_generations(teacher, tokenizer, dm, cfg.generate_samples),
                 "student": sample_generations(module.student, tokenizer, dm, cfg.generate_samples),
             }
         samples = [{"model": role, **s} for role, rows in metrics.get("samples", {}).items() for s in rows]
-        runner.log_final(trainer, {"test/ppl_final": student_ppl, "test/ppl_ratio": metrics["ppl_ratio"],
+        samples += [{"model": role, **r} for role, rows in summaries.items() for r in rows[: cfg.generate_samples]]
+        runner.log_final(trainer, {"test/ppl_final": metrics["student"]["test_ppl"],
+                                   "test/ppl_ratio": metrics["ppl_ratio"],
+                                   **{f"test/{k}_final": v for k, v in student_test.items()},
                                    "size/fp32_mib": size.fp32_mib, "size/quantized_mib": size.quantized_mib,
                                    "size/compression": size.compression}, samples)
+    if cfg.generate_samples > 0 and cfg.task.kind == "summarization":
+        who = "student" if "student" in summaries else "teacher"
+        metrics["summaries"] = {who: summaries[who][: cfg.generate_samples]}
+        for r in metrics["summaries"][who]:
+            log.info("%s summary of %s: %s | reference: %s", who, r["id"], r["summary"], r["reference"])
     metrics["wall_time_s"]["total"] = time.time() - t_start
     if global_rank() == 0:
         atomic_write_json(out / "metrics.json", metrics)
@@ -273,23 +338,25 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
 TEACHER_METRICS = "teacher_metrics.json"
 
 
-def _teacher_stage(cfg: RunConfig, runner: StageRunner, tokenizer: Any, dm: LMDataModule, out: Path,
-                   resume: ResumePoint | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _teacher_stage(cfg: RunConfig, runner: StageRunner, tokenizer: Any, dm: Any, out: Path,
+                   resume: ResumePoint | None, evaluator: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The FP teacher and its figures: loaded (stage=quantize, or a run resumed after its teacher
     stage finished) or trained (and saved, with its figures, for a later resume)."""
+    max_positions = getattr(dm, "max_positions", cfg.task.block_size)
     if cfg.stage == "quantize" or (resume is not None and resume.stage == "student"):
         path = teacher_dir(cfg.teacher_path) if cfg.stage == "quantize" else out / "teacher"
         teacher = load_pretrained(str(path), cfg.model.kind, key="teacher_path")
-        check_compatible(teacher, tokenizer, cfg.task.block_size)
+        check_compatible(teacher, tokenizer, max_positions)
         saved = out / TEACHER_METRICS
         if cfg.stage == "pipeline" and saved.is_file():
             return teacher, json.loads(saved.read_text())
-        ppl = evaluate_only(runner, teacher, dm)
-        return teacher, {"test_ppl": ppl, "best_val_ppl": None, "params": sum(p.numel() for p in teacher.parameters())}
-    teacher = build_model(cfg.model, tokenizer, cfg.task.block_size)
-    ppl, best_val = train_teacher(runner, teacher, dm, resume.ckpt if resume is not None else None)
-    figures = {"test_ppl": ppl, "best_val_ppl": best_val, "params": sum(p.numel() for p in teacher.parameters())}
-    if global_rank() == 0:
+        test, best_val = evaluate_only(runner, teacher, dm, evaluator), None
+    else:
+        teacher = build_model(cfg.model, tokenizer, max_positions)
+        test, best_val = train_teacher(runner, teacher, dm, evaluator, resume.ckpt if resume is not None else None)
+    figures = {"test_ppl": test.pop("ppl"), "best_val_ppl": best_val,
+               "params": sum(p.numel() for p in teacher.parameters()), **test}
+    if global_rank() == 0 and cfg.stage != "quantize" and not (resume is not None and resume.stage == "student"):
         save_model(teacher, tokenizer, out / "teacher")
         atomic_write_json(out / TEACHER_METRICS, figures)
     return teacher, figures

@@ -526,3 +526,23 @@ def test_quantize_attention_off_by_default_keeps_the_attention_implementation():
     quantize_model(m, QuantConfig(2, 2, 8))
     assert m.config._attn_implementation == impl
     assert not any(hasattr(mod, "attn_act_quantizer") for mod in m.modules())
+
+
+def test_seq2seq_untied_decoder_embedding_and_head_get_embedding_bits_with_own_quantizers():
+    """An encoder-decoder with untied tables (tie_word_embeddings=False: in transformers 5 the
+    encoder's embed_tokens is then not `shared`; plus a separate decoder embed_tokens) still gets every token table and the untied head quantized at
+    embedding_bits, one quantizer per distinct Parameter; position embeddings stay FP."""
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+                     tie_word_embeddings=False)
+    model = BartForConditionalGeneration(cfg).eval()
+    model.model.decoder.embed_tokens = torch.nn.Embedding(VOCAB, 32, padding_idx=cfg.pad_token_id)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    quantize_model(model, QuantConfig(weight_bits=4, embedding_bits=2, activation_bits=8))
+    enc, dec, head = model.model.encoder.embed_tokens, model.model.decoder.embed_tokens, model.lm_head
+    assert type(enc) is QuantEmbedding and type(dec) is QuantEmbedding and type(head) is QuantLinear
+    qs = {id(enc.weight_quantizer), id(dec.weight_quantizer), id(head.weight_quantizer)}
+    assert len(qs) == 3 and all(q.bits == 2 for q in (enc.weight_quantizer, dec.weight_quantizer,
+                                                       head.weight_quantizer))
+    assert type(model.model.decoder.embed_positions).__name__ == "BartLearnedPositionalEmbedding"

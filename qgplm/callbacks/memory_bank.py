@@ -3,7 +3,9 @@
 It creates the bank at set-up (vocab x hidden of the student), attaches it to the module,
 applies the momentum update after every training batch (when the optimizer has stepped),
 gathering the update from every rank first so that all ranks hold the same bank, and saves /
-restores the bank with Lightning checkpoints (callback state).
+restores the bank with Lightning checkpoints (callback state). With `encoder=True` (seq2seq,
+distill.contrast_encoder) a second bank of the same shape serves the encoder's contrast: encoder
+and decoder representations of a token differ, so they are not averaged into one row.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from qgplm.distill import MemoryBank
 
 
 class MemoryBankCallback(Callback):
-    def __init__(self, momentum: float = 0.5):
-        self.momentum = momentum
+    def __init__(self, momentum: float = 0.5, encoder: bool = False):
+        self.momentum, self.encoder = momentum, encoder
         self.bank: MemoryBank | None = None
-        self._pending: dict[str, torch.Tensor] | None = None
+        self.encoder_bank: MemoryBank | None = None
+        self._pending: dict[str, Any] | None = None
         self.rank_checksums: list[list[float]] = []
 
     @property
@@ -34,26 +37,35 @@ class MemoryBankCallback(Callback):
         model = pl_module.student
         vocab = model.get_input_embeddings().num_embeddings
         self.bank = MemoryBank(vocab, model.config.hidden_size, self.momentum)
+        if self.encoder:
+            self.encoder_bank = MemoryBank(vocab, model.config.hidden_size, self.momentum)
         if self._pending is not None:
-            self.bank.load_state_dict(self._pending)
+            self._load(self._pending)
             self._pending = None
-        pl_module.attach_memory_bank(self.bank)
+        pl_module.attach_memory_bank(self.bank, self.encoder_bank)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.bank.to(pl_module.device)
-        pl_module.attach_memory_bank(self.bank)
+        if self.encoder_bank is not None:
+            self.encoder_bank.to(pl_module.device)
+        pl_module.attach_memory_bank(self.bank, self.encoder_bank)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        update = pl_module.pop_bank_update()
-        if update is None or self.bank is None:
+        self._apply(trainer, self.bank, pl_module.pop_bank_update())
+        if self.encoder_bank is not None:
+            self._apply(trainer, self.encoder_bank, pl_module.pop_encoder_bank_update())
+
+    @staticmethod
+    def _apply(trainer: pl.Trainer, bank: MemoryBank | None, update: Any) -> None:
+        if update is None or bank is None:
             return
         ids, queries, mask = update
         if trainer.world_size > 1:
             # identical bank on every rank: apply everybody's update, in rank order
             ids, queries, mask = (trainer.strategy.all_gather(t) for t in (ids, queries, mask))
             ids, queries, mask = (t.flatten(0, 1) for t in (ids, queries, mask))
-        self.bank.update(ids, queries, mask)
+        bank.update(ids, queries, mask)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the invariant the gathered updates maintain: every rank holds the same bank.
@@ -69,15 +81,21 @@ class MemoryBankCallback(Callback):
             raise RuntimeError(f"memory banks differ across ranks: {self.rank_checksums}")
 
     def state_dict(self) -> dict[str, Any]:
-        if self.bank is None:
-            return {}
-        return {"bank": {k: v.detach().cpu().clone() for k, v in self.bank.state_dict().items()}}
+        out = {}
+        for key, bank in (("bank", self.bank), ("encoder_bank", self.encoder_bank)):
+            if bank is not None:
+                out[key] = {k: v.detach().cpu().clone() for k, v in bank.state_dict().items()}
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = state_dict.get("bank")
-        if state is None:
+        if "bank" not in state_dict:
             return
         if self.bank is None:
-            self._pending = state
+            self._pending = state_dict
         else:
-            self.bank.load_state_dict({k: v.to(self.bank.bank.device) for k, v in state.items()})
+            self._load(state_dict)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        for key, bank in (("bank", self.bank), ("encoder_bank", self.encoder_bank)):
+            if bank is not None and key in state:
+                bank.load_state_dict({k: v.to(bank.bank.device) for k, v in state[key].items()})

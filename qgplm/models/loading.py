@@ -33,7 +33,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
 def _offline_error(what: str, name: str, key: str) -> QgplmError:
     return QgplmError(
         f"{what} {name!r} is not a local directory and the Hugging Face hub is unreachable: pass "
-        f"{key}=<local dir with a saved model> or use model=tiny_gpt2 (offline, random init)")
+        f"{key}=<local dir with a saved model> or use model=tiny_gpt2 / model=tiny_bart (offline, random init)")
 
 
 def _is_local(name: str) -> bool:

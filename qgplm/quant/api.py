@@ -2,8 +2,9 @@
 
 Module selection is by type, so it works on any model built from nn.Linear, GPT-2's Conv1D and
 nn.Embedding (GPT-2, BART, OPT, Llama-style ...):
-- the token (input) embedding, and every embedding sharing its weight (BART's encoder/decoder
-  embed_tokens), get `embedding_bits`;
+- the token (input) embedding, every embedding sharing its weight (BART's encoder/decoder
+  embed_tokens) and an untied decoder token embedding get `embedding_bits`, with one quantizer
+  per distinct weight Parameter (tied tables share one quantizer, hence one learnt scale);
 - an LM head tied to it reuses the embedding's weight *and its quantizer*, so the head computes
   with the same quantized table (as in PAPER.md); an untied head gets `embedding_bits` too;
 - every other nn.Linear / Conv1D gets `weight_bits`;
@@ -69,6 +70,22 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _token_embedding_weights(model: nn.Module) -> set[int]:
+    """ids of the token-embedding Parameters: the model's input embedding and, for an
+    encoder-decoder whose encoder / decoder have their own (untied) tables, theirs."""
+    out = set()
+    owners = [model] + [getattr(model, f, lambda: None)() for f in ("get_encoder", "get_decoder")]
+    for owner in owners:
+        get_in = getattr(owner, "get_input_embeddings", None) if owner is not None else None
+        try:
+            emb = get_in() if get_in else None
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if isinstance(emb, nn.Embedding):
+            out.add(id(emb.weight))
+    return out
+
+
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Swap quantizable layers of `model` in place and return it (torchao's `quantize_` style).
 
@@ -78,13 +95,13 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         raise QgplmError("model is already quantized: call quantize_model once, on a float model")
     if config.is_full_precision:
         return model
-    get_in = getattr(model, "get_input_embeddings", None)
+    token_weights = _token_embedding_weights(model)
     get_out = getattr(model, "get_output_embeddings", None)
-    in_emb = get_in() if get_in else None
     out_emb = get_out() if get_out else None
-    tok_weight = in_emb.weight if in_emb is not None else None
 
-    emb_quantizer: WeightQuantizer | None = None
+    # One quantizer per token-embedding *Parameter*: modules sharing a table (BART's shared /
+    # encoder / decoder embed_tokens, and a tied LM head) share its quantizer, so one gamma.
+    emb_quantizers: dict[int, WeightQuantizer] = {}
     swaps: list[tuple[str, nn.Module]] = []
     built: dict[int, nn.Module] = {}  # a module reachable under several names is swapped once
     head_name: str | None = None
@@ -95,14 +112,16 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             swaps.append((name, built[id(mod)]))
             continue
         n_before = len(swaps)
-        if isinstance(mod, nn.Embedding) and tok_weight is not None and mod.weight is tok_weight:
+        if isinstance(mod, nn.Embedding) and id(mod.weight) in token_weights:
             if config.embedding_bits is None:
                 continue
-            if emb_quantizer is None:
-                emb_quantizer = _make_weight_quantizer(config, config.embedding_bits, mod.num_embeddings)
-            swaps.append((name, QuantEmbedding.from_float(mod, emb_quantizer)))
+            wq = emb_quantizers.get(id(mod.weight))
+            if wq is None:
+                wq = emb_quantizers[id(mod.weight)] = _make_weight_quantizer(
+                    config, config.embedding_bits, mod.num_embeddings)
+            swaps.append((name, QuantEmbedding.from_float(mod, wq)))
         elif mod is out_emb and isinstance(mod, nn.Linear):
-            head_name = name  # handled below, once the embedding quantizer exists
+            head_name = name  # handled below, once the embedding quantizers exist
         elif isinstance(mod, nn.Linear):
             wq = _make_weight_quantizer(config, config.weight_bits, mod.out_features)
             swaps.append((name, QuantLinear.from_float(mod, wq, _make_act_quantizer(config))))
@@ -113,10 +132,9 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             built[id(mod)] = swaps[-1][1]
     if head_name is not None:
         head = out_emb
-        if tok_weight is not None and head.weight is tok_weight and emb_quantizer is not None:
-            wq = emb_quantizer  # tied: the head computes with the same quantized table
-        else:
-            wq = _make_weight_quantizer(config, config.embedding_bits, head.out_features)
+        # tied: the head computes with the same quantized table; untied: embedding_bits of its own
+        wq = emb_quantizers.get(id(head.weight)) or _make_weight_quantizer(
+            config, config.embedding_bits, head.out_features)
         swaps.append((head_name, QuantLinear.from_float(head, wq, _make_act_quantizer(config))))
     for name, new in swaps:
         _set_submodule(model, name, new)
