@@ -1,7 +1,7 @@
 """QuantStatsCallback: what a user watches during QAT, logged at every validation.
 
 - `val/homogeneity_student`, `val/homogeneity_teacher`: mean pairwise cosine similarity of the
-  last-layer token representations on the first validation batch (qgplm.distill.metrics);
+  last-layer (decoder) token representations on the first validation batch (qgplm.distill.metrics);
 - `scales/<module>/alpha` (clipping threshold = step * levels) and `scales/<module>/gamma`
   (the learnable scale, where the quantizer has one), per quantized module;
 - on W&B also the histograms `scales/alpha` and `scales/gamma` over all modules (and rows).
@@ -44,14 +44,15 @@ class QuantStatsCallback(Callback):
     @torch.no_grad()
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if batch_idx != 0 or trainer.sanity_checking:
+        if batch_idx != 0 or trainer.sanity_checking or "labels" not in batch:
             return
-        mask = batch["attention_mask"]
+        from qgplm.module import model_forward
+
         teacher = getattr(pl_module, "teacher", None)
         models = {"student": pl_module.model, "teacher": teacher} if teacher is not None else {"teacher": pl_module.model}
         for role, model in models.items():
-            out = model(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True)
-            self._homogeneity[role] = token_homogeneity(out.hidden_states[-1], mask)
+            out = model_forward(model, batch, layer=-1)  # last (decoder) layer, its token mask
+            self._homogeneity[role] = token_homogeneity(out.hidden, out.mask)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
