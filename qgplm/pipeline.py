@@ -176,6 +176,17 @@ def sample_generations(model: torch.nn.Module, tokenizer: Any, dm: LMDataModule,
     return out
 
 
+def export_student(student: torch.nn.Module, tokenizer: Any, out: Path) -> dict[str, Any]:
+    """Packed export of the trained student (qgplm.export); a failure is logged, not fatal."""
+    from qgplm.export import export_model
+
+    try:
+        return export_model(student, out, tokenizer).as_dict()
+    except QgplmError as e:
+        log.warning("export of the student skipped: %s", e)
+        return {"error": str(e)}
+
+
 RESULT_ENTRIES = ("metrics.json", "checkpoints", "teacher")
 
 
@@ -224,6 +235,7 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
         metrics["ppl_ratio"] = student_ppl / teacher_ppl
         metrics["size"] = size.as_dict()
         metrics["wall_time_s"]["student"] = time.time() - t0
+        metrics["export"] = export_student(module.student, tokenizer, out / "export")
         if cfg.generate_samples > 0:
             metrics["samples"] = {
                 "teacher": sample_generations(teacher, tokenizer, dm, cfg.generate_samples),
