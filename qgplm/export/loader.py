@@ -105,8 +105,19 @@ def decode(tensors: dict[str, Tensor], key: str, entry: dict[str, Any]) -> tuple
 
 
 def dequantize(codes: Tensor, step: Tensor) -> Tensor:
-    """codes * step: the same float op as the quantizers' forward (`codes * (alpha / n)`)."""
-    return codes.to(step.dtype) * step
+    """codes * step: the same float op as the quantizers' forward (`codes * (alpha / n)`),
+    done in place on the converted codes (same IEEE products, one allocation)."""
+    return codes.to(step.dtype).mul_(step)
+
+
+def _int8_keys(manifest: dict[str, Any]) -> set[str]:
+    """Packed tensors that every layer using them will hold as int8 codes in int8 mode (their float
+    weights are never materialised); mirrors the skip rule of int8.convert_int8."""
+    yes, no = set(), set()
+    for entry in manifest["modules"].values():
+        if entry["weight"] is not None:
+            (yes if entry["type"] == "embedding" or entry["act"] is not None else no).add(entry["weight"])
+    return yes - no
 
 
 def load_quantized(export_dir: str | Path, mode: str = "dequantize") -> nn.Module:
@@ -120,12 +131,17 @@ def load_quantized(export_dir: str | Path, mode: str = "dequantize") -> nn.Modul
 
     state: dict[str, Tensor] = {}
     codes_of: dict[str, tuple[Tensor, Tensor]] = {}
+    skip = _int8_keys(manifest) if mode == "int8" else set()
     for key, entry in manifest["packed"].items():
         codes, step = decode(tensors, key, entry)
         codes_of[key] = (codes, step)
-        w = dequantize(codes, step)
-        if entry["transposed"]:
-            w = w.t().contiguous()
+        shape = entry["shape"][::-1] if entry["transposed"] else entry["shape"]
+        if key in skip:  # placeholder without memory: the layer is replaced by an int8 one below
+            w = torch.zeros((), dtype=step.dtype).expand(shape)
+        else:
+            w = dequantize(codes, step)
+            if entry["transposed"]:
+                w = w.t().contiguous()
         for alias in entry["aliases"]:
             state[alias] = w
     for key, entry in manifest["fp"].items():
@@ -135,7 +151,8 @@ def load_quantized(export_dir: str | Path, mode: str = "dequantize") -> nn.Modul
         for alias in entry["aliases"]:
             state[alias] = t
     try:
-        model.load_state_dict(state, strict=True)
+        # assign: the model's parameters become these tensors (no copy into the empty ones)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise QgplmError(f"the export does not match {manifest['model_class']} built from its config.json "
                          f"({str(e).splitlines()[0]}): export the model again") from None
