@@ -256,6 +256,17 @@ def save_records(evaluator: Any, path: Path) -> list[dict[str, str]]:
     return records
 
 
+def export_student(student: torch.nn.Module, tokenizer: Any, out: Path) -> dict[str, Any]:
+    """Packed export of the trained student (qgplm.export); a failure is logged, not fatal."""
+    from qgplm.export import export_model
+
+    try:
+        return export_model(student, out, tokenizer).as_dict()
+    except QgplmError as e:
+        log.warning("export of the student skipped: %s", e)
+        return {"error": str(e)}
+
+
 RESULT_ENTRIES = ("metrics.json", "checkpoints", "teacher")
 
 
@@ -312,6 +323,8 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
         metrics["size"] = size.as_dict()
         metrics["wall_time_s"]["student"] = time.time() - t0
         summaries["student"] = save_records(evaluator, out / "summaries_student.jsonl")
+        if global_rank() == 0:
+            metrics["export"] = export_student(module.student, tokenizer, out / "export")
         if cfg.generate_samples > 0 and cfg.task.kind == "lm":
             metrics["samples"] = {
                 "teacher": sample_generations(teacher, tokenizer, dm, cfg.generate_samples),

@@ -1,0 +1,192 @@
+"""CPU inference benchmark: FP32 vs packed export (dequantize and int8 modes).
+
+    PYTHONPATH=. python experiments/bench_export.py [--models gpt2 bart] [--threads 2]
+
+Full-size random-init GPT-2 small and BART-base (shape of bart-base); the packed model is a W2E2A8
+post-training export (random weights: only speed and memory are measured here, not quality).
+Each (model, mode) runs in its own subprocess, so resident memory (RSS) is not shared:
+- load s: from_pretrained (FP32) or qgplm.load_quantized (packed), from a warm page cache;
+- RSS MiB: resident set after the forward and generate runs minus before loading (after imports);
+  (FP32 from_pretrained memory-maps the file, so RSS right after loading understates it);
+- weights MiB: bytes of the tensors the model holds (parameters + buffers, shared ones once);
+- fwd tok/s: one forward of a batch of 1 x --seq tokens (BART: same length encoder and decoder);
+- gen tok/s: greedy HF generate of --new tokens after a --prompt token prompt (KV cache on);
+- gen CPU ms/tok: process CPU time (all threads) per generated token, same run.
+Also times the candidate int8 kernels on one 768x3072 layer (--kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MIB = 2**20
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def held_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _timeit(fn, repeat: int) -> tuple[float, float]:
+    """(wall s, CPU s of this process) of the fastest of `repeat` runs after a warm-up. CPU time
+    is less sensitive than wall time to other processes sharing the cores."""
+    fn()
+    best = (float("inf"), float("inf"))
+    for _ in range(repeat):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        best = min(best, (time.perf_counter() - t, time.process_time() - c))
+    return best
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    import transformers  # noqa: F401 - imported before the baseline RSS
+
+    import qgplm.export.loader as loader
+
+    base = rss()
+    t = time.perf_counter()
+    if args.mode == "fp32":
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        cls = AutoModelForSeq2SeqLM if args.model == "bart" else AutoModelForCausalLM
+        model = cls.from_pretrained(args.dir).eval()
+    else:
+        model = loader.load_quantized(args.dir, args.mode)
+    load_s = time.perf_counter() - t
+    rss_load = rss() - base
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    seq = torch.randint(3, vocab - 1, (1, args.seq), generator=gen)
+    prompt = torch.randint(3, vocab - 1, (1, args.prompt), generator=gen)
+    kw = {"decoder_input_ids": seq} if args.model == "bart" else {}
+    with torch.inference_mode():
+        fwd = _timeit(lambda: model(input_ids=seq, **kw), args.repeat)
+        g = _timeit(lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new,
+                                           min_new_tokens=args.new, do_sample=False, pad_token_id=0), max(1, args.repeat // 2))
+    # after running: from_pretrained memory-maps safetensors, so FP32 weights become resident
+    # only when first used; this is the steady-state inference footprint
+    rss_run = rss() - base
+    print(json.dumps({"load_s": load_s, "rss_load_mib": rss_load / MIB, "rss_mib": rss_run / MIB,
+                      "weights_mib": held_bytes(model) / MIB, "fwd_tok_s": args.seq / fwd[0],
+                      "gen_tok_s": args.new / g[0], "gen_cpu_ms_tok": 1e3 * g[1] / args.new}))
+
+
+def kernels(threads: int) -> list[str]:
+    """Median time of one 768 -> 3072 layer with each candidate CPU kernel."""
+    import warnings
+
+    from qgplm.export.int8 import Int8Linear
+    from qgplm.quant import ActivationQuantizer
+
+    torch.set_num_threads(threads)
+    k, n = 768, 3072
+    lin = torch.nn.Linear(k, n).eval()
+    codes = torch.randint(-1, 2, (n, k), dtype=torch.int8)
+    i8 = Int8Linear(codes, torch.tensor(0.01), lin.bias, ActivationQuantizer(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dyn = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+    out = ["| rows M | fp32 F.linear us | qgplm Int8Linear (_int_mm + act quant) us | raw _int_mm us | quantize_dynamic (fbgemm) us |",
+           "|---|---|---|---|---|"]
+    for m in (1, 16, 128):
+        x = torch.randn(m, k)
+        q = torch.randint(-128, 127, (m, k), dtype=torch.int8)
+        with torch.inference_mode():
+            ts = [_median(lambda: lin(x)), _median(lambda: i8(x)), _median(lambda: torch._int_mm(q, codes.t())),
+                  _median(lambda: dyn(x))]
+        out.append(f"| {m} | " + " | ".join(f"{t * 1e6:.0f}" for t in ts) + " |")
+    return out
+
+
+def _median(fn, n: int = 50) -> float:
+    fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[n // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["gpt2", "bart"])
+    ap.add_argument("--modes", nargs="+", default=["fp32", "dequantize", "int8"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--model")
+    ap.add_argument("--mode")
+    ap.add_argument("--dir")
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from size_export import build
+
+    from qgplm.export import export_model
+    from qgplm.quant import QuantConfig
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            model = build(name).eval()
+            model.save_pretrained(Path(tmp) / f"{name}-fp32")
+            export_model(model, Path(tmp) / f"{name}-w2e2", quant_config=QuantConfig(
+                weight_bits=2, embedding_bits=2, quantizer_kwargs={"gamma_init": "fixed"}))
+            del model
+            for mode in args.modes:
+                d = Path(tmp) / (f"{name}-fp32" if mode == "fp32" else f"{name}-w2e2")
+                cmd = [sys.executable, __file__, "--worker", "--model", name, "--mode", mode, "--dir", str(d),
+                       "--threads", str(args.threads), "--seq", str(args.seq), "--prompt", str(args.prompt),
+                       "--new", str(args.new), "--repeat", str(args.repeat)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                if proc.returncode != 0:
+                    raise SystemExit(proc.stderr[-3000:])
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                rows.append((name, mode, r))
+                print(name, mode, r, flush=True)
+    print(f"\nthreads={args.threads}, forward 1x{args.seq} tokens, generate {args.new} tokens after {args.prompt}")
+    print("| model | mode | load s | RSS MiB | weights MiB | fwd tok/s | gen tok/s | gen CPU ms/tok | gen speed-up vs FP32 (wall) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, mode, r in rows:
+        ref = next(x for n, m, x in rows if n == name and m == "fp32") if any(
+            n == name and m == "fp32" for n, m, _ in rows) else r
+        print(f"| {name} | {mode} | {r['load_s']:.2f} | {r['rss_mib']:.0f} | {r['weights_mib']:.0f} | "
+              f"{r['fwd_tok_s']:.0f} | {r['gen_tok_s']:.1f} | {r['gen_cpu_ms_tok']:.0f} | "
+              f"{r['gen_tok_s'] / ref['gen_tok_s']:.2f}x |")
+    if not args.no_kernels:
+        print(f"\nint8 kernel candidates, one 768x3072 layer, threads={args.threads} (median of 50):")
+        print("\n".join(kernels(args.threads)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""Packed export of quantized models and their loading for inference (issue #5).
+
+    export_model(model, out_dir, tokenizer)   -> ExportReport   (exporter.py)
+    load_quantized(dir, mode="dequantize"|"int8") -> HF model   (loader.py)
+    python -m qgplm.export ckpt=<run dir or .ckpt> out=<dir>     (__main__.py)
+"""
+
+from qgplm.export.exporter import ExportReport, export_model
+from qgplm.export.loader import load_export_tokenizer, load_quantized
+
+__all__ = ["ExportReport", "export_model", "load_export_tokenizer", "load_quantized"]

@@ -1,0 +1,248 @@
+"""`export_model`: write a trained (or post-training quantized) model as packed integer codes.
+
+What is stored, per tensor of the model's state dict (tied / shared tensors once, by storage):
+- weights of quantized layers: their integer codes from the layer's own quantizer (`codes()`),
+  packed densely (pack.py), plus the quantizer step (one per tensor, or one per row);
+- everything else (position embeddings, LayerNorm, biases, BART's final_logits_bias) in FP32,
+  or optionally position embeddings as 8-bit per-row codes and 1-D tensors in fp16;
+- the quantized-module structure (which layers quantize their 8-bit input), so the loader
+  rebuilds the student's forward exactly.
+Before writing, every packed tensor is checked: codes * step must equal the quantizer's forward
+output bit for bit, which is what makes the loaded model's logits identical to the student's.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from qgplm.errors import QgplmError
+from qgplm.export.format import MANIFEST, WEIGHTS, write_manifest
+from qgplm.export.pack import pack_codes, packed_nbytes
+from qgplm.quant.api import IdentityQuantizer, initialize_quantizers, oriented_weight, quantize_model
+from qgplm.quant.config import QuantConfig
+from qgplm.quant.modules import QUANT_MODULES, QuantConv1D, QuantEmbedding, QuantLinear
+from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
+
+MIB = 2**20
+
+
+@dataclass
+class ExportReport:
+    """Byte counts of an export. `fp32_bytes`: the same tensors (deduplicated) all in FP32."""
+
+    out_dir: str
+    codes_bytes: int
+    scales_bytes: int
+    fp_bytes: int
+    file_bytes: int
+    fp32_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_bytes / self.file_bytes
+
+    def table(self) -> str:
+        rows = [("packed codes", self.codes_bytes), ("scales", self.scales_bytes),
+                ("FP tensors", self.fp_bytes), (f"{WEIGHTS} on disk", self.file_bytes),
+                ("FP32 tensors (reference)", self.fp32_bytes)]
+        lines = [f"{name:<28}{b / MIB:>10.2f} MiB" for name, b in rows]
+        return "\n".join(lines + [f"{'compression':<28}{self.ratio:>10.2f} x"])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+def _is_quantizer(mod: nn.Module) -> bool:
+    return isinstance(mod, (WeightQuantizer, ActivationQuantizer))
+
+
+def _storage_key(t: Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _alias_groups(model: nn.Module) -> tuple[dict[str, list[str]], dict[str, Tensor]]:
+    """State-dict keys grouped by storage (tied tensors together), quantizer state left out.
+    Returns {first key: all keys} in state-dict order, and {first key: tensor}."""
+    skip = tuple(f"{n}." for n, m in model.named_modules(remove_duplicate=False) if n and _is_quantizer(m))
+    groups: dict[tuple, list[str]] = {}
+    tensors: dict[tuple, Tensor] = {}
+    for key, t in model.state_dict(keep_vars=False).items():
+        if key.startswith(skip) or ".attn_act_quantizer." in key:
+            continue
+        sk = _storage_key(t)
+        groups.setdefault(sk, []).append(key)
+        tensors.setdefault(sk, t)
+    return {g[0]: g for g in groups.values()}, {groups[sk][0]: t for sk, t in tensors.items()}
+
+
+def _method(q: WeightQuantizer) -> str:
+    return getattr(q, "source_method", None) or q.method
+
+
+@torch.no_grad()
+def _quantizer_codes(name: str, mod: nn.Module) -> tuple[Tensor, Tensor]:
+    q = mod.weight_quantizer
+    if not q.enabled or q.mix < 1.0:
+        raise QgplmError(f"{name}: its quantizer is disabled or still ramping in (mix={q.mix}): export after "
+                         f"the scale warm-up has finished")
+    if not bool(q.initialized):
+        raise QgplmError(f"{name}: quantizer scale was never initialised: call initialize_quantizers(model) first")
+    w = oriented_weight(mod).detach()
+    codes, step = q.codes(w)
+    if not torch.equal(codes * step, q(w)):
+        raise QgplmError(f"{name}: quantizer {_method(q)!r} codes() * step differs from its forward: the export "
+                         f"would not reproduce the student; fix that quantizer's codes()")
+    return codes, step.detach().to(torch.float32).contiguous()
+
+
+def _module_type(mod: nn.Module) -> str:
+    return {QuantLinear: "linear", QuantConv1D: "conv1d", QuantEmbedding: "embedding"}[type(mod)]
+
+
+def _prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """A quantized model as is; a float model quantized post-training (a copy, scales initialised)."""
+    if type(model).__name__.startswith("Int8") or any(type(m).__name__.startswith("Int8") for m in model.modules()):
+        raise QgplmError("cannot export a model loaded in int8 mode: load it with mode='dequantize' to export it")
+    if any(isinstance(m, QUANT_MODULES) for m in model.modules()):
+        return model
+    if config.weight_bits is None and config.embedding_bits is None:
+        raise QgplmError("nothing to export in packed form: set weight_bits or embedding_bits (2..8)")
+    model = quantize_model(copy.deepcopy(model), config)
+    initialize_quantizers(model)
+    return model
+
+
+def export_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *, weight_bits: int | None = 2,
+                 embedding_bits: int | None = 2, activation_bits: int | None = 8, quantizer: str = "quantgpt",
+                 per_row: bool = False, quant_config: QuantConfig | None = None, position_bits: int | None = None,
+                 fp16: bool = False) -> ExportReport:
+    """Write `model` as a self-describing packed directory and return its size breakdown.
+
+    A model already quantized by `quantize_model` (a trained student) is exported as is: the
+    bit-width arguments are ignored. A plain HF model is quantized post-training first with
+    `quant_config` (or one built from the arguments), its scales set by the quantizer's
+    initialisation. `position_bits=8` stores position embeddings as 8-bit per-row codes and
+    `fp16=True` stores 1-D FP tensors (LayerNorm, biases) in half precision; both make the
+    loaded model differ (slightly) from the student, so they are off by default.
+    """
+    if position_bits not in (None, 8):
+        raise QgplmError(f"position_bits={position_bits}: use 8 or None (FP32)")
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise QgplmError(f"export dir {out} is not empty: choose a new out=<dir>")
+    config = quant_config or QuantConfig(weight_bits=weight_bits, embedding_bits=embedding_bits,
+                                         activation_bits=activation_bits, quantizer=quantizer, per_row=per_row)
+    model = _prepare(model, config)
+    groups, unique = _alias_groups(model)
+    key_of = {_storage_key(t): k for k, t in unique.items()}
+
+    tensors: dict[str, Tensor] = {}
+    packed: dict[str, dict[str, Any]] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    done: dict[str, tuple[Tensor, Tensor]] = {}
+    codes_bytes = scales_bytes = fp_bytes = 0
+    bits_by_type: dict[str, set[int]] = {"weight": set(), "embedding": set()}
+    methods: set[str] = set()
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if not isinstance(mod, QUANT_MODULES):
+            continue
+        key = key_of.get(_storage_key(mod.weight.detach()))
+        if key is None:
+            raise QgplmError(f"{name}.weight is not in the model's state dict: cannot export this model")
+        aq = getattr(mod, "act_quantizer", None)
+        q = mod.weight_quantizer
+        quantized = not isinstance(q, IdentityQuantizer) and q.bits <= 8
+        modules[name] = {"type": _module_type(mod), "weight": key if quantized else None,
+                         "act": None if aq is None else {"bits": aq.bits, "symmetric": aq.symmetric}}
+        if not quantized:
+            continue
+        codes, step = _quantizer_codes(name, mod)
+        if key in done:
+            if not (torch.equal(done[key][0], codes) and torch.equal(done[key][1], step)):
+                raise QgplmError(f"{name} shares its weight with another layer but quantizes it differently: "
+                                 f"tie their quantizers before exporting")
+            continue
+        done[key] = (codes, step)
+        bits_by_type["embedding" if (isinstance(mod, QuantEmbedding) or mod.weight is _in_emb(model)) else "weight"].add(q.bits)
+        methods.add(_method(q))
+        tensors[f"{key}.codes"] = pack_codes(codes, q.bits)
+        tensors[f"{key}.scale"] = step
+        packed[key] = {"bits": q.bits, "shape": list(codes.shape), "transposed": isinstance(mod, QuantConv1D),
+                       "method": _method(q), "per_row": bool(q.per_row), "aliases": groups[key]}
+        codes_bytes += packed_nbytes(codes.numel(), q.bits)
+        scales_bytes += step.numel() * 4
+
+    positions = _position_keys(model, key_of) if position_bits else set()
+    fp: dict[str, dict[str, Any]] = {}
+    fp32_bytes = 0
+    for key, t in unique.items():
+        fp32_bytes += t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size()
+        if key in packed:
+            continue
+        t = t.detach()
+        if key in positions:
+            from qgplm.quant.baselines import minmax_codes
+
+            codes, step = minmax_codes(t.float(), 8, per_row=True)
+            tensors[f"{key}.codes"] = pack_codes(codes, 8)
+            tensors[f"{key}.scale"] = step.float().contiguous()
+            packed[key] = {"bits": 8, "shape": list(codes.shape), "transposed": False, "method": "minmax",
+                           "per_row": True, "aliases": groups[key]}
+            codes_bytes += codes.numel()
+            scales_bytes += step.numel() * 4
+            continue
+        stored = t.half() if (fp16 and t.is_floating_point() and t.dim() <= 1) else t
+        tensors[key] = stored.contiguous().clone()
+        fp[key] = {"dtype": str(t.dtype).removeprefix("torch."), "aliases": groups[key]}
+        fp_bytes += stored.numel() * stored.element_size()
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "qgplm-export"})
+    model.config.save_pretrained(out)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        gen.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    report = ExportReport(str(out), codes_bytes, scales_bytes, fp_bytes, (out / WEIGHTS).stat().st_size, fp32_bytes)
+    attn = [m.attn_act_quantizer for m in model.modules() if hasattr(m, "attn_act_quantizer")]
+    manifest = {
+        "model_class": type(model).__name__,
+        "kind": "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal",
+        "quantizer": sorted(methods),
+        "bits": {k: sorted(v) for k, v in bits_by_type.items()},
+        "options": {"position_bits": position_bits, "fp16": fp16},
+        "packed": packed, "fp": fp, "modules": modules,
+        "attention_act": {"bits": attn[0].bits, "symmetric": attn[0].symmetric} if attn else None,
+        "size": {k: v for k, v in report.as_dict().items() if k != "out_dir"},
+        "tokenizer": tokenizer is not None,
+    }
+    write_manifest(out, manifest)
+    return report
+
+
+def _in_emb(model: nn.Module) -> Tensor | None:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if get else None
+    return None if emb is None else emb.weight
+
+
+def _position_keys(model: nn.Module, key_of: dict[tuple, str]) -> set[str]:
+    """State-dict keys of float (unquantized) embedding tables: GPT-2's wpe, BART's embed_positions."""
+    out = set()
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding) and not isinstance(mod, QuantEmbedding):
+            key = key_of.get(_storage_key(mod.weight.detach()))
+            if key is not None:
+                out.add(key)
+    return out
+
+
+__all__ = ["ExportReport", "MANIFEST", "export_model"]

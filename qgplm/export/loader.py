@@ -1,0 +1,214 @@
+"""`load_quantized(dir, mode)`: rebuild a ready Hugging Face model from an export.
+
+mode="dequantize": float weights rebuilt from codes as `codes * step` (the same float op the
+    student's quantizer runs, hence bit-identical weights), placed in the same quantized layers
+    as the student, so activations are fake-quantized to 8 bits exactly as in training and the
+    logits are identical. The layers' quantizers are `StoredScaleQuantizer`s: the weights are
+    already on their grid, so forward uses them as they are, and `codes()` recovers the codes
+    from the stored step (export -> load -> export is byte-identical).
+mode="int8": linear layers hold int8 codes and run integer matmuls on 8-bit activations; the
+    token embedding keeps int8 codes too (int8.py).
+Checksums are verified before any tensor is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers import AutoConfig
+
+import qgplm.quant.attention  # noqa: F401  (registers the quantized attention implementation)
+from qgplm.errors import QgplmError
+from qgplm.export.format import WEIGHTS, read_manifest, verify_checksums
+from qgplm.export.pack import unpack_codes
+from qgplm.quant.api import IdentityQuantizer, _quantize_attention
+from qgplm.quant.config import QuantConfig
+from qgplm.quant.modules import QuantConv1D, QuantEmbedding, QuantLinear
+from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
+
+MODES = ("dequantize", "int8")
+
+
+class StoredScaleQuantizer(WeightQuantizer):
+    """The quantizer of a loaded export: a fixed step (per tensor or per row) and the bit-width.
+
+    The layer's weight was rebuilt as codes * step, so it already is its own quantized value:
+    forward returns it unchanged (no per-call cost), and codes() = round(w / step) recovers the
+    stored codes exactly (|codes| <= 128, so the float division is off by far less than 0.5).
+    Inference only: it has no learnable scale.
+    """
+
+    method = "stored"
+
+    def __init__(self, bits: int, step: Tensor, source_method: str):
+        super().__init__(bits, num_rows=step.shape[0] if step.dim() > 0 else None)
+        self.source_method = source_method
+        self.register_buffer("step", step.clone(), persistent=False)
+        self.initialized.fill_(True)
+
+    def quantize(self, w: Tensor) -> Tensor:
+        return w
+
+    def codes(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.round(w / self.step), self.step
+
+    def initialize(self, w: Tensor) -> None:
+        self.initialized.fill_(True)
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        return []
+
+
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _build_empty(export_dir: Path, manifest: dict[str, Any]) -> nn.Module:
+    config = AutoConfig.from_pretrained(export_dir, local_files_only=True)
+    cls = getattr(transformers, manifest["model_class"], None)
+    if cls is None:
+        raise QgplmError(f"{manifest['model_class']} is not a transformers model class here: install the "
+                         f"transformers version the export was made with")
+    with _no_init():
+        model = cls(config)
+    return model
+
+
+def _read_tensors(export_dir: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(export_dir / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise QgplmError(f"cannot read {export_dir / WEIGHTS} ({e}): export the model again") from None
+
+
+def decode(tensors: dict[str, Tensor], key: str, entry: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """(int8 codes in the quantizer's orientation, step) of one packed tensor."""
+    shape = entry["shape"]
+    numel = 1
+    for s in shape:
+        numel *= s
+    try:
+        packed, step = tensors[f"{key}.codes"], tensors[f"{key}.scale"]
+    except KeyError:
+        raise QgplmError(f"{WEIGHTS} has no codes/scale for {key}: the export is corrupt, export it again") from None
+    return unpack_codes(packed, entry["bits"], numel).view(shape), step
+
+
+def dequantize(codes: Tensor, step: Tensor) -> Tensor:
+    """codes * step: the same float op as the quantizers' forward (`codes * (alpha / n)`),
+    done in place on the converted codes (same IEEE products, one allocation)."""
+    return codes.to(step.dtype).mul_(step)
+
+
+def _int8_keys(manifest: dict[str, Any]) -> set[str]:
+    """Packed tensors that every layer using them will hold as int8 codes in int8 mode (their float
+    weights are never materialised); mirrors the skip rule of int8.convert_int8."""
+    yes, no = set(), set()
+    for entry in manifest["modules"].values():
+        if entry["weight"] is not None:
+            (yes if entry["type"] == "embedding" or entry["act"] is not None else no).add(entry["weight"])
+    return yes - no
+
+
+def load_quantized(export_dir: str | Path, mode: str = "dequantize") -> nn.Module:
+    """A ready HF model (eval mode; `generate` works) from a qgplm export directory."""
+    if mode not in MODES:
+        raise QgplmError(f"mode={mode!r} is not valid: choose one of {', '.join(MODES)}")
+    export_dir, manifest = read_manifest(export_dir)
+    verify_checksums(export_dir, manifest)
+    tensors = _read_tensors(export_dir)
+    model = _build_empty(export_dir, manifest)
+
+    state: dict[str, Tensor] = {}
+    codes_of: dict[str, tuple[Tensor, Tensor]] = {}
+    skip = _int8_keys(manifest) if mode == "int8" else set()
+    for key, entry in manifest["packed"].items():
+        codes, step = decode(tensors, key, entry)
+        codes_of[key] = (codes, step)
+        shape = entry["shape"][::-1] if entry["transposed"] else entry["shape"]
+        if key in skip:  # placeholder without memory: the layer is replaced by an int8 one below
+            w = torch.zeros((), dtype=step.dtype).expand(shape)
+        else:
+            w = dequantize(codes, step)
+            if entry["transposed"]:
+                w = w.t().contiguous()
+        for alias in entry["aliases"]:
+            state[alias] = w
+    for key, entry in manifest["fp"].items():
+        if key not in tensors:
+            raise QgplmError(f"{WEIGHTS} has no tensor {key}: the export is corrupt, export it again")
+        t = tensors[key].to(getattr(torch, entry["dtype"]))
+        for alias in entry["aliases"]:
+            state[alias] = t
+    try:
+        # assign: the model's parameters become these tensors (no copy into the empty ones)
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise QgplmError(f"the export does not match {manifest['model_class']} built from its config.json "
+                         f"({str(e).splitlines()[0]}): export the model again") from None
+    model.tie_weights()
+    _install_quant_layers(model, manifest, codes_of)
+    model.eval()
+    if mode == "int8":
+        from qgplm.export.int8 import convert_int8
+
+        convert_int8(model, codes_of)
+    return model
+
+
+def _install_quant_layers(model: nn.Module, manifest: dict[str, Any], codes_of: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Wrap the layers the student quantized, with its activation quantizers (exact forward)."""
+    quantizers: dict[str, WeightQuantizer] = {}
+    built: dict[int, nn.Module] = {}
+    swaps = []
+    for name, entry in manifest["modules"].items():
+        mod = model.get_submodule(name)
+        if id(mod) in built:
+            swaps.append((name, built[id(mod)]))
+            continue
+        key = entry["weight"]
+        if key is None:
+            wq: WeightQuantizer = IdentityQuantizer()
+            wq.initialized.fill_(True)
+        else:
+            if key not in quantizers:
+                p = manifest["packed"][key]
+                quantizers[key] = StoredScaleQuantizer(p["bits"], codes_of[key][1], p["method"])
+                quantizers[key].export_key = key
+            wq = quantizers[key]
+        act = entry["act"]
+        aq = None if act is None else ActivationQuantizer(act["bits"], symmetric=act["symmetric"])
+        if entry["type"] == "embedding":
+            new = QuantEmbedding.from_float(mod, wq)
+        elif entry["type"] == "conv1d":
+            new = QuantConv1D.from_float(mod, wq, aq)
+        else:
+            new = QuantLinear.from_float(mod, wq, aq)
+        built[id(mod)] = new
+        swaps.append((name, new))
+    for name, new in swaps:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    attn = manifest.get("attention_act")
+    if attn:
+        _quantize_attention(model, QuantConfig(activation_bits=attn["bits"], activation_symmetric=attn["symmetric"]))
+
+
+def load_export_tokenizer(export_dir: str | Path) -> Any:
+    """The tokenizer saved with the export (None if it was exported without one)."""
+    from qgplm.models.loading import load_tokenizer
+
+    export_dir, manifest = read_manifest(export_dir)
+    if not manifest.get("tokenizer"):
+        return None
+    return load_tokenizer(str(export_dir), key="dir")

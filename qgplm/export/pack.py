@@ -1,0 +1,94 @@
+"""Dense bit packing of signed integer codes (2..8 bits) into bytes.
+
+A b-bit code c in [-2^(b-1), 2^(b-1) - 1] is stored as the unsigned value c + 2^(b-1). Codes are
+laid out as one little-endian bit stream: element i occupies bits [i*b, (i+1)*b) of the stream,
+least significant bit first, and byte k holds stream bits [8k, 8k+8). So 2-bit codes fill a byte
+four at a time (first code in the low bits), 4-bit codes two at a time, 8-bit codes one per byte,
+and 3-bit codes straddle byte boundaries; the last byte is zero-padded. numel * b / 8 bytes,
+rounded up: this is what makes the on-disk size match the paper's accounting.
+
+QuantGPT's symmetric codes use [-n, n] with n = 2^(b-1) - 1 (ternary at 2 bits); LSQ's use the
+full [-2^(b-1), 2^(b-1) - 1]; both fit.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from qgplm.errors import QgplmError
+
+PACKABLE_BITS = tuple(range(2, 9))
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    return (numel * bits + 7) // 8
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in PACKABLE_BITS:
+        raise QgplmError(f"cannot pack {bits}-bit codes: bit-widths 2..8 are supported")
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Flatten integer-valued `codes` (any dtype) and pack them densely; returns a uint8 tensor."""
+    _check_bits(bits)
+    lo, hi = code_range(bits)
+    flat = codes.detach().reshape(-1)
+    if flat.numel() and (flat.min() < lo or flat.max() > hi):
+        raise QgplmError(f"codes outside the {bits}-bit range [{lo}, {hi}]: the quantizer's codes() is inconsistent")
+    u = (flat.to(torch.int16) - lo).to(torch.uint8)  # unsigned, in [0, 2^b)
+    if 8 % bits == 0:  # 2, 4, 8 bits: whole codes per byte
+        per = 8 // bits
+        pad = (-u.numel()) % per
+        if pad:
+            u = torch.cat([u, u.new_zeros(pad)])
+        u = u.view(-1, per)
+        out = torch.zeros(u.shape[0], dtype=torch.uint8)
+        for j in range(per):
+            out |= u[:, j] << (j * bits)
+        return out
+    # general case (3, 5, 6, 7 bits): expand to a bit stream, then regroup by 8
+    shifts = torch.arange(bits, dtype=torch.uint8)
+    stream = ((u.unsqueeze(1) >> shifts) & 1).reshape(-1)
+    pad = (-stream.numel()) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    stream = stream.view(-1, 8)
+    out = torch.zeros(stream.shape[0], dtype=torch.uint8)
+    for j in range(8):
+        out |= stream[:, j] << j
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_table(bits: int) -> Tensor:
+    """[256, 8 // bits] int8: the codes packed in each possible byte (2, 4 and 8 bits)."""
+    lo, _ = code_range(bits)
+    byte = torch.arange(256, dtype=torch.int16).unsqueeze(1)
+    shifts = torch.arange(0, 8, bits, dtype=torch.int16)
+    return (((byte >> shifts) & ((1 << bits) - 1)) + lo).to(torch.int8)
+
+
+def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of `pack_codes`: the first `numel` codes as a flat int8 tensor."""
+    _check_bits(bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(numel, bits):
+        raise QgplmError(f"packed tensor has {packed.numel()} bytes, expected {packed_nbytes(numel, bits)} for "
+                         f"{numel} {bits}-bit codes: the export is corrupt, export the model again")
+    lo, _ = code_range(bits)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # one table lookup per byte: byte -> its 8/b codes
+        return torch.index_select(_byte_table(bits), 0, packed.to(torch.int32)).reshape(-1)[:numel]
+    else:
+        shifts = torch.arange(8, dtype=torch.uint8)
+        stream = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[: numel * bits].view(numel, bits)
+        weights = (torch.ones(bits, dtype=torch.int16) << torch.arange(bits, dtype=torch.int16))
+        u = (stream.to(torch.int16) * weights).sum(dim=1)
+    return (u.to(torch.int16) + lo).to(torch.int8)
