@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import ROOT, qgplm_run  # noqa: E402
+from compare import ROOT, run_sweep, teacher_once  # noqa: E402
 
 
 def table(root: Path) -> str:
@@ -47,15 +47,10 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
     args, extra = ap.parse_known_args()
     root = args.results / args.experiment
-    teacher = root / "teacher"
-    if not (teacher / "metrics.json").is_file():
-        qgplm_run([f"experiment={args.experiment}", "stage=teacher", f"hydra.run.dir={teacher}", *extra])
-    sweep = root / f"methods_w{args.bits.replace(',', '-')}"
-    if sweep.exists():
-        print(f"skip {sweep} (exists)")
-    else:
-        qgplm_run(["-m", f"experiment={args.experiment}", "stage=quantize", f"teacher_path={teacher}",
-                   f"method={args.methods}", f"bits={args.bits}", f"hydra.sweep.dir={sweep}", *extra])
+    teacher = teacher_once(root, args.experiment, extra)
+    run_sweep(root / f"methods_w{args.bits.replace(',', '-')}",
+              [f"experiment={args.experiment}", "stage=quantize", f"teacher_path={teacher}",
+               f"method={args.methods}", f"bits={args.bits}", *extra])
     md = table(root)
     (root / "table.md").write_text(md)
     print(md)

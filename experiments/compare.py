@@ -38,6 +38,22 @@ def qgplm_run(args: list[str]) -> None:
     print(f"  done in {time.time() - t:.0f} s", flush=True)
 
 
+def teacher_once(root: Path, experiment: str, extra: list[str]) -> Path:
+    """<root>/teacher: trained by `stage=teacher` the first time, reused afterwards."""
+    teacher = root / "teacher"
+    if not (teacher / "metrics.json").is_file():
+        qgplm_run([f"experiment={experiment}", "stage=teacher", f"hydra.run.dir={teacher}", *extra])
+    return teacher
+
+
+def run_sweep(sweep_dir: Path, overrides: list[str]) -> None:
+    """A Hydra multirun into `sweep_dir`, unless that directory exists already."""
+    if sweep_dir.exists():
+        print(f"skip {sweep_dir} (exists)")
+        return
+    qgplm_run(["-m", *overrides, f"hydra.sweep.dir={sweep_dir}"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiment", default="wt2_small")
@@ -47,19 +63,13 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
     args, extra = ap.parse_known_args()
     root = args.results / args.experiment
-    teacher = root / "teacher"
-    if not (teacher / "metrics.json").is_file():
-        qgplm_run([f"experiment={args.experiment}", "stage=teacher", f"hydra.run.dir={teacher}", *extra])
+    teacher = teacher_once(root, args.experiment, extra)
     common = [f"experiment={args.experiment}", "stage=quantize", f"teacher_path={teacher}", *extra]
     sweeps = [(f"methods_w{args.bits.replace(',', '-')}", [f"method={args.methods}", f"bits={args.bits}"])]
     if args.ablations:
         sweeps += [(name, [*ov, "bits=2"]) for name, ov in ABLATIONS]
     for name, overrides in sweeps:
-        sweep_dir = root / name
-        if sweep_dir.exists():
-            print(f"skip {sweep_dir} (exists)")
-            continue
-        qgplm_run(["-m", *common, *overrides, f"hydra.sweep.dir={sweep_dir}"])
+        run_sweep(root / name, [*common, *overrides])
     subprocess.run([sys.executable, str(ROOT / "experiments" / "table.py"), str(root)], check=True)
 
 

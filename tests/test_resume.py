@@ -110,3 +110,14 @@ def test_sampler_splits_one_permutation_across_ranks():
     a, b = (list(s) for s in shares)
     assert len(a) == len(b) == 5 and not set(a) & set(b)
     assert sorted(a + b) == sorted(ResumableRandomSampler(10, seed=0).order(0))
+
+
+def test_resumable_loader_keeps_the_last_partial_batch_when_asked():
+    """Summarization / Persona-Chat keep partial batches: same order as DataLoader(shuffle=True)."""
+    from qgplm.data.sampling import resumable_loader
+
+    data = list(range(37))
+    ref = DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5))
+    loader = resumable_loader(data, 4, seed=5, drop_last=False)
+    assert [b.tolist() for b in loader] == [b.tolist() for b in ref]
+    assert len([b for b in loader]) == 10  # 9 full batches + 1 of 1

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from qgplm.config import TaskConfig
 from qgplm.data.lm import IGNORE_INDEX
+from qgplm.data.sampling import resumable_loader
 from qgplm.errors import QgplmError
 
 DEFAULT_FILE = "personachat_self_original.json"
@@ -141,9 +142,8 @@ class PersonaChatDataModule(pl.LightningDataModule):
         return batch
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.turns["train"], batch_size=self.task.batch_size, shuffle=True, generator=gen,
-                          collate_fn=self.collate_train, num_workers=self.task.num_workers)
+        return resumable_loader(self.turns["train"], self.task.batch_size, self.seed, self.task.num_workers,
+                                getattr(self, "trainer", None), drop_last=False, collate_fn=self.collate_train)
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self.turns[split], batch_size=self.task.eval_batch_size, collate_fn=self.collate_eval,

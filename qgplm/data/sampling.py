@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class ResumableRandomSampler(Sampler[int]):
@@ -57,9 +57,9 @@ class ResumableRandomSampler(Sampler[int]):
         return self.num_samples // self.num_replicas
 
 
-def resumable_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
-                     trainer: Any = None) -> DataLoader:
-    """The shuffled training loader (full batches only), positioned where `trainer` stands.
+def resumable_loader(dataset: Any, batch_size: int, seed: int, num_workers: int = 0, trainer: Any = None,
+                     drop_last: bool = True, collate_fn: Any = None) -> DataLoader:
+    """The shuffled training loader, positioned where `trainer` stands.
 
     Lightning asks for the training loader after restoring a checkpoint, so `trainer.global_step`
     is the resumed step: the batches of the current epoch before it are skipped. Under a
@@ -69,11 +69,11 @@ def resumable_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: 
     replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     sampler = ResumableRandomSampler(len(dataset), seed, replicas, rank)
     if trainer is not None and trainer.global_step > 0:
-        batches_per_epoch = len(sampler) // batch_size
+        batches_per_epoch = len(sampler) // batch_size if drop_last else -(-len(sampler) // batch_size)
         done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * batches_per_epoch
         sampler.set_epoch(trainer.current_epoch)
         sampler.resume_at(max(0, done) * batch_size)
     # the generator only feeds the (unused without workers) worker base seed: drawing it from
     # the global RNG instead would shift dropout's random stream
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
+                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from qgplm.config import TaskConfig
 from qgplm.data.lm import IGNORE_INDEX
+from qgplm.data.sampling import resumable_loader
 from qgplm.errors import QgplmError
 from qgplm.hub import hub_reachable
 
@@ -212,9 +213,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         return [{**ex, "index": i} for i, ex in enumerate(self.examples[split])]
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self._rows("train"), batch_size=self.task.batch_size, shuffle=True, drop_last=False,
-                          generator=gen, collate_fn=self.collate, num_workers=self.task.num_workers)
+        return resumable_loader(self._rows("train"), self.task.batch_size, self.seed, self.task.num_workers,
+                                getattr(self, "trainer", None), drop_last=False, collate_fn=self.collate)
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self._rows(split), batch_size=self.task.eval_batch_size, collate_fn=self.collate,
