@@ -1,7 +1,7 @@
 """Hydra entry point: `python -m qgplm.run [group=option ...] [key=value ...]`.
 
 Validates the composed config once (qgplm.config.RunConfig), runs the stages, prints the summary
-and returns the student's test PPL (the value Hydra sweepers optimise). User errors end with
+and returns the student's best validation PPL (the value Hydra sweepers optimise). User errors end with
 one line on stderr (`error: <what is wrong>: <how to fix it>`) and exit code 2: qgplm's own
 QgplmError, Hydra's composition errors (unknown group option or key, unparsable override) and
 failed writes (read-only or full disk).
@@ -122,7 +122,16 @@ def execute(cfg: DictConfig) -> float | None:
         fail(msg, new_line=True)
     if global_rank() == 0:
         print_summary(metrics, run.output_dir)
-    return metrics.get("student", metrics["teacher"])["test_ppl"]
+    return optimized_metric(metrics)
+
+
+def optimized_metric(metrics: dict) -> float:
+    """What Hydra sweepers (Optuna) minimise: the student's (else the teacher's) best validation
+    PPL; the test split is for reporting, never for selection. Test PPL when there was no
+    validation (e.g. stage=quantize with 0 steps)."""
+    figures = metrics.get("student", metrics["teacher"])
+    best_val = figures.get("best_val_ppl")
+    return float(best_val if best_val is not None else figures["test_ppl"])
 
 
 def cli() -> None:
