@@ -263,8 +263,8 @@ class RunConfig:
         want = MODEL_KIND_FOR_TASK[TASK_KINDS.get(self.task.source, "lm")]
         if self.task.source in TASK_KINDS and self.model.kind != want:
             hint = "model=tiny_bart, bart or seq2seq_lm" if want == "seq2seq" else "model=tiny_gpt2, gpt2 or causal_lm"
-            raise QgplmError(f"task={self.task.name} needs a {want} model but model={self.model.name} is "
-                             f"{self.model.kind}: use {hint}")
+            raise QgplmError(f"task={self.task.name} needs a {want} model but model={self.model.name} has "
+                             f"model.kind={self.model.kind}: use {hint} (or model.kind={want} for a {want} checkpoint)")
         self.bits.validate()
         self.method.validate()
         self._check_bits_supported()

@@ -100,8 +100,8 @@ W2 = "bits.weight=2 bits.embedding=2 bits.activation=8"
 #  whether the TINY sizes are prepended)
 CASES = [
     # ---- config groups and values
-    ("unknown-model", ["model=nope"], ["model=nope is not an option: choose one of causal_lm, gpt2, tiny_gpt2"], True),
-    ("unknown-task", ["task=nope"], ["task=nope is not an option: choose one of builtin, ptb, wikitext103, wikitext2"], True),
+    ("unknown-model", ["model=nope"], ["model=nope is not an option: choose one of bart, causal_lm, gpt2, seq2seq_lm, tiny_bart, tiny_gpt2"], True),
+    ("unknown-task", ["task=nope"], ["task=nope is not an option: choose one of builtin, cnndm, personachat, ptb, wikitext103, wikitext2, xsum"], True),
     ("unknown-method", ["method=nope"], ["method=nope is not an option: choose one of", "quantgpt", "twn"], True),
     ("unknown-bits", ["bits=3"], ["bits=3 is not an option: choose one of 2, 4, 8, fp", "bits.weight"], True),
     ("non-integer-bits-group", ["bits=two"], ["bits=two is not an option"], True),
@@ -130,7 +130,8 @@ CASES = [
                                              "task.data_dir={data}/small"],
      ["tokens are unknown (<unk>) to the tokenizer", "use a teacher trained on task=wikitext2"], True),
     ("teacher-arch-wrong-kind", ["stage=quantize", "teacher_path={teacher_run}", "model.kind=seq2seq"],
-     ["holds a gpt2 model, which model.kind=seq2seq cannot load: set model.kind=causal"], True),
+     ["task=builtin needs a causal model but model=tiny_gpt2 has model.kind=seq2seq",
+      "use model=tiny_gpt2, gpt2 or causal_lm (or model.kind=causal"], True),
     ("teacher-too-few-positions", ["stage=quantize", "teacher_path={teacher_run}", "task.block_size=128"],
      ["task.block_size=128 exceeds the model's 64 positions: set task.block_size<=64"], True),
     ("teacher-weights-truncated", ["stage=quantize", "teacher_path={trunc_teacher}"],
@@ -287,6 +288,13 @@ def test_user_mistake_ends_in_one_clear_line(world, tmp_path, args, expected, ti
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def _run(cfg):
+    from qgplm.pipeline import run_stages
+
+    run = RunConfig.from_hydra(cfg)
+    return run_stages(run, cfg.trainer, cfg.get("logger"), cfg.get("callbacks"))
+
+
 def test_nan_loss_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
     """kd turns NaN at the 4th student step: the error names step and term, and last.ckpt of the
     eval at step 2 stays on disk, finite, loadable and resumable."""
@@ -355,9 +363,12 @@ def test_full_or_read_only_disk_is_one_line_and_leaves_no_partial_file(tiny_cfg,
         execute(tiny_cfg("stage=teacher", "trainer.fast_dev_run=true", "generate_samples=0"))
     assert e.value.code == 2
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
-    assert len(lines) == 1 and f"cannot write {tmp_path / 'metrics.json'} ({os.strerror(err)})" in lines[0]
+    # the first atomic write after the teacher is saved: its figures (teacher_metrics.json)
+    first = tmp_path / "teacher_metrics.json"
+    assert len(lines) == 1 and f"cannot write {first} ({os.strerror(err)})" in lines[0]
     assert ("free disk space" if err == errno.ENOSPC else "hydra.run.dir=<a writable dir>") in lines[0]
-    assert not (tmp_path / "metrics.json").exists() and not list(tmp_path.glob(".metrics.json.*"))
+    assert not first.exists() and not list(tmp_path.glob(".teacher_metrics.json.*"))
+    assert not (tmp_path / "metrics.json").exists()
     assert (tmp_path / "notes.txt").read_text() == "earlier file\n"
     assert (tmp_path / "teacher" / "config.json").is_file()  # what was written before the failure stays
 

@@ -262,7 +262,7 @@ def _py(args: list[str]) -> subprocess.CompletedProcess:
 
 def test_cli_pipeline_export_and_generate(tmp_path):
     run = tmp_path / "run"
-    proc = run_cli([*TINY, "bits=2", "trainer.fast_dev_run=true", "generate_samples=0", f"hydra.run.dir={run}"])
+    proc = run_cli([*TINY, "bits=2", "generate_samples=0", f"hydra.run.dir={run}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "export" / MANIFEST).is_file()  # written by the pipeline hook
     metrics = json.loads((run / "metrics.json").read_text())
