@@ -173,8 +173,12 @@ class LMModule(pl.LightningModule):
         return hint
 
     def _last_checkpoint_note(self) -> str:
-        cb = self._trainer.checkpoint_callback if self._trainer is not None else None
-        last = (getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")) if cb is not None else ""
+        """The newest checkpoint on disk: last.ckpt (its own ModelCheckpoint, see
+        conf/callbacks/default.yaml), else a `save_last` path, else best.ckpt."""
+        cbs = self._trainer.checkpoint_callbacks if self._trainer is not None else []
+        paths = [cb.best_model_path for cb in cbs if getattr(cb, "filename", None) == "last"]
+        paths += [getattr(cb, "last_model_path", "") for cb in cbs] + [getattr(cb, "best_model_path", "") for cb in cbs]
+        last = next((p for p in paths if p), "")
         return f"the last good checkpoint is kept: {last}" if last else "no checkpoint had been saved yet"
 
     def _check_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
