@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import warnings
@@ -158,6 +159,12 @@ CASES = [
     ("split-shorter-than-a-block", ["task=wikitext2", "task.data_dir={data}/short"],
      ["test split has", "fewer than one block (task.block_size=32)", "lower task.block_size"], True),
     ("data-not-utf8", ["task=wikitext2", "task.data_dir={data}/binary"], ["is not UTF-8 text", "iconv -t UTF-8"], True),
+    ("jsonl-line-not-json", ["model=tiny_bart", "task=xsum", "task.data_dir={data}/jsonl_not_json"],
+     ["sample.jsonl:31 is not valid JSON", "one object per line is expected"], False),
+    ("jsonl-line-without-summary", ["model=tiny_bart", "task=xsum", "task.data_dir={data}/jsonl_no_summary"],
+     ["sample.jsonl:31 needs the keys document and summary"], False),
+    ("personachat-turn-without-gold", ["task=personachat", "task.data_dir={data}/persona_no_gold"],
+     ["train[5] needs personality and utterances[].history/.candidates"], False),
     # ---- checkpoints
     ("ckpt-truncated", ["stage=quantize", "teacher_path={teacher_run}", "ckpt_path={trunc_ckpt}"],
      ["cannot be read", "it is truncated or corrupt", "resume from another checkpoint"], True),
@@ -242,6 +249,17 @@ def world(tmp_path_factory):
     (d / "short" / "wiki.test.tokens").write_text(" a few words \n")
     with (d / "binary" / "wiki.train.tokens").open("ab") as f:
         f.write(b"caf\xe9 latin-1 bytes\n")
+    # summarization JSON lines with a broken line / a line without `summary`
+    good = '{"id": "%d", "document": "a short article about the weather .", "summary": "weather ."}\n'
+    for name, bad in (("jsonl_not_json", '{"id": "x", "document": "cut off'), ("jsonl_no_summary", '{"id": "x", "document": "no summary"}')):
+        (d / name).mkdir()
+        (d / name / "sample.jsonl").write_text("".join(good % i for i in range(30)) + bad + "\n")
+    # Persona-Chat (ConvAI2 JSON) with a turn that has no candidates, so no gold reply
+    dialog = {"personality": ["i like tea ."], "utterances": [{"history": ["hi"], "candidates": ["hello", "hey"]}]}
+    broken = {"personality": ["i like tea ."], "utterances": [{"history": ["hi"], "candidates": []}]}
+    (d / "persona_no_gold").mkdir()
+    (d / "persona_no_gold" / "personachat_self_original.json").write_text(
+        json.dumps({"train": [dialog] * 5 + [broken], "valid": [dialog] * 3}))
     # an earlier run dir and an earlier sweep, a regular file, a read-only dir
     existing = tmp / "existing_run"
     (existing / ".hydra").mkdir(parents=True)
