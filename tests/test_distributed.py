@@ -50,3 +50,11 @@ def test_multirun_of_ddp_jobs_gives_each_job_its_own_dir(teacher, tmp_path):
     methods = [json.loads((sweep / str(i) / "metrics.json").read_text())["config"]["method"] for i in (0, 1)]
     assert methods == ["quantgpt", "kd_only"]
     assert not any(p.name.startswith("0") for p in (sweep / "1").iterdir())  # no job nested in another
+
+
+def test_slurm_launcher_composes_for_multi_node(tmp_path):
+    """Multi-node: hydra/launcher=submitit_slurm (hydra-submitit-launcher) with trainer.num_nodes."""
+    proc = run_cli(["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.nodes=2",
+                    "hydra.launcher.tasks_per_node=8", "hydra.launcher.gpus_per_node=8", "--cfg", "all"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SlurmLauncher" in proc.stdout and "num_nodes: 2" in proc.stdout and "tasks_per_node: 8" in proc.stdout
