@@ -28,16 +28,11 @@ LAUNCH_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PO
 
 
 def global_rank() -> int:
-    """This process' global rank from the launcher's environment (0 when not distributed)."""
+    """This process' global rank: Lightning sets it on import from the launcher's environment
+    (RANK, LOCAL_RANK, SLURM_PROCID, ...) and again when a strategy sets up (0 when not distributed)."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    rank = getattr(rank_zero_only, "rank", None)
-    if rank is None:
-        for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-            if key in os.environ:
-                return int(os.environ[key])
-        return 0
-    return int(rank)
+    return int(rank_zero_only.rank)
 
 
 def is_launched_rank() -> bool:

@@ -356,7 +356,8 @@ def _teacher_stage(cfg: RunConfig, runner: StageRunner, tokenizer: Any, dm: Any,
     """The FP teacher and its figures: loaded (stage=quantize, or a run resumed after its teacher
     stage finished) or trained (and saved, with its figures, for a later resume)."""
     max_positions = getattr(dm, "max_positions", cfg.task.block_size)
-    if cfg.stage == "quantize" or (resume is not None and resume.stage == "student"):
+    loaded = cfg.stage == "quantize" or (resume is not None and resume.stage == "student")
+    if loaded:
         path = teacher_dir(cfg.teacher_path) if cfg.stage == "quantize" else out / "teacher"
         teacher = load_pretrained(str(path), cfg.model.kind, key="teacher_path")
         check_compatible(teacher, tokenizer, max_positions)
@@ -369,7 +370,7 @@ def _teacher_stage(cfg: RunConfig, runner: StageRunner, tokenizer: Any, dm: Any,
         test, best_val = train_teacher(runner, teacher, dm, evaluator, resume.ckpt if resume is not None else None)
     figures = {"test_ppl": test.pop("ppl"), "best_val_ppl": best_val,
                "params": sum(p.numel() for p in teacher.parameters()), **test}
-    if global_rank() == 0 and cfg.stage != "quantize" and not (resume is not None and resume.stage == "student"):
+    if not loaded and global_rank() == 0:
         save_model(teacher, tokenizer, out / "teacher")
         atomic_write_json(out / TEACHER_METRICS, figures)
     return teacher, figures

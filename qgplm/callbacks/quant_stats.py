@@ -40,6 +40,7 @@ def scale_stats(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
 class QuantStatsCallback(Callback):
     def __init__(self) -> None:
         self._homogeneity: dict[str, torch.Tensor] = {}
+        self._frozen_teacher: torch.Tensor | None = None  # the QAT teacher never changes: measured once
 
     @torch.no_grad()
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -48,11 +49,18 @@ class QuantStatsCallback(Callback):
             return
         from qgplm.module import model_forward
 
-        teacher = getattr(pl_module, "teacher", None)
-        models = {"student": pl_module.model, "teacher": teacher} if teacher is not None else {"teacher": pl_module.model}
-        for role, model in models.items():
+        def homogeneity(model: torch.nn.Module) -> torch.Tensor:
             out = model_forward(model, batch, layer=-1)  # last (decoder) layer, its token mask
-            self._homogeneity[role] = token_homogeneity(out.hidden, out.mask)
+            return token_homogeneity(out.hidden, out.mask)
+
+        teacher = getattr(pl_module, "teacher", None)
+        if teacher is None:  # the teacher stage: the model being trained is the teacher
+            self._homogeneity["teacher"] = homogeneity(pl_module.model)
+            return
+        self._homogeneity["student"] = homogeneity(pl_module.model)
+        if self._frozen_teacher is None:
+            self._frozen_teacher = homogeneity(teacher)
+        self._homogeneity["teacher"] = self._frozen_teacher
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -416,8 +416,22 @@ def twn_codes(w: Tensor, per_row: bool = False, threshold: float = 0.7) -> tuple
     return torch.sign(w) * keep, alpha.clamp_min(EPS)
 
 
+class PerForwardQuantizer(WeightQuantizer):
+    """A quantizer with nothing to learn: `codes` recomputes the scale from w at every forward,
+    the backward is the identity STE to w, and initialisation only marks it initialised."""
+
+    def quantize(self, w: Tensor) -> Tensor:
+        _per_row_ok(w, self.per_row, self.num_rows)
+        codes, step = self.codes(w)
+        return IdentitySTE.apply(w, codes, step)
+
+    @torch.no_grad()
+    def initialize(self, w: Tensor) -> None:
+        self.initialized.fill_(True)
+
+
 @register_weight_quantizer("twn")
-class TWNQuantizer(WeightQuantizer):
+class TWNQuantizer(PerForwardQuantizer):
     """Ternary weight networks (2 bits only): w_q = alpha * sign(w) * [|w| > 0.7 mean|w|], with
     alpha the mean of |w| over the kept elements; recomputed every forward; identity STE to w."""
 
@@ -430,18 +444,9 @@ class TWNQuantizer(WeightQuantizer):
             raise ValueError(f"twn: threshold must be in [0, 1), got {threshold}")
         self.threshold = threshold
 
-    def quantize(self, w: Tensor) -> Tensor:
-        _per_row_ok(w, self.per_row, self.num_rows)
-        codes, step = self.codes(w)
-        return IdentitySTE.apply(w, codes, step)
-
     @torch.no_grad()
     def codes(self, w: Tensor) -> tuple[Tensor, Tensor]:
         return twn_codes(w, self.per_row, self.threshold)
-
-    @torch.no_grad()
-    def initialize(self, w: Tensor) -> None:
-        self.initialized.fill_(True)  # nothing to learn: scale recomputed each forward
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, threshold={self.threshold}"
@@ -457,7 +462,7 @@ def minmax_codes(w: Tensor, bits: int, per_row: bool = False) -> tuple[Tensor, T
 
 
 @register_weight_quantizer("minmax")
-class MinMaxQuantizer(WeightQuantizer):
+class MinMaxQuantizer(PerForwardQuantizer):
     """Symmetric min-max weight quantizer: alpha = max|w| at every forward, identity STE to w."""
 
     supported_bits = ALL_BITS
@@ -466,18 +471,9 @@ class MinMaxQuantizer(WeightQuantizer):
         _check_bits("minmax", bits, self.supported_bits)
         super().__init__(bits, num_rows)
 
-    def quantize(self, w: Tensor) -> Tensor:
-        _per_row_ok(w, self.per_row, self.num_rows)
-        codes, step = self.codes(w)
-        return IdentitySTE.apply(w, codes, step)
-
     @torch.no_grad()
     def codes(self, w: Tensor) -> tuple[Tensor, Tensor]:
         return minmax_codes(w, self.bits, self.per_row)
-
-    @torch.no_grad()
-    def initialize(self, w: Tensor) -> None:
-        self.initialized.fill_(True)
 
 
 # ============================================================================== ablation
