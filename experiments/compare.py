@@ -2,12 +2,14 @@
 
     python experiments/compare.py --experiment wt2_small --bits 2 [--ablations]
     python experiments/compare.py --experiment wt2_small --bits 4,8
+    python experiments/compare.py --experiment wt2_small --bits 2 --methods quantgpt,lsq --seeds 1,2
 
 1. trains the teacher once (`stage=teacher`) into experiments/results/<experiment>/teacher,
    reused by every later call;
 2. runs a Hydra multirun `method=<methods> bits=<bits>` of `stage=quantize` from that teacher
    (same schedule, same quantized modules, same 8-bit activations, same KD loss);
 3. with --ablations, a second multirun over the QuantGPT ablations at W2E2A8;
+   with --seeds, the same sweep over those seeds as well (the table reports mean ± std);
 4. prints the tables of experiments/table.py and writes table.md and ppl_vs_bits.png.
 Sweeps whose directory already exists are not re-run (delete it to re-run).
 Extra arguments are passed to every run as Hydra overrides (e.g. student.max_steps=1000 trainer=gpu).
@@ -60,12 +62,18 @@ def main() -> None:
     ap.add_argument("--bits", default="2")
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds for extra runs of --methods (default: "
+                    "the config's seed only)")
     ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
     args, extra = ap.parse_known_args()
     root = args.results / args.experiment
     teacher = teacher_once(root, args.experiment, extra)
     common = [f"experiment={args.experiment}", "stage=quantize", f"teacher_path={teacher}", *extra]
-    sweeps = [(f"methods_w{args.bits.replace(',', '-')}", [f"method={args.methods}", f"bits={args.bits}"])]
+    name, methods = f"methods_w{args.bits.replace(',', '-')}", [f"method={args.methods}", f"bits={args.bits}"]
+    if args.seeds:
+        name, methods = f"{name}_{args.methods.replace(',', '-')}_seeds{args.seeds.replace(',', '-')}", [
+            *methods, f"seed={args.seeds}"]
+    sweeps = [(name, methods)]
     if args.ablations:
         sweeps += [(name, [*ov, "bits=2"]) for name, ov in ABLATIONS]
     for name, overrides in sweeps:

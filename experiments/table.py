@@ -1,32 +1,47 @@
-"""Turn the metrics.json rows of a comparison into tables (markdown) and a PPL-vs-bits plot.
+"""Turn the metrics.json rows of comparisons into tables (markdown) and a PPL-vs-bits plot.
 
-    python experiments/table.py experiments/results/wt2_small [--plot out.png]
+    python experiments/table.py experiments/results/wt2_small [experiments/results/ptb_small ...] [--out DIR]
 
-Reads <dir>/teacher/metrics.json and every metrics.json of a stage=quantize run below <dir>;
-prints the main table (like Table 1 of the paper: size, compression, PPL, PPL ratio to the
-teacher, per method and bit-width) and the ablation table, and writes <dir>/table.md and
-<dir>/ppl_vs_bits.png.
+Each directory is one task's comparison (as written by compare.py): <dir>/teacher/metrics.json
+and every metrics.json of a stage=quantize run below <dir>. Prints the main table (like Table 1
+of the paper: size, compression, then test PPL and PPL / teacher per task, per method and
+bit-width) and the ablation table, and writes table.md and ppl_vs_bits.png into --out (default:
+the first directory). Runs of the same method, bit-width and task with different seeds are
+aggregated: the cell shows the mean, with "± std (n seeds)" when there is more than one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MAIN_METHODS = ("quantgpt", "pact", "lsq", "laq", "twn", "minmax")
 
 
-def load_rows(root: Path) -> tuple[dict, list[dict]]:
+@dataclass
+class Task:
+    """One comparison directory: its teacher and its quantized runs."""
+
+    name: str
+    teacher: dict
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def teacher_ppl(self) -> float:
+        return self.teacher["teacher"]["test_ppl"]
+
+
+def load_task(root: Path) -> Task:
     teacher = json.loads((root / "teacher" / "metrics.json").read_text())
-    rows = []
+    task = Task(teacher["config"]["task"], teacher)
     for path in sorted(root.rglob("metrics.json")):
         m = json.loads(path.read_text())
-        if m["config"]["stage"] != "quantize" or "student" not in m:
-            continue
-        m["_path"] = str(path.parent)
-        rows.append(m)
-    return teacher, rows
+        if m["config"]["stage"] == "quantize" and "student" in m:
+            task.rows.append(m)
+    return task
 
 
 def label(m: dict) -> str:
@@ -40,73 +55,107 @@ def weight_bits(m: dict) -> int:
     return int(tag[1 : tag.index("E")])
 
 
-def main_table(teacher: dict, rows: list[dict]) -> str:
-    t_ppl = teacher["teacher"]["test_ppl"]
-    fp_mib = rows[0]["size"]["fp32_mib"] if rows else float("nan")
-    out = ["| method | bits (W-E-A) | size (MiB) | compression | test PPL | PPL / teacher | QAT time (s) |",
-           "|---|---|---|---|---|---|---|",
-           f"| teacher (FP32) | 32-32-32 | {fp_mib:.2f} | 1.0x | {t_ppl:.2f} | 1.000 | - |"]
-    main = [m for m in rows if m["config"]["method"] in MAIN_METHODS and m["config"].get("negatives", "teacher") == "teacher"]
-    for m in sorted(main, key=lambda m: (-weight_bits(m), m["student"]["test_ppl"])):
-        out.append(_row(m, t_ppl))
+def is_main(m: dict) -> bool:
+    return m["config"]["method"] in MAIN_METHODS and m["config"].get("negatives", "teacher") == "teacher"
+
+
+def is_ablation(m: dict) -> bool:
+    return weight_bits(m) == 2 and (not is_main(m) or m["config"]["method"] == "quantgpt")
+
+
+def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(label, bits tag) -> the runs of that variant (one per seed)."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for m in rows:
+        out.setdefault((label(m), m["config"]["bits"]), []).append(m)
+    return out
+
+
+def _ppls(runs: list[dict]) -> list[float]:
+    return [m["student"]["test_ppl"] for m in runs]
+
+
+def _cell(ppls: list[float]) -> str:
+    if not ppls:
+        return "-"
+    mean = statistics.fmean(ppls)
+    return f"{mean:.2f}" if len(ppls) == 1 else f"{mean:.2f} ± {statistics.stdev(ppls):.2f} ({len(ppls)} seeds)"
+
+
+def table(tasks: list[Task], keep, title: str) -> str:
+    """One row per (variant, bits) present in any task; PPL and ratio columns per task."""
+    groups = [_groups([m for m in t.rows if keep(m)]) for t in tasks]
+    keys = sorted({k for g in groups for k in g},
+                  key=lambda k: (-int(k[1][1:k[1].index("E")]),
+                                 statistics.fmean(_ppls(next(g[k] for g in groups if k in g)))))
+    head = [title, "bits (W-E-A)", "size (MiB)", "compression"]
+    for t in tasks:
+        head += [f"{t.name} PPL", f"{t.name} PPL / teacher"]
+    head.append("QAT time (s)")
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    first = next((r for t in tasks for r in t.rows), None)
+    if first is not None and title == "method":
+        cells = ["teacher (FP32)", "32-32-32", f"{first['size']['fp32_mib']:.2f}", "1.0x"]
+        for t in tasks:
+            cells += [f"{t.teacher_ppl:.2f}", "1.000"]
+        out.append("| " + " | ".join(cells + ["-"]) + " |")
+    for key in keys:
+        runs = [g.get(key, []) for g in groups]
+        any_run = next(r[0] for r in runs if r)
+        size = any_run["size"]
+        cells = [key[0], key[1][1:].replace("E", "-").replace("A", "-"), f"{size['quantized_mib']:.2f}",
+                 f"{size['compression']:.1f}x"]
+        for t, r in zip(tasks, runs):
+            p = _ppls(r)
+            cells += [_cell(p), f"{statistics.fmean(p) / t.teacher_ppl:.3f}" if p else "-"]
+        times = [m["wall_time_s"].get("student", float("nan")) for r in runs for m in r]
+        cells.append(f"{statistics.fmean(times):.0f}")
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
-def ablation_table(teacher: dict, rows: list[dict]) -> str:
-    t_ppl = teacher["teacher"]["test_ppl"]
-    abl = [m for m in rows if weight_bits(m) == 2 and (m["config"]["method"] not in MAIN_METHODS
-                                                        or m["config"].get("negatives", "teacher") != "teacher"
-                                                        or m["config"]["method"] == "quantgpt")]
-    out = ["| variant (W2E2A8) | bits (W-E-A) | size (MiB) | compression | test PPL | PPL / teacher | QAT time (s) |",
-           "|---|---|---|---|---|---|---|"]
-    for m in sorted(abl, key=lambda m: m["student"]["test_ppl"]):
-        out.append(_row(m, t_ppl))
-    return "\n".join(out)
-
-
-def _row(m: dict, t_ppl: float) -> str:
-    tag = m["config"]["bits"][1:].replace("E", "-").replace("A", "-")
-    s, p = m["size"], m["student"]["test_ppl"]
-    return (f"| {label(m)} | {tag} | {s['quantized_mib']:.2f} | {s['compression']:.1f}x | {p:.2f} | "
-            f"{p / t_ppl:.3f} | {m['wall_time_s'].get('student', float('nan')):.0f} |")
-
-
-def plot(teacher: dict, rows: list[dict], path: Path) -> None:
+def plot(tasks: list[Task], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    by_method: dict[str, list[tuple[int, float]]] = {}
-    for m in rows:
-        if m["config"].get("negatives", "teacher") == "teacher":
-            by_method.setdefault(m["config"]["method"], []).append((weight_bits(m), m["student"]["test_ppl"]))
-    for name, pts in sorted(by_method.items()):
-        pts.sort()
-        ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", label=name)
-    ax.axhline(teacher["teacher"]["test_ppl"], color="k", ls="--", label="teacher (FP32)")
-    ax.set_xlabel("weight / embedding bits")
-    ax.set_ylabel("test perplexity")
-    ax.set_yscale("log")
-    ax.set_xticks(sorted({weight_bits(m) for m in rows}))
-    ax.legend(fontsize=7)
-    ax.set_title(f"{teacher['config']['model']} on {teacher['config']['task']}")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        by_method: dict[str, dict[int, list[float]]] = {}
+        for m in t.rows:
+            if m["config"].get("negatives", "teacher") == "teacher":
+                by_method.setdefault(m["config"]["method"], {}).setdefault(weight_bits(m), []).append(
+                    m["student"]["test_ppl"])
+        for name, pts in sorted(by_method.items()):
+            bits = sorted(pts)
+            ax.plot(bits, [statistics.fmean(pts[b]) for b in bits], marker="o", label=name)
+        ax.axhline(t.teacher_ppl, color="k", ls="--", label="teacher (FP32)")
+        ax.set_xlabel("weight / embedding bits")
+        ax.set_ylabel("test perplexity")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({weight_bits(m) for m in t.rows}))
+        ax.legend(fontsize=7)
+        ax.set_title(f"{t.teacher['config']['model']} on {t.name}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("root", type=Path)
+    ap.add_argument("roots", type=Path, nargs="+", help="comparison directories, one per task")
+    ap.add_argument("--out", type=Path, default=None, help="where table.md and the PNG go (default: first root)")
     args = ap.parse_args()
-    teacher, rows = load_rows(args.root)
-    text = (f"## Methods\n\n{main_table(teacher, rows)}\n\n## Ablations\n\n{ablation_table(teacher, rows)}\n")
+    tasks = [load_task(r) for r in args.roots]
+    out = args.out or args.roots[0]
+    out.mkdir(parents=True, exist_ok=True)
+    text = (f"## Methods\n\n{table(tasks, is_main, 'method')}\n\n"
+            f"## Ablations\n\n{table(tasks, is_ablation, 'variant (W2E2A8)')}\n")
     print(text)
-    (args.root / "table.md").write_text(text)
-    if rows:
-        plot(teacher, rows, args.root / "ppl_vs_bits.png")
-        print(f"wrote {args.root / 'table.md'} and {args.root / 'ppl_vs_bits.png'}")
+    (out / "table.md").write_text(text)
+    if any(t.rows for t in tasks):
+        plot(tasks, out / "ppl_vs_bits.png")
+        print(f"wrote {out / 'table.md'} and {out / 'ppl_vs_bits.png'}")
 
 
 if __name__ == "__main__":

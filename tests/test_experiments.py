@@ -25,8 +25,8 @@ def test_bpe_tokenizer_trained_on_the_train_split_round_trips(tmp_path):
     assert load_tokenizer(str(tmp_path))(sample)["input_ids"] == ids
 
 
-def _metrics(method, bits, ppl, stage="quantize", negatives="teacher"):
-    return {"config": {"stage": stage, "model": "m", "task": "t", "method": method, "bits": f"W{bits}E{bits}A8",
+def _metrics(method, bits, ppl, stage="quantize", negatives="teacher", task="t"):
+    return {"config": {"stage": stage, "model": "m", "task": task, "method": method, "bits": f"W{bits}E{bits}A8",
                        "negatives": negatives},
             "teacher": {"test_ppl": 10.0}, "student": {"test_ppl": ppl},
             "size": {"fp32_mib": 20.0, "quantized_mib": 20.0 * bits / 32, "compression": 32 / bits},
@@ -55,6 +55,36 @@ def test_table_script_builds_main_and_ablation_tables(tmp_path):
     assert (tmp_path / "table.md").is_file() and (tmp_path / "ppl_vs_bits.png").stat().st_size > 1000
 
 
+def _write_task(root, task, teacher_ppl, runs):
+    (root / "teacher").mkdir(parents=True)
+    teacher = _metrics("quantgpt", 32, 0, stage="teacher", task=task)
+    teacher["teacher"]["test_ppl"] = teacher_ppl
+    del teacher["student"]
+    (root / "teacher" / "metrics.json").write_text(json.dumps(teacher))
+    for i, (method, bits, ppl) in enumerate(runs):
+        d = root / "sweep" / str(i)
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(_metrics(method, bits, ppl, task=task)))
+
+
+def test_table_aggregates_seeds_and_puts_tasks_side_by_side(tmp_path):
+    # wikitext2: quantgpt at three seeds (mean 12, sample std 1), lsq once; ptb: both once, no W4 run
+    _write_task(tmp_path / "a", "wikitext2", 10.0,
+                [("quantgpt", 2, 11.0), ("quantgpt", 2, 12.0), ("quantgpt", 2, 13.0), ("lsq", 2, 15.0),
+                 ("lsq", 4, 10.5)])
+    _write_task(tmp_path / "b", "ptb", 20.0, [("quantgpt", 2, 30.0), ("lsq", 2, 25.0)])
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "table.py"), str(tmp_path / "a"),
+                           str(tmp_path / "b"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    main = proc.stdout.split("## Ablations")[0]
+    assert "| method | bits (W-E-A) | size (MiB) | compression | wikitext2 PPL | wikitext2 PPL / teacher | ptb PPL |" in main
+    assert "| teacher (FP32) | 32-32-32 | 20.00 | 1.0x | 10.00 | 1.000 | 20.00 | 1.000 | - |" in main
+    assert "| quantgpt | 2-2-8 | 1.25 | 16.0x | 12.00 ± 1.00 (3 seeds) | 1.200 | 30.00 | 1.500 | 5 |" in main
+    assert "| lsq | 4-4-8 | 2.50 | 8.0x | 10.50 | 1.050 | - | - | 5 |" in main
+    assert main.index("| quantgpt | 2-2-8") < main.index("| lsq | 2-2-8")  # sorted by the first task's PPL
+    assert (tmp_path / "out" / "table.md").is_file() and (tmp_path / "out" / "ppl_vs_bits.png").is_file()
+
+
 @pytest.mark.slow
 def test_compare_harness_end_to_end_tiny(tmp_path):
     """compare.py: teacher once, a 2-method multirun from it, the table; tiny sizes."""
@@ -68,3 +98,12 @@ def test_compare_harness_end_to_end_tiny(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| quantgpt | 2-2-8 |" in proc.stdout and "| minmax | 2-2-8 |" in proc.stdout
     assert (tmp_path / "wt2_small" / "teacher" / "teacher" / "config.json").is_file()
+    # a second seed of one method: its own sweep from the same teacher, aggregated in the table
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "compare.py"), "--experiment", "wt2_small",
+                           "--methods", "quantgpt", "--seeds", "7", "--results", str(tmp_path), *tiny,
+                           "task.bpe_vocab_size=500", "logger=none"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage=teacher" not in proc.stdout  # teacher reused
+    assert (tmp_path / "wt2_small" / "methods_w2_quantgpt_seeds7" / "0" / "metrics.json").is_file()
+    assert "(2 seeds)" in proc.stdout
