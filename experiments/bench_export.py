@@ -10,7 +10,7 @@ Each (model, mode) runs in its own subprocess, so resident memory (RSS) is not s
   (FP32 from_pretrained memory-maps the file, so RSS right after loading understates it);
 - weights MiB: bytes of the tensors the model holds (parameters + buffers, shared ones once);
 - fwd tok/s: one forward of a batch of 1 x --seq tokens (BART: same length encoder and decoder);
-- gen tok/s: greedy HF generate of --new tokens after a --prompt token prompt (KV cache on);
+- gen tok/s: greedy HF generate of --new tokens after a --prompt token prompt (KV cache on), best of --repeat;
 - gen CPU ms/tok: process CPU time (all threads) per generated token, same run.
 Also times the candidate int8 kernels on one 768x3072 layer (--kernels).
 """
@@ -40,10 +40,13 @@ def rss() -> int:
 
 
 def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers, shared tensors once (oneDNN's prepacked int8 weights are
+    opaque tensors without a data pointer: counted by their element count)."""
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        key = id(t) if t.is_mkldnn else t.data_ptr()
+        if key not in seen:
+            seen.add(key)
             total += t.numel() * t.element_size()
     return total
 
@@ -85,7 +88,7 @@ def worker(args: argparse.Namespace) -> None:
     with torch.inference_mode():
         fwd = _timeit(lambda: model(input_ids=seq, **kw), args.repeat)
         g = _timeit(lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new,
-                                           min_new_tokens=args.new, do_sample=False, pad_token_id=0), max(1, args.repeat // 2))
+                                           min_new_tokens=args.new, do_sample=False, pad_token_id=0), args.repeat)
     # after running: from_pretrained memory-maps safetensors, so FP32 weights become resident
     # only when first used; this is the steady-state inference footprint
     rss_run = rss() - base
@@ -95,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def kernels(threads: int) -> list[str]:
-    """Median time of one 768 -> 3072 layer with each candidate CPU kernel."""
+    """Median time of one 768 -> 3072 layer with each candidate CPU kernel (torchao's if installed)."""
     import warnings
 
     from qgplm.export.int8 import Int8Linear
@@ -105,18 +108,31 @@ def kernels(threads: int) -> list[str]:
     k, n = 768, 3072
     lin = torch.nn.Linear(k, n).eval()
     codes = torch.randint(-1, 2, (n, k), dtype=torch.int8)
-    i8 = Int8Linear(codes, torch.tensor(0.01), lin.bias, ActivationQuantizer(8))
+    cands = {"fp32 F.linear": lin}
+    for kernel in ("onednn", "int_mm"):
+        cands[f"qgplm Int8Linear {kernel}"] = Int8Linear(codes, torch.tensor(0.01), lin.bias, ActivationQuantizer(8), kernel)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dyn = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
-    out = ["| rows M | fp32 F.linear us | qgplm Int8Linear (_int_mm + act quant) us | raw _int_mm us | quantize_dynamic (fbgemm) us |",
-           "|---|---|---|---|---|"]
+        cands["quantize_dynamic (fbgemm)"] = torch.ao.quantization.quantize_dynamic(
+            torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+        try:
+            import copy
+
+            import torchao.quantization as tq
+
+            for cfg in ("Int8DynamicActivationInt8WeightConfig", "Int8DynamicActivationIntxWeightConfig"):
+                m = copy.deepcopy(torch.nn.Sequential(lin))
+                tq.quantize_(m, getattr(tq, cfg)())
+                cands[f"torchao {cfg}"] = m
+        except ImportError:
+            pass
+    out = ["| rows M | " + " | ".join(f"{c} us" for c in cands) + " | raw _int_mm us |",
+           "|---|" + "---|" * (len(cands) + 1)]
     for m in (1, 16, 128):
         x = torch.randn(m, k)
         q = torch.randint(-128, 127, (m, k), dtype=torch.int8)
         with torch.inference_mode():
-            ts = [_median(lambda: lin(x)), _median(lambda: i8(x)), _median(lambda: torch._int_mm(q, codes.t())),
-                  _median(lambda: dyn(x))]
+            ts = [_median(lambda f=f: f(x)) for f in cands.values()] + [_median(lambda: torch._int_mm(q, codes.t()))]
         out.append(f"| {m} | " + " | ".join(f"{t * 1e6:.0f}" for t in ts) + " |")
     return out
 
@@ -134,7 +150,8 @@ def _median(fn, n: int = 50) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["gpt2", "bart"])
-    ap.add_argument("--modes", nargs="+", default=["fp32", "dequantize", "int8"])
+    ap.add_argument("--modes", nargs="+", default=["fp32", "dequantize", "int8", "int8_compact"],
+                    help="int8_compact: int8 mode on an export with position_bits=8 fp16=true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=16)
@@ -162,10 +179,13 @@ def main() -> None:
             model.save_pretrained(Path(tmp) / f"{name}-fp32")
             export_model(model, Path(tmp) / f"{name}-w2e2", quant_config=QuantConfig(
                 weight_bits=2, embedding_bits=2, quantizer_kwargs={"gamma_init": "fixed"}))
+            if "int8_compact" in args.modes:
+                export_model(model, Path(tmp) / f"{name}-w2e2c", position_bits=8, fp16=True, quant_config=QuantConfig(
+                    weight_bits=2, embedding_bits=2, quantizer_kwargs={"gamma_init": "fixed"}))
             del model
             for mode in args.modes:
-                d = Path(tmp) / (f"{name}-fp32" if mode == "fp32" else f"{name}-w2e2")
-                cmd = [sys.executable, __file__, "--worker", "--model", name, "--mode", mode, "--dir", str(d),
+                d = Path(tmp) / {"fp32": f"{name}-fp32", "int8_compact": f"{name}-w2e2c"}.get(mode, f"{name}-w2e2")
+                cmd = [sys.executable, __file__, "--worker", "--model", name, "--mode", mode.removesuffix("_compact"), "--dir", str(d),
                        "--threads", str(args.threads), "--seq", str(args.seq), "--prompt", str(args.prompt),
                        "--new", str(args.new), "--repeat", str(args.repeat)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -175,13 +195,14 @@ def main() -> None:
                 rows.append((name, mode, r))
                 print(name, mode, r, flush=True)
     print(f"\nthreads={args.threads}, forward 1x{args.seq} tokens, generate {args.new} tokens after {args.prompt}")
-    print("| model | mode | load s | RSS MiB | weights MiB | fwd tok/s | gen tok/s | gen CPU ms/tok | gen speed-up vs FP32 (wall) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | mode | load s | RSS MiB | weights MiB | weights vs FP32 | fwd tok/s | fwd speed-up | gen tok/s "
+          "| gen CPU ms/tok | gen speed-up vs FP32 (wall) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, mode, r in rows:
-        ref = next(x for n, m, x in rows if n == name and m == "fp32") if any(
-            n == name and m == "fp32" for n, m, _ in rows) else r
-        print(f"| {name} | {mode} | {r['load_s']:.2f} | {r['rss_mib']:.0f} | {r['weights_mib']:.0f} | "
-              f"{r['fwd_tok_s']:.0f} | {r['gen_tok_s']:.1f} | {r['gen_cpu_ms_tok']:.0f} | "
+        ref = next((x for n, m, x in rows if n == name and m == "fp32"), r)
+        print(f"| {name} | {mode} | {r['load_s']:.2f} | {r['rss_mib']:.0f} | {r['weights_mib']:.1f} | "
+              f"{ref['weights_mib'] / r['weights_mib']:.2f}x | {r['fwd_tok_s']:.0f} | "
+              f"{r['fwd_tok_s'] / ref['fwd_tok_s']:.2f}x | {r['gen_tok_s']:.1f} | {r['gen_cpu_ms_tok']:.0f} | "
               f"{r['gen_tok_s'] / ref['gen_tok_s']:.2f}x |")
     if not args.no_kernels:
         print(f"\nint8 kernel candidates, one 768x3072 layer, threads={args.threads} (median of 50):")

@@ -19,7 +19,8 @@ import qgplm
 from qgplm.errors import QgplmError
 from qgplm.export import export_model, load_export_tokenizer, load_quantized
 from qgplm.export.format import MANIFEST, WEIGHTS
-from qgplm.export.int8 import Int8Embedding, Int8Linear
+from qgplm.export.int8 import KERNELS, Int8Embedding, Int8Linear
+from qgplm.quant import ActivationQuantizer
 from qgplm.export.pack import code_range, pack_codes, packed_nbytes, unpack_codes
 from qgplm.models.loading import load_tokenizer
 from qgplm.quant import QuantConfig, initialize_quantizers, quantize_model, quantized_modules
@@ -223,10 +224,47 @@ def test_int8_mode_matches_student(tmp_path, bits, symmetric):
     kinds = {type(m) for m in m8.modules()}
     assert Int8Linear in kinds and Int8Embedding in kinds
     assert m8.lm_head.codes is m8.transformer.wte.codes  # tied head shares the int8 codes
-    assert m8.transformer.h[0].mlp.c_fc.codes.dtype == torch.int8
+    assert m8.lm_head.kernel == "int_mm" and m8.transformer.h[0].mlp.c_fc.kernel == "onednn"
+    assert not hasattr(m8.transformer.h[0].mlp.c_fc, "codes")  # the prepacked copy only
     ids = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(logits(m8, "gpt2", ids), logits(s, "gpt2", ids), atol=1e-4, rtol=1e-4)
     assert abs(_ppl(m8, ids) / _ppl(s, ids) - 1) < 0.01
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_int8_linear_kernels_match_hand_computed(symmetric, per_row):
+    """Both integer kernels against x_q @ (codes * step)^T + b computed in float64 by hand."""
+    codes = torch.tensor([[1, -2, 0], [-1, 1, 1]], dtype=torch.int8)
+    step = torch.tensor([[0.5], [0.25]]) if per_row else torch.tensor(0.5)
+    bias = torch.tensor([0.1, -0.2])
+    x = torch.tensor([[[0.3, -1.2, 2.0], [1.0, 0.0, -0.5]]])  # [1, 2, 3]
+    if symmetric:  # step_x = max|x| / 127
+        sx = 2.0 / 127
+        xq = torch.round(x.double() / sx).clamp(-127, 127) * sx
+    else:  # step_x = (max - min) / 255, zero = round(-min / step_x)
+        sx = 3.2 / 255
+        z = round(1.2 / sx)
+        xq = (torch.round(x.double() / sx) + z).clamp(0, 255).sub(z) * sx
+    w = codes.double() * step.double()
+    expected = xq @ w.t() + bias.double()
+    for kernel in KERNELS:
+        lin = Int8Linear(codes, step.float(), bias, ActivationQuantizer(8, symmetric=symmetric), kernel)
+        assert lin.kernel == kernel
+        for reps in (1, 10):  # 2 rows and 20 rows: int_mm's two operand orders
+            torch.testing.assert_close(lin(x.repeat(1, reps, 1)).double(), expected.repeat(1, reps, 1),
+                                       atol=1e-6, rtol=1e-6)
+
+
+def test_int8_mode_keeps_8bit_position_embeddings_as_codes(tmp_path):
+    s = student("gpt2", 2)
+    export_model(s, tmp_path / "e", position_bits=8, fp16=True)
+    m8 = load_quantized(tmp_path / "e", mode="int8")
+    wpe = m8.transformer.wpe
+    assert isinstance(wpe, Int8Embedding) and wpe.codes.dtype == torch.int8 and wpe.step.shape == (wpe.num_embeddings, 1)
+    ref = load_quantized(tmp_path / "e")  # dequantize mode: the same 8-bit positions as floats
+    assert type(ref.transformer.wpe) is torch.nn.Embedding
+    torch.testing.assert_close(logits(m8, "gpt2", IDS), logits(ref, "gpt2", IDS), atol=1e-4, rtol=1e-4)
 
 
 def test_int8_bart_generates(tmp_path):

@@ -1,16 +1,27 @@
 """int8 inference: integer codes in memory, 8-bit activations quantized on the fly, int32 matmuls.
 
-Kernel: `torch._int_mm` (int8 x int8 -> int32, available on CPU). It lets the activation
-quantization be exactly the student's (dynamic per-tensor min-max, asymmetric with a zero point),
-which the fbgemm dynamic-quantized Linear of `torch.ao.quantization.quantize_dynamic` does not
-(it picks its own 7-bit reduced-range activation scale; its API is also deprecated); see the
-README for the measurements behind the choice.
+Activations are quantized with exactly the student's rule (dynamic per-tensor min-max, asymmetric
+with a zero point, or symmetric), then multiplied with the int8 weight codes by one of two CPU
+integer kernels, picked by measurement (README, `experiments/bench_export.py --kernels`):
 
-Asymmetric 8-bit activations q in [0, 255] with zero point z do not fit int8, so they are shifted:
-    x_q = (q - z) * s_x = (q' + c) * s_x      with q' = q - 128 in int8 and c = 128 - z
-    x_q @ W_q^T = s_x * s_w * (q' @ C^T + c * rowsum(C))       (C: int8 weight codes)
-The bracket is computed exactly in int32; only the final scaling is float, so the result equals
-the fake-quant student's up to float rounding of the accumulation order.
+- "onednn" (default for a layer that owns its codes): `torch.ops.onednn.qlinear_pointwise`, the
+  oneDNN u8 x s8 -> s32 kernel PyTorch's x86 inductor quantization lowers to. It takes plain
+  uint8 activations with their scale and zero point, per-tensor or per-row weight scales and the
+  bias, so the zero point and the scaling are folded in by the kernel. On the 2-core dev CPU, one
+  768x3072 layer: 47 us at 1 row vs 112 us for `torch._int_mm`, 178 vs 239 us at 128 rows.
+  Its prepacked weight is an opaque oneDNN tensor, so it cannot be shared with an embedding.
+- "int_mm": `torch._int_mm` (int8 x int8 -> int32) on the int8 codes themselves; used by a tied
+  LM head, whose codes are the token embedding's (one copy in memory), and where oneDNN is absent.
+  Asymmetric 8-bit activations q in [0, 255] with zero point z do not fit int8, so they are shifted:
+      x_q = (q - z) * s_x = (q' + c) * s_x      with q' = q - 128 in int8 and c = 128 - z
+      x_q @ W_q^T = s_x * s_w * (q' @ C^T + c * rowsum(C))       (C: int8 weight codes)
+  The bracket is computed exactly in int32; only the final scaling is float.
+
+Both give the fake-quant student's result up to float rounding of the final scaling. Rejected by
+measurement: fbgemm's dynamic quantized linear (`quantize_dynamic`; picks its own reduced-range
+activation scale, and its quantized-tensor API is deprecated in torch 2.13) and torchao 0.18's
+int8-activation configs, which run eager on this CPU at 299 us (int8 weights) and 1374 us (intx
+weights, no x86 low-bit kernel) for the same layer.
 """
 
 from __future__ import annotations
@@ -22,6 +33,28 @@ from torch import Tensor, nn
 from qgplm.quant.functional import EPS, levels
 from qgplm.quant.modules import QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch build has oneDNN's quantized linear (x86 and aarch64 CPU builds)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def quantize_activation_u8(x: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, float, int]:
+    """(uint8 q, scale, zero point) with x_q = (q - zero) * scale: the rounding of
+    `minmax_activation_quantize` (same formulas, same float ops); symmetric codes are stored
+    shifted by 128, an exact change of zero point."""
+    if symmetric:
+        n = levels(bits)
+        step = (x.abs().amax() / n).clamp_min(EPS)
+        q = torch.round(x / step).clamp_(-n, n).add_(128)
+        return q.to(torch.uint8), step.item(), 128
+    lo, hi = torch.aminmax(x)
+    qmax = 2**bits - 1
+    step = ((hi - lo) / qmax).clamp_min(EPS)
+    zero = torch.round(-lo / step)
+    q = torch.round(x / step).add_(zero).clamp_(0, qmax)
+    return q.to(torch.uint8), step.item(), int(zero.item())
 
 
 def quantize_activation(x: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -40,36 +73,61 @@ def quantize_activation(x: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, 
     return (q - 128).to(torch.int8), (128 - zero).to(torch.int32), step
 
 
-class Int8Linear(nn.Module):
-    """y = dequant(int_mm(quant8(x), codes^T)) + bias, for nn.Linear and GPT-2's Conv1D.
+KERNELS = ("onednn", "int_mm")
 
-    `codes` is [out, in] int8 (the quantizer's orientation; shared with a tied embedding),
-    `step` the weight step (scalar, or [out, 1] per row).
+
+class Int8Linear(nn.Module):
+    """y = dequant(intmatmul(quant8(x), codes^T)) + bias, for nn.Linear and GPT-2's Conv1D.
+
+    `codes` is [out, in] int8 (the quantizer's orientation), `step` the weight step (scalar, or
+    [out, 1] per row). kernel="onednn" holds oneDNN's prepacked copy of the codes and drops them;
+    kernel="int_mm" holds the codes themselves (so a tied LM head shares the embedding's).
     """
 
-    def __init__(self, codes: Tensor, step: Tensor, bias: Tensor | None, act: ActivationQuantizer):
+    def __init__(self, codes: Tensor, step: Tensor, bias: Tensor | None, act: ActivationQuantizer,
+                 kernel: str = "onednn"):
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel={kernel!r}: choose one of {', '.join(KERNELS)}")
+        if kernel == "onednn" and (not onednn_available() or codes.device.type != "cpu"):
+            kernel = "int_mm"
+        self.kernel = kernel
         self.out_features, self.in_features = codes.shape
-        self.register_buffer("codes", codes)
-        self.register_buffer("step", step.reshape(-1))  # [1] or [out]
-        self.register_buffer("rowsum", codes.sum(dim=1, dtype=torch.int32))
+        self.register_buffer("step", step.reshape(-1).float())  # [1] or [out]
+        if kernel == "onednn":
+            # opaque oneDNN layout; rebuilt from the export at load time, never saved
+            self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(codes, None), persistent=False)
+            self.register_buffer("zero", torch.zeros_like(self.step, dtype=torch.int32), persistent=False)
+        else:
+            self.register_buffer("codes", codes)
+            self.register_buffer("rowsum", codes.sum(dim=1, dtype=torch.int32))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.act_bits, self.act_symmetric = act.bits, act.symmetric
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape[:-1] + (self.out_features,)
+        if self.kernel == "onednn":
+            q, sx, zx = quantize_activation_u8(x.reshape(-1, self.in_features), self.act_bits, self.act_symmetric)
+            out = torch.ops.onednn.qlinear_pointwise(q, sx, zx, self.packed, self.step, self.zero, self.bias,
+                                                     1.0, 0, x.dtype, "none", [], "")
+            return out.view(shape)
         x2 = x.reshape(-1, self.in_features)
         q, c, sx = quantize_activation(x2, self.act_bits, self.act_symmetric)
-        acc = torch._int_mm(q, self.codes.t())
+        if q.shape[0] < 16 or self.out_features >= 16 * self.in_features:
+            # codes @ q^T: oneDNN is faster with the long dimension as rows (measured on the 2-core
+            # CPU: LM head 50257x768 at 1 row 1.36 vs 2.00 ms, at 128 rows 6.0 vs 22 ms)
+            acc = torch._int_mm(self.codes, q.t().contiguous()).t()
+        else:
+            acc = torch._int_mm(q, self.codes.t())
         if not self.act_symmetric:
             acc = acc + c * self.rowsum
         out = acc.to(x.dtype) * (sx * self.step)
         if self.bias is not None:
             out = out + self.bias
-        return out.view(shape)
+        return out.reshape(shape)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, act_bits={self.act_bits}"
+        return f"in={self.in_features}, out={self.out_features}, act_bits={self.act_bits}, kernel={self.kernel}"
 
 
 class Int8Embedding(nn.Module):
@@ -95,8 +153,15 @@ class Int8Embedding(nn.Module):
         return out if self.embed_scale is None else out * self.embed_scale
 
 
-def convert_int8(model: nn.Module, codes_of: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
-    """Replace the loaded quantized layers by int8 ones in place (codes shared between tied layers)."""
+def convert_int8(model: nn.Module, codes_of: dict[str, tuple[Tensor, Tensor]], kernel: str = "onednn") -> nn.Module:
+    """Replace the loaded quantized layers by int8 ones in place. Codes used by more than one
+    layer (a tied LM head and its embedding) are held once, as int8, so their linear layer runs
+    on `torch._int_mm`; the other linear layers use `kernel`."""
+    users: dict[str, set[int]] = {}
+    for mod in model.modules():
+        key = getattr(getattr(mod, "weight_quantizer", None), "export_key", None)
+        if key is not None:
+            users.setdefault(key, set()).add(id(mod))
     built: dict[int, nn.Module] = {}
     swaps = []
     for name, mod in model.named_modules(remove_duplicate=False):
@@ -111,7 +176,8 @@ def convert_int8(model: nn.Module, codes_of: dict[str, tuple[Tensor, Tensor]]) -
             if isinstance(mod, QuantEmbedding):
                 built[id(mod)] = Int8Embedding(codes, step, mod.padding_idx, mod.embed_scale)
             else:
-                built[id(mod)] = Int8Linear(codes, step, mod.bias, aq)
+                shared = len(users[key]) > 1
+                built[id(mod)] = Int8Linear(codes, step, mod.bias, aq, "int_mm" if shared else kernel)
         swaps.append((name, built[id(mod)]))
     for name, new in swaps:
         parent, _, child = name.rpartition(".")

@@ -120,6 +120,22 @@ def _int8_keys(manifest: dict[str, Any]) -> set[str]:
     return yes - no
 
 
+def _int8_lookup_tables(model: nn.Module, manifest: dict[str, Any]) -> dict[str, str]:
+    """Packed tensors outside any quantized layer (position embeddings exported with
+    `position_bits=8`) that int8 mode keeps as codes: module name -> key, for plain nn.Embedding
+    modules only (a subclass with its own forward, like BART's learned positions, is dequantized)."""
+    used = {e["weight"] for e in manifest["modules"].values()}
+    out: dict[str, str] = {}
+    for key, entry in manifest["packed"].items():
+        if key in used or entry["transposed"]:
+            continue
+        names = [a.removesuffix(".weight") for a in entry["aliases"]]
+        if all(a.endswith(".weight") for a in entry["aliases"]) and all(
+                type(model.get_submodule(n)) is nn.Embedding for n in names):
+            out.update(dict.fromkeys(names, key))
+    return out
+
+
 def load_quantized(export_dir: str | Path, mode: str = "dequantize") -> nn.Module:
     """A ready HF model (eval mode; `generate` works) from a qgplm export directory."""
     if mode not in MODES:
@@ -131,7 +147,8 @@ def load_quantized(export_dir: str | Path, mode: str = "dequantize") -> nn.Modul
 
     state: dict[str, Tensor] = {}
     codes_of: dict[str, tuple[Tensor, Tensor]] = {}
-    skip = _int8_keys(manifest) if mode == "int8" else set()
+    tables = _int8_lookup_tables(model, manifest) if mode == "int8" else {}
+    skip = _int8_keys(manifest) | set(tables.values()) if mode == "int8" else set()
     for key, entry in manifest["packed"].items():
         codes, step = decode(tensors, key, entry)
         codes_of[key] = (codes, step)
@@ -160,9 +177,14 @@ def load_quantized(export_dir: str | Path, mode: str = "dequantize") -> nn.Modul
     _install_quant_layers(model, manifest, codes_of)
     model.eval()
     if mode == "int8":
-        from qgplm.export.int8 import convert_int8
+        from qgplm.export.int8 import Int8Embedding, convert_int8
 
         convert_int8(model, codes_of)
+        for name, key in tables.items():
+            parent, _, child = name.rpartition(".")
+            old = model.get_submodule(name)
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    Int8Embedding(*codes_of[key], old.padding_idx, None))
     return model
 
 
