@@ -48,7 +48,7 @@ def measure(setting: str, a: argparse.Namespace) -> dict:
         module = TeacherModule(teacher, optim, a.steps)
     else:
         quantizer = "minmax" if setting == "kd_only" else "quantgpt"
-        student = quantize_model(copy.deepcopy(teacher), QuantConfig(2, 2, 8, quantizer=quantizer))
+        student = quantize_model(copy.deepcopy(teacher), QuantConfig(weight_bits=2, embedding_bits=2, activation_bits=8, quantizer=quantizer))
         initialize_quantizers(student)
         distill = DistillConfig(contrastive_weight=0.1 if setting == "quantgpt" else 0.0)
         module = DistillModule(student, teacher, distill, optim, a.steps).to(dev)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qgplm.errors import QgplmError
-from qgplm.quant.config import QuantConfig
+from qgplm.quant.config import QuantConfig, QuantRecipe
 
 STAGES = ("teacher", "quantize", "pipeline")
 MODEL_KINDS = ("causal", "seq2seq")
@@ -108,16 +108,11 @@ class WarmupConfig:
     ramp_steps: int = 0
 
 
-@dataclass
-class MethodConfig:
+@dataclass(kw_only=True)
+class MethodConfig(QuantRecipe):
+    """A `method=` config: the quantization recipe (its fields) plus the losses and the warm-up."""
+
     name: str
-    quantizer: str = "quantgpt"
-    quantizer_kwargs: dict[str, Any] = field(default_factory=dict)
-    per_row: bool = False
-    activation_symmetric: bool = False
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    quantize_attention: bool = False  # 8-bit inputs of the attention score / value matmuls
     distill: DistillConfig = field(default_factory=DistillConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
@@ -128,11 +123,7 @@ class MethodConfig:
         self.distill.validate()
 
     def quant_config(self, bits: BitsConfig) -> QuantConfig:
-        base = QuantConfig(quantizer=self.quantizer, quantizer_kwargs=dict(self.quantizer_kwargs),
-                           per_row=self.per_row, activation_symmetric=self.activation_symmetric,
-                           include=list(self.include), exclude=list(self.exclude),
-                           quantize_attention=self.quantize_attention)
-        return bits.quant_config(base)
+        return bits.quant_config(QuantConfig(**self.recipe()))
 
 
 @dataclass

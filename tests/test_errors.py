@@ -341,8 +341,6 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch
 
 def test_negative_gamma_is_clamped_and_warned_once(tiny_cfg, tmp_path):
     """A scale LR so high that gamma goes <= 0: clamped positive, one warning, the run finishes."""
-    from qgplm.quant import WeightQuantizer
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = _run(tiny_cfg("student.optim.scale_lr=1000", "student.optim.warmup_steps=0", "stage=pipeline",

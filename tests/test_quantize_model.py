@@ -508,14 +508,14 @@ def test_quantize_attention_flag_is_exact_eager_when_disabled_and_quantizes_when
         mask = torch.ones(2, 10, dtype=torch.long)
         mask[0, :3] = 0
         ref = model(x, attention_mask=mask).logits
-        q = quantize_model(_copy.deepcopy(model), QuantConfig(2, 2, 8, quantize_attention=True))
+        q = quantize_model(_copy.deepcopy(model), QuantConfig(weight_bits=2, embedding_bits=2, activation_bits=8, quantize_attention=True))
         initialize_quantizers(q)
         attn = [m for m in q.modules() if hasattr(m, "attn_act_quantizer")]
         assert attn and all(isinstance(m.attn_act_quantizer, ActivationQuantizer) for m in attn)
         with quantization_disabled(q):
             assert torch.equal(q(x, attention_mask=mask).logits, ref)
         # weights quantized only vs weights + attention matmuls quantized: different outputs
-        q_plain = quantize_model(_copy.deepcopy(model), QuantConfig(2, 2, 8))
+        q_plain = quantize_model(_copy.deepcopy(model), QuantConfig(weight_bits=2, embedding_bits=2, activation_bits=8))
         q_plain.load_state_dict(q.state_dict(), strict=False)
         assert not torch.equal(q(x).logits, q_plain(x).logits)
 
@@ -523,7 +523,7 @@ def test_quantize_attention_flag_is_exact_eager_when_disabled_and_quantizes_when
 def test_quantize_attention_off_by_default_keeps_the_attention_implementation():
     m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=30))
     impl = m.config._attn_implementation
-    quantize_model(m, QuantConfig(2, 2, 8))
+    quantize_model(m, QuantConfig(weight_bits=2, embedding_bits=2, activation_bits=8))
     assert m.config._attn_implementation == impl
     assert not any(hasattr(mod, "attn_act_quantizer") for mod in m.modules())
 

@@ -237,7 +237,7 @@ def _tiny_bart_pair():
     teacher = BartForConditionalGeneration(cfg).eval()
     import copy
 
-    student = quantize_model(copy.deepcopy(teacher), QuantConfig(2, 2, 8))
+    student = quantize_model(copy.deepcopy(teacher), QuantConfig(weight_bits=2, embedding_bits=2, activation_bits=8))
     batch = {"input_ids": torch.randint(3, 50, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long),
              "labels": torch.tensor([[5, 6, 7, 2, -100], [8, 9, 10, 11, 2]])}
     return teacher, student, batch

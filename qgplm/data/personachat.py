@@ -28,13 +28,11 @@ import random
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 
 from qgplm.config import TaskConfig
+from qgplm.data.examples import ExampleDataModule
 from qgplm.data.lm import IGNORE_INDEX
-from qgplm.data.sampling import resumable_loader
 from qgplm.errors import QgplmError
 
 DEFAULT_FILE = "personachat_self_original.json"
@@ -70,7 +68,7 @@ def load_dialogs(task: TaskConfig) -> dict[str, list[dict[str, Any]]]:
     return {"train": train[n_valid:], "valid": train[:n_valid], "test": list(data.get("test", data["valid"]))}
 
 
-class PersonaChatDataModule(pl.LightningDataModule):
+class PersonaChatDataModule(ExampleDataModule):
     kind = "next_utterance"
 
     def __init__(self, task: TaskConfig, tokenizer: Any, dialogs: dict[str, list[dict[str, Any]]], seed: int = 0):
@@ -141,19 +139,8 @@ class PersonaChatDataModule(pl.LightningDataModule):
         batch["gold"] = torch.tensor(gold)
         return batch
 
-    def train_dataloader(self) -> DataLoader:
-        return resumable_loader(self.turns["train"], self.task.batch_size, self.seed, self.task.num_workers,
-                                getattr(self, "trainer", None), drop_last=False, collate_fn=self.collate_train)
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self.turns[split], batch_size=self.task.eval_batch_size, collate_fn=self.collate_eval,
-                          num_workers=self.task.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("valid")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+    def rows(self, split: str) -> list[dict[str, Any]]:
+        return self.turns[split]
 
     def protocol(self) -> dict[str, Any]:
         cands = {s: sum(len(t["candidates"]) for t in v) / max(1, len(v)) for s, v in self.turns.items() if s != "train"}

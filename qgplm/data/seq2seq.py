@@ -32,13 +32,11 @@ import random
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 
 from qgplm.config import TaskConfig
+from qgplm.data.examples import ExampleDataModule
 from qgplm.data.lm import IGNORE_INDEX
-from qgplm.data.sampling import resumable_loader
 from qgplm.errors import QgplmError
 from qgplm.hub import hub_reachable
 
@@ -195,7 +193,7 @@ class Seq2SeqCollator:
                 "index": torch.tensor([r["index"] for r in rows], dtype=torch.long)}
 
 
-class Seq2SeqDataModule(pl.LightningDataModule):
+class Seq2SeqDataModule(ExampleDataModule):
     """Summarization batches: train shuffled; valid/test in order, each row carrying its `index`
     into `self.examples[split]` (to attach generated summaries to their references)."""
 
@@ -209,22 +207,11 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         self.collate = Seq2SeqCollator(tokenizer, task.max_source_length, task.max_target_length)
         self.max_positions = max(task.max_source_length, task.max_target_length)
 
-    def _rows(self, split: str) -> list[dict[str, Any]]:
+    def rows(self, split: str) -> list[dict[str, Any]]:
         return [{**ex, "index": i} for i, ex in enumerate(self.examples[split])]
 
-    def train_dataloader(self) -> DataLoader:
-        return resumable_loader(self._rows("train"), self.task.batch_size, self.seed, self.task.num_workers,
-                                getattr(self, "trainer", None), drop_last=False, collate_fn=self.collate)
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self._rows(split), batch_size=self.task.eval_batch_size, collate_fn=self.collate,
-                          num_workers=self.task.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("valid")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+    def collate_train(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return self.collate(rows)
 
     def protocol(self) -> dict[str, Any]:
         g = self.task.generation

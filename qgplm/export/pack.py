@@ -83,12 +83,10 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
         raise QgplmError(f"packed tensor has {packed.numel()} bytes, expected {packed_nbytes(numel, bits)} for "
                          f"{numel} {bits}-bit codes: the export is corrupt, export the model again")
     lo, _ = code_range(bits)
-    mask = (1 << bits) - 1
     if 8 % bits == 0:  # one table lookup per byte: byte -> its 8/b codes
         return torch.index_select(_byte_table(bits), 0, packed.to(torch.int32)).reshape(-1)[:numel]
-    else:
-        shifts = torch.arange(8, dtype=torch.uint8)
-        stream = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[: numel * bits].view(numel, bits)
-        weights = (torch.ones(bits, dtype=torch.int16) << torch.arange(bits, dtype=torch.int16))
-        u = (stream.to(torch.int16) * weights).sum(dim=1)
+    shifts = torch.arange(8, dtype=torch.uint8)
+    stream = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[: numel * bits].view(numel, bits)
+    weights = (torch.ones(bits, dtype=torch.int16) << torch.arange(bits, dtype=torch.int16))
+    u = (stream.to(torch.int16) * weights).sum(dim=1)
     return (u.to(torch.int16) + lo).to(torch.int8)

@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
-@dataclass
-class QuantConfig:
-    """Bit-widths and quantizer choice. `None` bits keeps that part in full precision.
+@dataclass(kw_only=True)
+class QuantRecipe:
+    """How to quantize, whatever the bit-widths: shared by `QuantConfig` and the `method=` config
+    group (`qgplm.config.MethodConfig`), so a method declares exactly the knobs `quantize_model` has.
 
-    weight_bits: Transformer linear / Conv1D weights (the "W" of WxEyAz).
-    embedding_bits: the token embedding and the tied LM head (the "E").
-    activation_bits: the input of every quantized linear layer and of the LM head (the "A").
     quantizer: registered weight quantizer name (`qgplm.quant.WEIGHT_QUANTIZERS`).
     quantizer_kwargs: passed to the quantizer's constructor (e.g. gamma_init, detach_mean).
     per_row: one scale per output row instead of one per tensor.
+    activation_symmetric: symmetric 8-bit activations (else asymmetric min-max with a zero point).
     include / exclude: regexes on module names (re.search); a module is swapped if it matches
         any include pattern (or include is empty) and no exclude pattern.
     quantize_attention: also quantize the inputs of the attention score and value matmuls to
         `activation_bits` (PAPER.md: off by default).
     """
 
-    weight_bits: int | None = 2
-    embedding_bits: int | None = 2
-    activation_bits: int | None = 8
     quantizer: str = "quantgpt"
     quantizer_kwargs: dict[str, Any] = field(default_factory=dict)
     per_row: bool = False
@@ -32,6 +29,24 @@ class QuantConfig:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     quantize_attention: bool = False
+
+    def recipe(self) -> dict[str, Any]:
+        """The recipe fields as fresh keyword arguments (lists and dicts copied)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(QuantRecipe)}
+
+
+@dataclass(kw_only=True)
+class QuantConfig(QuantRecipe):
+    """A recipe plus bit-widths. `None` bits keeps that part in full precision.
+
+    weight_bits: Transformer linear / Conv1D weights (the "W" of WxEyAz).
+    embedding_bits: the token embedding and the tied LM head (the "E").
+    activation_bits: the input of every quantized linear layer and of the LM head (the "A").
+    """
+
+    weight_bits: int | None = 2
+    embedding_bits: int | None = 2
+    activation_bits: int | None = 8
 
     @property
     def tag(self) -> str:
