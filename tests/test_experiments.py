@@ -107,3 +107,17 @@ def test_compare_harness_end_to_end_tiny(tmp_path):
     assert "stage=teacher" not in proc.stdout  # teacher reused
     assert (tmp_path / "wt2_small" / "methods_w2_quantgpt_seeds7" / "0" / "metrics.json").is_file()
     assert "(2 seeds)" in proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_config_composes_and_validates(name, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from qgplm.config import RunConfig
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        run = RunConfig.from_hydra(compose(config_name="run", overrides=[f"experiment={name}",
+                                                                         f"paths.output_dir={tmp_path}"]))
+    if name == "ptb_small":  # the wt2_small recipe on PTB's offline files
+        assert run.task.name == "ptb" and run.task.bpe_vocab_size == 8192 and run.model.name == "gpt2_4x256"
+        assert (SHARED_DATA / "ptb" / "ptb.train.txt").is_file() and run.task.data_dir.endswith("ptb")
