@@ -107,6 +107,12 @@ def test_compare_harness_end_to_end_tiny(tmp_path):
     assert "stage=teacher" not in proc.stdout  # teacher reused
     assert (tmp_path / "wt2_small" / "methods_w2_quantgpt_seeds7" / "0" / "metrics.json").is_file()
     assert "(2 seeds)" in proc.stdout
+    # the homogeneity investigation reads the same run dirs: the teacher and the three students
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "homogeneity.py"), str(tmp_path / "wt2_small"),
+                           "--windows", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout.split("| model | bits | homogeneity | test PPL |")[1]
+    assert "| teacher (FP32) | - | 0." in table and "| quantgpt seed 7 | W2E2A8 | 0." in table and "| minmax |" in table
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
