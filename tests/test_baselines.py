@@ -164,6 +164,23 @@ def test_lsq_forward_backward_hand_values(bits):
     torch.testing.assert_close(s.grad, _t(hand["ds"]), **TOL)
 
 
+def test_lsq_symmetric_b2_forward_backward_hand_values():
+    """symmetric: Q_n = Q_p = 1 (ternary). v = [2, -4.8, 0.4, 8, -0.2, 3.2]: inside only 0.4, -0.2
+    codes = [1, -1, 0, 1, 0, 1]; dL/dw = [0, 0, -1, 0, 3, 0]
+    ds terms [1, -1, -0.4, 1, 0.2, 1]; sum g*term = 1 - 2 + 0.4 + 0.5 + 0.6 - 2 = -1.5
+    dL/ds = -1.5 / sqrt(6 * 1) = -0.612372435695794"""
+    w, s = _t(W, grad=True), _t(0.25, grad=True)
+    wq = lsq_quantize(w, s, 2, symmetric=True)
+    torch.testing.assert_close(wq, _t([0.25, -0.25, 0.0, 0.25, 0.0, 0.25]), **TOL)
+    wq.backward(_t(G))
+    torch.testing.assert_close(w.grad, _t([0.0, 0.0, -1.0, 0.0, 3.0, 0.0]), rtol=0, atol=0)
+    torch.testing.assert_close(s.grad, _t(-0.612372435695794), **TOL)
+    q = LSQQuantizer(2, symmetric=True).double()
+    q.initialize(_t(W))
+    assert q.step.item() == pytest.approx(1.55, abs=1e-12)  # 2 mean|w| / sqrt(1)
+    assert sorted(torch.unique(q.codes(torch.linspace(-5, 5, 101, dtype=F64))[0]).tolist()) == [-1.0, 0.0, 1.0]
+
+
 def test_lsq_b2_levels_are_asymmetric():
     q = LSQQuantizer(2).double()
     with torch.no_grad():
@@ -581,7 +598,7 @@ def test_laq_callback_sets_curvature_from_adamw_state():
 
 # ====================================================================================== configs
 
-METHODS = ["pact", "lsq", "laq", "twn", "minmax", "quantgpt_no_contrastive", "quantgpt_pact_grad", "kd_only"]
+METHODS = ["pact", "lsq", "lsq_ternary", "laq", "twn", "minmax", "quantgpt_no_contrastive", "quantgpt_pact_grad", "kd_only"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -597,5 +614,7 @@ def test_method_configs_compose_and_build(method, tmp_path):
     assert run.quant.quantizer == m.quantizer
     if method == "kd_only":
         assert m.quantizer == "minmax"
+    if method.startswith("lsq"):
+        assert q.symmetric == (method == "lsq_ternary")
     if method.startswith("quantgpt"):
         assert m.quantizer in ("quantgpt", "quantgpt_pact_grad")

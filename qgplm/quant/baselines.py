@@ -185,9 +185,11 @@ class PACTQuantizer(WeightQuantizer):
 # ============================================================================== LSQ
 
 
-def lsq_bounds(bits: int) -> tuple[int, int]:
-    """(Q_n, Q_p) = (2^(b-1), 2^(b-1) - 1): codes lie in [-Q_n, Q_p]."""
-    return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+def lsq_bounds(bits: int, symmetric: bool = False) -> tuple[int, int]:
+    """(Q_n, Q_p) = (2^(b-1), 2^(b-1) - 1): codes lie in [-Q_n, Q_p]. symmetric: Q_n = Q_p (the
+    grid of QuantGPT, PACT and TWN: ternary at 2 bits), for comparing scale learning alone."""
+    qp = 2 ** (bits - 1) - 1
+    return (qp if symmetric else qp + 1), qp
 
 
 class LSQQuantize(torch.autograd.Function):
@@ -202,8 +204,8 @@ class LSQQuantize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w: Tensor, step: Tensor, bits: int, per_row: bool) -> Tensor:
-        qn, qp = lsq_bounds(bits)
+    def forward(ctx, w: Tensor, step: Tensor, bits: int, per_row: bool, symmetric: bool = False) -> Tensor:
+        qn, qp = lsq_bounds(bits, symmetric)
         s = _view(step, per_row).clamp_min(EPS)
         v = w / s
         codes = torch.clamp(torch.round(v), -qn, qp)
@@ -220,45 +222,47 @@ class LSQQuantize(torch.autograd.Function):
         g_scale = 1.0 / (numel * ctx.qp) ** 0.5
         ds = torch.where(inside, codes - v, codes)  # outside, codes is the clamp bound
         grad_s = _reducer(ctx.per_row)(grad_out * ds) * g_scale
-        return grad_w, grad_s.reshape(ctx.step_shape), None, None
+        return grad_w, grad_s.reshape(ctx.step_shape), None, None, None
 
 
-def lsq_quantize(w: Tensor, step: Tensor, bits: int, per_row: bool = False) -> Tensor:
-    return LSQQuantize.apply(w, step, bits, per_row)
+def lsq_quantize(w: Tensor, step: Tensor, bits: int, per_row: bool = False, symmetric: bool = False) -> Tensor:
+    return LSQQuantize.apply(w, step, bits, per_row, symmetric)
 
 
-def lsq_codes(w: Tensor, step: Tensor, bits: int, per_row: bool = False) -> tuple[Tensor, Tensor]:
-    qn, qp = lsq_bounds(bits)
+def lsq_codes(w: Tensor, step: Tensor, bits: int, per_row: bool = False,
+              symmetric: bool = False) -> tuple[Tensor, Tensor]:
+    qn, qp = lsq_bounds(bits, symmetric)
     s = _view(step, per_row).clamp_min(EPS)
     return torch.clamp(torch.round(w / s), -qn, qp), s
 
 
 @register_weight_quantizer("lsq")
 class LSQQuantizer(WeightQuantizer):
-    """LSQ: learnable step s, codes in [-2^(b-1), 2^(b-1)-1] (asymmetric: b=2 gives {-2,-1,0,1}).
+    """LSQ: learnable step s, codes in [-2^(b-1), 2^(b-1)-1] (asymmetric: b=2 gives {-2,-1,0,1}),
+    or with `symmetric=True` in [-(2^(b-1)-1), 2^(b-1)-1] (b=2: ternary, QuantGPT's grid).
 
     s_0 = 2 mean|w| / sqrt(Q_p) (LSQ's rule, per tensor or per row).
     """
 
     supported_bits = ALL_BITS
 
-    def __init__(self, bits: int, num_rows: int | None = None, min_step: float = 1e-8):
+    def __init__(self, bits: int, num_rows: int | None = None, min_step: float = 1e-8, symmetric: bool = False):
         _check_bits("lsq", bits, self.supported_bits)
         super().__init__(bits, num_rows)
-        self.min_step = min_step
+        self.min_step, self.symmetric = min_step, symmetric
         shape = (num_rows,) if num_rows is not None else ()
         self.step = nn.Parameter(torch.ones(shape))
 
     def quantize(self, w: Tensor) -> Tensor:
         _per_row_ok(w, self.per_row, self.num_rows)
-        return lsq_quantize(w, self.step, self.bits, self.per_row)
+        return lsq_quantize(w, self.step, self.bits, self.per_row, self.symmetric)
 
     def codes(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        return lsq_codes(w, self.step, self.bits, self.per_row)
+        return lsq_codes(w, self.step, self.bits, self.per_row, self.symmetric)
 
     @torch.no_grad()
     def initialize(self, w: Tensor) -> None:
-        _, qp = lsq_bounds(self.bits)
+        _, qp = lsq_bounds(self.bits, self.symmetric)
         value = 2 * _abs_mean(_calc(w), self.per_row) / qp**0.5
         self.step.copy_(value.reshape(self.step.shape).to(self.step.dtype).clamp_min(self.min_step))
         self.initialized.fill_(True)
