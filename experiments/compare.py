@@ -56,6 +56,44 @@ def run_sweep(sweep_dir: Path, overrides: list[str]) -> None:
     qgplm_run(["-m", *overrides, f"hydra.sweep.dir={sweep_dir}"])
 
 
+def supported_bits(method: str) -> tuple[int, ...]:
+    """The weight bit-widths the quantizer of conf/method/<method>.yaml accepts."""
+    from hydra import compose, initialize_config_dir
+
+    from qgplm.quant import WEIGHT_QUANTIZERS
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        quantizer = compose(config_name="run", overrides=[f"method={method}"]).method.quantizer
+    return tuple(getattr(WEIGHT_QUANTIZERS[quantizer], "supported_bits", range(1, 33)))
+
+
+def method_sweeps(methods: str, bits: str, seeds: str | None, default_methods: bool) -> list[tuple[str, list[str]]]:
+    """One multirun per group of methods that accept the same requested bit-widths (TWN: 2 bits
+    only), named methods_w<bits>[_<methods>][_seeds<seeds>]; methods that accept none are skipped."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    wanted = [int(b) for b in bits.split(",")]
+    for m in methods.split(","):
+        ok = tuple(b for b in wanted if b in supported_bits(m))
+        if not ok:
+            print(f"skip method={m}: its quantizer does not take bits {bits}")
+            continue
+        if len(ok) < len(wanted):
+            print(f"method={m} runs at bits {','.join(map(str, ok))} only (its quantizer's bit-widths)")
+        groups.setdefault(ok, []).append(m)
+    sweeps = []
+    for ok, ms in groups.items():
+        tag = "-".join(map(str, ok))
+        name = f"methods_w{tag}"
+        if not (default_methods and ok == tuple(wanted)) or seeds:
+            name += f"_{'-'.join(ms)}"
+        overrides = [f"method={','.join(ms)}", f"bits={','.join(map(str, ok))}"]
+        if seeds:
+            name += f"_seeds{seeds.replace(',', '-')}"
+            overrides.append(f"seed={seeds}")
+        sweeps.append((name, overrides))
+    return sweeps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiment", default="wt2_small")
@@ -69,11 +107,7 @@ def main() -> None:
     root = args.results / args.experiment
     teacher = teacher_once(root, args.experiment, extra)
     common = [f"experiment={args.experiment}", "stage=quantize", f"teacher_path={teacher}", *extra]
-    name, methods = f"methods_w{args.bits.replace(',', '-')}", [f"method={args.methods}", f"bits={args.bits}"]
-    if args.seeds:
-        name, methods = f"{name}_{args.methods.replace(',', '-')}_seeds{args.seeds.replace(',', '-')}", [
-            *methods, f"seed={args.seeds}"]
-    sweeps = [(name, methods)]
+    sweeps = method_sweeps(args.methods, args.bits, args.seeds, args.methods == METHODS)
     if args.ablations:
         sweeps += [(name, [*ov, "bits=2"]) for name, ov in ABLATIONS]
     for name, overrides in sweeps:

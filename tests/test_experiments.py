@@ -127,3 +127,17 @@ def test_every_experiment_config_composes_and_validates(name, tmp_path):
     if name == "ptb_small":  # the wt2_small recipe on PTB's offline files
         assert run.task.name == "ptb" and run.task.bpe_vocab_size == 8192 and run.model.name == "gpt2_4x256"
         assert (SHARED_DATA / "ptb" / "ptb.train.txt").is_file() and run.task.data_dir.endswith("ptb")
+
+
+def test_compare_skips_bit_widths_a_method_cannot_take(capsys):
+    """TWN is 2-bit only: a W4/W8 sweep of all methods leaves it out instead of aborting at its job."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from compare import METHODS, method_sweeps
+
+    assert method_sweeps(METHODS, "4,8", None, True) == [
+        ("methods_w4-8", ["method=quantgpt,pact,lsq,laq,minmax", "bits=4,8"])]
+    assert "skip method=twn" in capsys.readouterr().out
+    assert method_sweeps("twn,lsq", "2,4", "1", False) == [
+        ("methods_w2_twn_seeds1", ["method=twn", "bits=2", "seed=1"]),
+        ("methods_w2-4_lsq_seeds1", ["method=lsq", "bits=2,4", "seed=1"])]
+    assert method_sweeps(METHODS, "2", None, True) == [("methods_w2", [f"method={METHODS}", "bits=2"])]
