@@ -11,6 +11,7 @@ built with `hydra.utils.instantiate`, as in lightning-hydra-template.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,6 +109,21 @@ class WarmupConfig:
     ramp_steps: int = 0
 
 
+def quantizer_options(cls: type) -> list[str]:
+    """The keyword options of a weight quantizer's constructor (besides bits and num_rows),
+    following `**kwargs` into the parent classes' constructors."""
+    out: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        out += [p.name for p in params if p.name not in ("self", "bits", "num_rows", *out)
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return out
+
+
 @dataclass(kw_only=True)
 class MethodConfig(QuantRecipe):
     """A `method=` config: the quantization recipe (its fields) plus the losses and the warm-up."""
@@ -120,6 +136,11 @@ class MethodConfig(QuantRecipe):
         from qgplm.quant import WEIGHT_QUANTIZERS
 
         _choice("method.quantizer", self.quantizer, tuple(sorted(WEIGHT_QUANTIZERS)))
+        options = quantizer_options(WEIGHT_QUANTIZERS[self.quantizer])
+        unknown = sorted(set(self.quantizer_kwargs) - set(options))
+        if unknown:
+            raise QgplmError(f"method.quantizer_kwargs.{unknown[0]} is not an option of quantizer {self.quantizer}: "
+                             f"choose from {', '.join(options) or '(none)'}")
         self.distill.validate()
 
     def quant_config(self, bits: BitsConfig) -> QuantConfig:

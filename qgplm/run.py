@@ -4,7 +4,9 @@ Validates the composed config once (qgplm.config.RunConfig), runs the stages, pr
 and returns the student's best validation PPL (the value Hydra sweepers optimise). User errors end with
 one line on stderr (`error: <what is wrong>: <how to fix it>`) and exit code 2: qgplm's own
 QgplmError, Hydra's composition errors (unknown group option or key, unparsable override) and
-failed writes (read-only or full disk).
+failed writes (read-only or full disk). In a multirun (`-m`) a failed job does not end the sweep:
+its reason is printed at once (`error: job #N (<overrides>) failed: ...`) and kept in its run dir
+(`error.txt`, with the traceback), the other jobs run, and the sweep exits 2 naming the failed jobs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import errno
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import NoReturn
 
@@ -52,6 +55,35 @@ def fail(message: str, new_line: bool = False) -> NoReturn:
     sys.stdout.flush()
     print(f"{chr(10) if new_line else ''}error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+_FAILED_JOBS: list[str] = []  # "#N" of this process's failed multirun jobs
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _job_failed(e: Exception) -> None:
+    """A multirun job failed: say which and why now, keep it in the job's dir; the caller re-raises
+    so Hydra records the failure and goes on with the next job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    job = f"#{hc.job.num}"
+    reason = str(e) if isinstance(e, QgplmError) else (
+        write_error_message(e) if isinstance(e, OSError) else None) or f"{type(e).__name__}: {e}"
+    line = f"error: job {job} ({' '.join(hc.overrides.task)}) failed: {reason}"
+    sys.stdout.flush()
+    print(f"\n{line}", file=sys.stderr)
+    _FAILED_JOBS.append(job)
+    try:
+        (Path(hc.runtime.output_dir) / "error.txt").write_text(f"{line}\n\n{traceback.format_exc()}")
+    except OSError:
+        pass  # the job dir itself may be what failed
 
 
 def write_error_message(e: OSError) -> str | None:
@@ -109,20 +141,29 @@ def execute(cfg: DictConfig) -> float | None:
     try:
         run = RunConfig.from_hydra(cfg)
     except QgplmError as e:
-        fail(str(e))
+        _failed(e, new_line=False)
     try:
         with distributed_job():
             metrics = run_stages(run, cfg.trainer, cfg.get("logger"), cfg.get("callbacks"))
-    except QgplmError as e:
-        fail(str(e), new_line=True)
-    except OSError as e:
-        msg = write_error_message(e)
-        if msg is None:
-            raise
-        fail(msg, new_line=True)
+    except Exception as e:
+        _failed(e, new_line=True)
     if global_rank() == 0:
         print_summary(metrics, run.output_dir)
     return optimized_metric(metrics)
+
+
+def _failed(e: Exception, new_line: bool) -> NoReturn:
+    """Multirun: report the job and re-raise (Hydra goes on with the next job). Single run: a user
+    error (QgplmError, failed write) ends as one line and exit 2; anything else propagates."""
+    if _in_multirun():
+        _job_failed(e)
+        raise e
+    if isinstance(e, QgplmError):
+        fail(str(e), new_line=new_line)
+    msg = write_error_message(e) if isinstance(e, OSError) else None
+    if msg is None:
+        raise e
+    fail(msg, new_line=new_line)
 
 
 def optimized_metric(metrics: dict) -> float:
@@ -143,12 +184,15 @@ def cli() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         main()
-    except QgplmError as e:
-        fail(str(e))
-    except HydraException as e:
-        fail(hydra_error_message(e, sys.argv[1:]))
-    except OSError as e:
-        msg = write_error_message(e)
+    except Exception as e:
+        if _FAILED_JOBS:  # each was reported when it failed; Hydra re-raises the first at the end
+            fail(f"{len(_FAILED_JOBS)} job(s) of the sweep failed: {', '.join(_FAILED_JOBS)}, each reported above "
+                 f"and in its job dir's error.txt (with the traceback); fix and re-run those jobs' overrides")
+        if isinstance(e, QgplmError):
+            fail(str(e))
+        if isinstance(e, HydraException):
+            fail(hydra_error_message(e, sys.argv[1:]))
+        msg = write_error_message(e) if isinstance(e, OSError) else None
         if msg is None:
             raise
         fail(msg)

@@ -116,6 +116,8 @@ CASES = [
      ["symmetric activation quantization needs bits.activation >= 2"], True),
     ("unknown-key", ["foo=1"], ["unknown config key foo", "+foo=1"], True),
     ("unknown-nested-key", ["+method.distill.tua=0.2"], ["unknown config key method.distill.tua"], True),
+    ("unknown-quantizer-option", ["+method.quantizer_kwargs.gamma_int=mse"],
+     ["method.quantizer_kwargs.gamma_int is not an option of quantizer quantgpt: choose from", "gamma_init"], True),
     ("unparsable-override", ["bits=["], ["cannot parse the command line", "key=value"], True),
     ("unknown-stage", ["stage=train"], ["stage='train' is not valid: choose one of teacher, quantize, pipeline"], True),
     # ---- teacher
