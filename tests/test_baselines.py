@@ -250,20 +250,22 @@ def test_laq_identity_curvature_closed_form_2bit():
 
 
 def test_laq_identity_curvature_closed_form_4bit():
-    """n = 7, from 0.9, iters = 1:
+    """n = 7, from 0.9, iters = 1 (least squares: alpha = sum b w / sum b^2):
     b(0.9) = round(clip(w/0.9)*7)/7 = [4, -7, 1, 7, 0, 6]/7
-    alpha  = (4*0.5 + 7*1.2 + 0.1 + 7*2.0 + 6*0.8) / (4+7+1+7+6) = 29.3 / 25 = 1.172
-    final codes: w/1.172*7 = [2.986, -7.17, 0.597, 11.9, -0.299, 4.778] -> [3, -7, 1, 7, 0, 5]
-    STE: clipped |w| > 1.172 are -1.2 and 2.0."""
+    alpha  = (4*0.5 + 7*1.2 + 0.1 + 7*2.0 + 6*0.8) * 7 / (16+49+1+49+36) = 205.1 / 151 = 1.358278...
+    (PAPER.md's sum|b w| / sum|b| = 29.3 / 25 = 1.172 would clip far more)
+    final codes: w/alpha*7 = [2.577, -6.185, 0.515, 10.3, -0.258, 4.123] -> [3, -6, 1, 7, 0, 4]
+    STE: clipped |w| > alpha is only 2.0."""
     q = _laq(4, 0.9, iters=1)
     w = _t(W, grad=True)
     wq = q(w)
-    assert q.alpha.item() == pytest.approx(1.172, abs=1e-12)
-    torch.testing.assert_close(wq, _t([3, -7, 1, 7, 0, 5]) * (1.172 / 7), **TOL)
+    alpha = 205.1 / 151
+    assert q.alpha.item() == pytest.approx(alpha, abs=1e-12)
+    torch.testing.assert_close(wq, _t([3, -6, 1, 7, 0, 4]) * (alpha / 7), **TOL)
     wq.backward(_t(G))
-    torch.testing.assert_close(w.grad, _t([1.0, 0.0, -1.0, 0.0, 3.0, -2.0]), rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, _t([1.0, 2.0, -1.0, 0.0, 3.0, -2.0]), rtol=0, atol=0)
     codes, step = q.codes(w)
-    assert codes.tolist() == [3, -7, 1, 7, 0, 5]
+    assert codes.tolist() == [3, -6, 1, 7, 0, 4]
     assert torch.equal(codes * step, wq.detach())
 
 
@@ -297,7 +299,7 @@ def test_laq_alternation_converges(bits):
     n = 2 ** (bits - 1) - 1
     alpha = w.abs().amax()
 
-    def objective(a):  # sum D (w - a b)^2, which alternation decreases at 2 bits (b ternary)
+    def objective(a):  # sum D (w - a b)^2, which every alternation decreases (exact block minimisation)
         b = torch.round(torch.clamp(w / a, -1, 1) * n) / n
         return (d * (w - a * b) ** 2).sum().item()
 
@@ -307,9 +309,8 @@ def test_laq_alternation_converges(bits):
         history.append(alpha.item())
     assert history[-1] == history[-2] == history[-3]  # reached a fixed point
     assert laq_alpha_step(w, alpha, n, d, per_row=False).item() == alpha.item()
-    if bits == 2:
-        objs = [objective(torch.tensor(a, dtype=F64)) for a in history[1:]]
-        assert all(b <= a + 1e-12 for a, b in zip(objs, objs[1:]))
+    objs = [objective(torch.tensor(a, dtype=F64)) for a in history[1:]]
+    assert all(b <= a + 1e-12 for a, b in zip(objs, objs[1:]))
     # the quantizer's forward continues from its stored alpha: more forwards, same fixed point
     q = LAQQuantizer(bits, iters=3).double()
     q.set_curvature(d)
