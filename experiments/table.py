@@ -85,9 +85,11 @@ def _cell(ppls: list[float]) -> str:
 def table(tasks: list[Task], keep, title: str) -> str:
     """One row per (variant, bits) present in any task; PPL and ratio columns per task."""
     groups = [_groups([m for m in t.rows if keep(m)]) for t in tasks]
-    keys = sorted({k for g in groups for k in g},
-                  key=lambda k: (-int(k[1][1:k[1].index("E")]),
-                                 statistics.fmean(_ppls(next(g[k] for g in groups if k in g)))))
+    def order(key: tuple[str, str]) -> tuple[int, float]:  # higher bits first, then the first task's PPL
+        runs = next(g[key] for g in groups if key in g)
+        return -weight_bits(runs[0]), statistics.fmean(_ppls(runs))
+
+    keys = sorted({k for g in groups for k in g}, key=order)
     head = [title, "bits (W-E-A)", "size (MiB)", "compression"]
     for t in tasks:
         head += [f"{t.name} PPL", f"{t.name} PPL / teacher"]

@@ -74,8 +74,7 @@ def _job_failed(e: Exception) -> None:
 
     hc = HydraConfig.get()
     job = f"#{hc.job.num}"
-    reason = str(e) if isinstance(e, QgplmError) else (
-        write_error_message(e) if isinstance(e, OSError) else None) or f"{type(e).__name__}: {e}"
+    reason = user_error_message(e) or f"{type(e).__name__}: {e}"
     line = f"error: job {job} ({' '.join(hc.overrides.task)}) failed: {reason}"
     sys.stdout.flush()
     print(f"\n{line}", file=sys.stderr)
@@ -84,6 +83,18 @@ def _job_failed(e: Exception) -> None:
         (Path(hc.runtime.output_dir) / "error.txt").write_text(f"{line}\n\n{traceback.format_exc()}")
     except OSError:
         pass  # the job dir itself may be what failed
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message of a user error (QgplmError, a Hydra composition error, a failed
+    write), None for anything else (a bug: its traceback is wanted)."""
+    from hydra.errors import HydraException
+
+    if isinstance(e, QgplmError):
+        return str(e)
+    if isinstance(e, HydraException):
+        return hydra_error_message(e, sys.argv[1:])
+    return write_error_message(e) if isinstance(e, OSError) else None
 
 
 def write_error_message(e: OSError) -> str | None:
@@ -154,13 +165,11 @@ def execute(cfg: DictConfig) -> float | None:
 
 def _failed(e: Exception, new_line: bool) -> NoReturn:
     """Multirun: report the job and re-raise (Hydra goes on with the next job). Single run: a user
-    error (QgplmError, failed write) ends as one line and exit 2; anything else propagates."""
+    error ends as one line and exit 2; anything else propagates."""
     if _in_multirun():
         _job_failed(e)
         raise e
-    if isinstance(e, QgplmError):
-        fail(str(e), new_line=new_line)
-    msg = write_error_message(e) if isinstance(e, OSError) else None
+    msg = user_error_message(e)
     if msg is None:
         raise e
     fail(msg, new_line=new_line)
@@ -176,8 +185,6 @@ def optimized_metric(metrics: dict) -> float:
 
 
 def cli() -> None:
-    from hydra.errors import HydraException
-
     sys.argv = [sys.argv[0], *quote_int_group_overrides(sys.argv[1:])]
     # Let Hydra's own errors (composition, callbacks, run-dir creation) reach us as exceptions
     # instead of Hydra's multi-line report, so they end as one line too.
@@ -188,11 +195,7 @@ def cli() -> None:
         if _FAILED_JOBS:  # each was reported when it failed; Hydra re-raises the first at the end
             fail(f"{len(_FAILED_JOBS)} job(s) of the sweep failed: {', '.join(_FAILED_JOBS)}, each reported above "
                  f"and in its job dir's error.txt (with the traceback); fix and re-run those jobs' overrides")
-        if isinstance(e, QgplmError):
-            fail(str(e))
-        if isinstance(e, HydraException):
-            fail(hydra_error_message(e, sys.argv[1:]))
-        msg = write_error_message(e) if isinstance(e, OSError) else None
+        msg = user_error_message(e)
         if msg is None:
             raise
         fail(msg)

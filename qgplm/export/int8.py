@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qgplm.quant.functional import EPS, levels
+from qgplm.quant.functional import minmax_activation_codes
 from qgplm.quant.modules import QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer
 
@@ -41,36 +41,13 @@ def onednn_available() -> bool:
 
 
 def quantize_activation_u8(x: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, float, int]:
-    """(uint8 q, scale, zero point) with x_q = (q - zero) * scale: the rounding of
-    `minmax_activation_quantize` (same formulas, same float ops); symmetric codes are stored
-    shifted by 128, an exact change of zero point."""
+    """(uint8 q, scale, zero point) with x_q = (q - zero) * scale: the student's codes
+    (`minmax_activation_codes`); symmetric codes are stored shifted by 128, an exact change of
+    zero point."""
+    codes, step, zero = minmax_activation_codes(x, bits, symmetric)
     if symmetric:
-        n = levels(bits)
-        step = (x.abs().amax() / n).clamp_min(EPS)
-        q = torch.round(x / step).clamp_(-n, n).add_(128)
-        return q.to(torch.uint8), step.item(), 128
-    lo, hi = torch.aminmax(x)
-    qmax = 2**bits - 1
-    step = ((hi - lo) / qmax).clamp_min(EPS)
-    zero = torch.round(-lo / step)
-    q = torch.round(x / step).add_(zero).clamp_(0, qmax)
-    return q.to(torch.uint8), step.item(), int(zero.item())
-
-
-def quantize_activation(x: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(int8 q', integer offset c, step s_x) with x_q = (q' + c) * s_x, the rounding of
-    `minmax_activation_quantize` (same formulas, same float ops)."""
-    if symmetric:
-        n = levels(bits)
-        step = (x.abs().amax() / n).clamp_min(EPS)
-        q = torch.clamp(torch.round(x / step), -n, n)
-        return q.to(torch.int8), torch.zeros((), dtype=torch.int32), step
-    lo, hi = torch.aminmax(x)  # the same values as amin() / amax(), one pass
-    qmax = 2**bits - 1
-    step = ((hi - lo) / qmax).clamp_min(EPS)
-    zero = torch.round(-lo / step)
-    q = torch.clamp(torch.round(x / step) + zero, 0, qmax)
-    return (q - 128).to(torch.int8), (128 - zero).to(torch.int32), step
+        return codes.add_(128).to(torch.uint8), step.item(), 128
+    return codes.to(torch.uint8), step.item(), int(zero.item())
 
 
 KERNELS = ("onednn", "int_mm")
@@ -111,8 +88,10 @@ class Int8Linear(nn.Module):
             out = torch.ops.onednn.qlinear_pointwise(q, sx, zx, self.packed, self.step, self.zero, self.bias,
                                                      1.0, 0, x.dtype, "none", [], "")
             return out.view(shape)
-        x2 = x.reshape(-1, self.in_features)
-        q, c, sx = quantize_activation(x2, self.act_bits, self.act_symmetric)
+        # int8 operands for _int_mm: q - 128 (flipping the top bit of the uint8 code), offset c
+        # = 128 - zero folded in below through the row sums (c = 0 for symmetric codes)
+        qu, sx, zx = quantize_activation_u8(x.reshape(-1, self.in_features), self.act_bits, self.act_symmetric)
+        q, c = qu.bitwise_xor_(128).view(torch.int8), 128 - zx
         if q.shape[0] < 16 or self.out_features >= 16 * self.in_features:
             # codes @ q^T: oneDNN is faster with the long dimension as rows (measured on the 2-core
             # CPU: LM head 50257x768 at 1 row 1.36 vs 2.00 ms, at 128 rows 6.0 vs 22 ms)
@@ -180,6 +159,5 @@ def convert_int8(model: nn.Module, codes_of: dict[str, tuple[Tensor, Tensor]], k
                 built[id(mod)] = Int8Linear(codes, step, mod.bias, aq, "int_mm" if shared else kernel)
         swaps.append((name, built[id(mod)]))
     for name, new in swaps:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new, strict=True)
     return model

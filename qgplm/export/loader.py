@@ -181,10 +181,8 @@ def load_quantized(export_dir: str | Path, mode: str = "dequantize") -> nn.Modul
 
         convert_int8(model, codes_of)
         for name, key in tables.items():
-            parent, _, child = name.rpartition(".")
-            old = model.get_submodule(name)
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    Int8Embedding(*codes_of[key], old.padding_idx, None))
+            model.set_submodule(name, Int8Embedding(*codes_of[key], model.get_submodule(name).padding_idx, None),
+                                strict=True)
     return model
 
 
@@ -219,8 +217,7 @@ def _install_quant_layers(model: nn.Module, manifest: dict[str, Any], codes_of: 
         built[id(mod)] = new
         swaps.append((name, new))
     for name, new in swaps:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new, strict=True)
     attn = manifest.get("attention_act")
     if attn:
         _quantize_attention(model, QuantConfig(activation_bits=attn["bits"], activation_symmetric=attn["symmetric"]))

@@ -65,11 +65,6 @@ def _make_act_quantizer(config: QuantConfig) -> ActivationQuantizer | None:
     return ActivationQuantizer(config.activation_bits, symmetric=config.activation_symmetric)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _token_embedding_weights(model: nn.Module) -> set[int]:
     """ids of the token-embedding Parameters: the model's input embedding and, for an
     encoder-decoder whose encoder / decoder have their own (untied) tables, theirs."""
@@ -137,7 +132,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             config, config.embedding_bits, head.out_features)
         swaps.append((head_name, QuantLinear.from_float(head, wq, _make_act_quantizer(config))))
     for name, new in swaps:
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new, strict=True)
     if config.quantize_attention and config.activation_bits is not None:
         _quantize_attention(model, config)
     return model

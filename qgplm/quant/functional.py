@@ -80,22 +80,28 @@ def dynamic_scale_codes(w: Tensor, gamma: Tensor, bits: int, per_row: bool = Fal
     return torch.round(u * n), alpha / n
 
 
-def minmax_activation_quantize(x: Tensor, bits: int = 8, symmetric: bool = False) -> Tensor:
-    """Dynamic per-tensor min-max fake quantization with a straight-through gradient.
+def minmax_activation_codes(x: Tensor, bits: int = 8, symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(codes, step, zero point) of dynamic per-tensor min-max quantization, x_q = (codes - zero) * step.
 
     Asymmetric (default): the range [min(x), max(x)] is split into 2^b - 1 steps with an integer
-    zero point, so every element is inside the range and the STE is the identity.
-    Symmetric: the range is [-max|x|, max|x|] with 2^(b-1) - 1 levels per side.
+    zero point; codes in [0, 2^b - 1]. Symmetric: the range is [-max|x|, max|x|] with
+    2^(b-1) - 1 levels per side; codes in [-n, n], zero point 0. The one rounding rule of the
+    student's fake quantization and of the int8 inference kernels (qgplm.export.int8).
     """
-    xd = x.detach()
     if symmetric:
         n = levels(bits)
-        step = (xd.abs().amax() / n).clamp_min(EPS)
-        xq = torch.clamp(torch.round(xd / step), -n, n) * step
-    else:
-        lo, hi = xd.amin(), xd.amax()
-        qmax = 2**bits - 1
-        step = ((hi - lo) / qmax).clamp_min(EPS)
-        zero = torch.round(-lo / step)
-        xq = (torch.clamp(torch.round(xd / step) + zero, 0, qmax) - zero) * step
+        step = (x.abs().amax() / n).clamp_min(EPS)
+        return torch.clamp(torch.round(x / step), -n, n), step, torch.zeros((), dtype=x.dtype, device=x.device)
+    lo, hi = torch.aminmax(x)  # the same values as amin() / amax(), one pass
+    qmax = 2**bits - 1
+    step = ((hi - lo) / qmax).clamp_min(EPS)
+    zero = torch.round(-lo / step)
+    return torch.clamp(torch.round(x / step) + zero, 0, qmax), step, zero
+
+
+def minmax_activation_quantize(x: Tensor, bits: int = 8, symmetric: bool = False) -> Tensor:
+    """Dynamic per-tensor min-max fake quantization (`minmax_activation_codes`) with a
+    straight-through gradient: every element is inside the range, so the STE is the identity."""
+    codes, step, zero = minmax_activation_codes(x.detach(), bits, symmetric)
+    xq = codes * step if symmetric else (codes - zero) * step
     return x + (xq - x).detach()
