@@ -73,7 +73,8 @@ def method_sweeps(methods: str, bits: str, seeds: str | None, default_methods: b
     groups: dict[tuple[int, ...], list[str]] = {}
     wanted = [int(b) for b in bits.split(",")]
     for m in methods.split(","):
-        ok = tuple(b for b in wanted if b in supported_bits(m))
+        accepted = supported_bits(m)  # composes the method's config: once per method
+        ok = tuple(b for b in wanted if b in accepted)
         if not ok:
             print(f"skip method={m}: its quantizer does not take bits {bits}")
             continue

@@ -23,6 +23,7 @@ import torch
 from qgplm.distill.metrics import token_homogeneity
 from qgplm.export.checkpoint import load_student
 from qgplm.models import load_pretrained, load_tokenizer
+from table import label  # experiments/table.py: the row names of the comparison tables
 
 
 def windows(tokenizer, data_file: Path, n: int, block: int = 128) -> torch.Tensor:
@@ -60,16 +61,14 @@ def main() -> None:
         if c["stage"] != "quantize" or "student" not in m:
             continue
         student, _ = load_student(str(path.parent))
-        neg = c.get("negatives", "teacher")
-        label = c["method"] + ("" if neg == "teacher" else f" (negatives={neg})") + (
-            "" if c.get("seed", 42) == 42 else f" seed {c['seed']}") + (
+        name = label(m) + ("" if c.get("seed", 42) == 42 else f" seed {c['seed']}") + (
             " (no QAT)" if c.get("student_steps") == 0 else "")
-        rows.append((label, c["bits"], homogeneity(student.eval(), ids), m["student"]["test_ppl"]))
+        rows.append((name, c["bits"], homogeneity(student.eval(), ids), m["student"]["test_ppl"]))
         print(rows[-1], flush=True)
     print(f"\nlast-layer token homogeneity (mean pairwise cosine) on {ids.numel()} validation tokens of {args.data.name}")
     print("| model | bits | homogeneity | test PPL |\n|---|---|---|---|")
-    for label, bits, h, ppl in rows:
-        print(f"| {label} | {bits} | {h:.4f} | {'-' if ppl is None else f'{ppl:.2f}'} |")
+    for name, bits, h, ppl in rows:
+        print(f"| {name} | {bits} | {h:.4f} | {'-' if ppl is None else f'{ppl:.2f}'} |")
 
 
 if __name__ == "__main__":
