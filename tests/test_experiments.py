@@ -141,3 +141,24 @@ def test_compare_skips_bit_widths_a_method_cannot_take(capsys):
         ("methods_w2_twn_seeds1", ["method=twn", "bits=2", "seed=1"]),
         ("methods_w2-4_lsq_seeds1", ["method=lsq", "bits=2,4", "seed=1"])]
     assert method_sweeps(METHODS, "2", None, True) == [("methods_w2", [f"method={METHODS}", "bits=2"])]
+
+
+def test_homogeneity_pieces(tmp_path):
+    """token_homogeneity by hand (rows [1,0], [0,1], [2,0]: cosines 0, 1, 0 over the 3 distinct
+    pairs -> 1/3), the windows cut from a text file, and the clear refusal of a too-short file."""
+    import torch
+
+    from qgplm.distill.metrics import token_homogeneity
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from homogeneity import windows
+
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]])
+    assert token_homogeneity(hidden, torch.ones(1, 3)).item() == pytest.approx(1 / 3, abs=1e-7)
+    tok = train_bpe_tokenizer((SHARED_DATA / "wikitext-2" / "wiki.valid.tokens").read_text()[:20000], 300)
+    (tmp_path / "v.txt").write_text((SHARED_DATA / "wikitext-2" / "wiki.valid.tokens").read_text()[:20000])
+    ids = windows(tok, tmp_path / "v.txt", 3, 16)
+    assert ids.shape == (3, 16) and ids.dtype == torch.long
+    (tmp_path / "short.txt").write_text("a b c")
+    with pytest.raises(SystemExit, match="fewer than 3 windows of 16 tokens"):
+        windows(tok, tmp_path / "short.txt", 3, 16)
