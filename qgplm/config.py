@@ -296,6 +296,13 @@ class RunConfig:
         if self.method.activation_symmetric and self.bits.activation == 1:
             raise QgplmError("symmetric activation quantization needs bits.activation >= 2: raise it or set "
                              "method.activation_symmetric=false")
+        bits = self.bits.weight or self.bits.embedding
+        if bits is not None:  # option values (grid=..., gamma_init=...) checked now, not after the teacher trained
+            try:
+                WEIGHT_QUANTIZERS[self.method.quantizer](bits, **self.method.quantizer_kwargs)
+            except (ValueError, TypeError) as e:
+                raise QgplmError(f"method.quantizer_kwargs of quantizer {self.method.quantizer}: {e}: "
+                                 f"fix the value in conf/method/{self.method.name}.yaml or on the command line") from e
 
     @property
     def quant(self) -> QuantConfig:

@@ -439,6 +439,21 @@ def test_quantgpt_pact_grad_hand_values(bits, codes):
     assert WEIGHT_QUANTIZERS["quantgpt_pact_grad"] is PACTGradDynamicScaleQuantizer
 
 
+def test_quantgpt_pact_grad_full_grid_hand_values():
+    """grid="full", gamma 0.5 -> alpha 0.3875, range [-0.775, 0.3875] (test_quant_functional's
+    FULL_GRID_HAND): outside are 0.5, -1.2 (below: code -2), 2.0, 0.8 with codes 1, -2, 1, 1;
+    PACT's dL/dalpha = sum_out g * code / n = 1 - 4 + 0.5 - 2 = -4.5, dL/dgamma = 0.775 * -4.5."""
+    q = PACTGradDynamicScaleQuantizer(2, grid="full").double()
+    with torch.no_grad():
+        q.gamma.fill_(0.5)
+    w = _t(W, grad=True)
+    wq = q(w)
+    torch.testing.assert_close(wq, _t([1, -2, 0, 1, 0, 1]) * 0.3875, **TOL)
+    wq.backward(_t(G))
+    torch.testing.assert_close(w.grad, _t([0.0, 0.0, -1.0, 0.0, 3.0, 0.0]), rtol=0, atol=0)
+    torch.testing.assert_close(q.gamma.grad, _t(-3.4875), **TOL)
+
+
 def test_quantgpt_pact_grad_mean_path():
     """detach_mean=False adds gamma * sign(w) / N * dL/dalpha = 1.2/6 * -1.5 = -0.3 per sign(w)."""
     q = PACTGradDynamicScaleQuantizer(2, detach_mean=False).double()
@@ -599,7 +614,8 @@ def test_laq_callback_sets_curvature_from_adamw_state():
 
 # ====================================================================================== configs
 
-METHODS = ["pact", "lsq", "lsq_ternary", "laq", "twn", "minmax", "quantgpt_no_contrastive", "quantgpt_pact_grad", "kd_only"]
+METHODS = ["pact", "lsq", "lsq_ternary", "laq", "twn", "minmax", "quantgpt_no_contrastive", "quantgpt_pact_grad", "kd_only",
+           "quantgpt_full_grid"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -610,7 +626,7 @@ def test_method_configs_compose_and_build(method, tmp_path):
     cls = WEIGHT_QUANTIZERS[m.quantizer]
     q = cls(run.bits.weight, **m.quantizer_kwargs)  # only kwargs the quantizer accepts
     assert isinstance(q, cls)
-    expect_contrastive = 0.1 if method == "quantgpt_pact_grad" else 0.0
+    expect_contrastive = 0.1 if method in ("quantgpt_pact_grad", "quantgpt_full_grid") else 0.0
     assert m.distill.contrastive_weight == expect_contrastive
     assert run.quant.quantizer == m.quantizer
     if method == "kd_only":
@@ -619,3 +635,4 @@ def test_method_configs_compose_and_build(method, tmp_path):
         assert q.symmetric == (method == "lsq_ternary")
     if method.startswith("quantgpt"):
         assert m.quantizer in ("quantgpt", "quantgpt_pact_grad")
+        assert q.full_grid == (method == "quantgpt_full_grid")

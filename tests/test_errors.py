@@ -118,6 +118,9 @@ CASES = [
     ("unknown-nested-key", ["+method.distill.tua=0.2"], ["unknown config key method.distill.tua"], True),
     ("unknown-quantizer-option", ["+method.quantizer_kwargs.gamma_int=mse"],
      ["method.quantizer_kwargs.gamma_int is not an option of quantizer quantgpt: choose from", "gamma_init"], True),
+    ("bad-quantizer-option-value", ["method=quantgpt_full_grid", "method.quantizer_kwargs.grid=asym"],
+     ["method.quantizer_kwargs of quantizer quantgpt: grid must be 'symmetric' or 'full', got 'asym'",
+      "conf/method/quantgpt_full_grid.yaml"], True),
     ("unparsable-override", ["bits=["], ["cannot parse the command line", "key=value"], True),
     ("unknown-stage", ["stage=train"], ["stage='train' is not valid: choose one of teacher, quantize, pipeline"], True),
     # ---- teacher

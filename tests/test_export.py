@@ -128,6 +128,18 @@ def test_baseline_quantizers_export_exactly(tmp_path, quantizer):
     assert torch.equal(logits(load_quantized(tmp_path / "e"), "gpt2", IDS), logits(s, "gpt2", IDS))
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_full_grid_exports_exactly_in_both_modes(tmp_path, bits):
+    """grid="full" codes reach -2^(b-1): packed as they are, dequantized bit for bit, int8 as well."""
+    s = student("gpt2", bits, quantizer_kwargs={"grid": "full"})
+    codes, _ = s.transformer.h[0].mlp.c_fc.weight_quantizer.codes(oriented_weight(s.transformer.h[0].mlp.c_fc))
+    assert codes.min() == -(2 ** (bits - 1))  # the fourth level (2 bits) is in use
+    export_model(s, tmp_path / "e")
+    assert torch.equal(logits(load_quantized(tmp_path / "e"), "gpt2", IDS), logits(s, "gpt2", IDS))
+    m8 = load_quantized(tmp_path / "e", mode="int8")
+    torch.testing.assert_close(logits(m8, "gpt2", IDS), logits(s, "gpt2", IDS), atol=1e-4, rtol=1e-4)
+
+
 def test_per_row_and_3_bits_exact(tmp_path):
     s = student("gpt2", 3, per_row=True)
     export_model(s, tmp_path / "e")

@@ -77,13 +77,14 @@ def _t(values, dtype=F64, grad=False):
     return torch.tensor(values, dtype=dtype, requires_grad=grad)
 
 
-def reference_quantize(w, gamma, bits, per_row=False, detach_mean=True):
+def reference_quantize(w, gamma, bits, per_row=False, detach_mean=True, full_grid=False):
     """Independent plain-torch QuantGPT quantizer; autograd + an explicit STE give the backward."""
     n = 2 ** (bits - 1) - 1
     wa = w.detach() if detach_mean else w
     m = wa.abs().mean(dim=-1, keepdim=True) if per_row else wa.abs().mean()
     alpha = (gamma.view(-1, 1) if per_row else gamma) * m
-    u = torch.maximum(torch.minimum(w, alpha), -alpha) / alpha
+    lower = -alpha * (2 ** (bits - 1)) / n if full_grid else -alpha
+    u = torch.maximum(torch.minimum(w, alpha), lower) / alpha
     x = u * n
     x = x + (torch.round(x) - x).detach()  # straight-through round
     return alpha * x / n
@@ -181,24 +182,29 @@ def test_detach_mean_false_hand_values():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("detach_mean", [True, False])
-def test_dynamic_scale_matches_autograd_reference(bits, per_row, detach_mean):
+@pytest.mark.parametrize("full_grid", [False, True])
+def test_dynamic_scale_matches_autograd_reference(bits, per_row, detach_mean, full_grid):
     torch.manual_seed(bits * 10 + per_row * 2 + detach_mean)
     w = torch.randn(5, 16, dtype=F64)
     gamma0 = torch.rand(5, dtype=F64) + 0.8 if per_row else torch.tensor(1.3, dtype=F64)
+    if full_grid:  # narrower range so that the lower bound -alpha 2^(b-1)/n clips too
+        gamma0 = gamma0 * 0.6
     g = torch.randn(5, 16, dtype=F64)
 
     w1, gam1 = w.clone().requires_grad_(), gamma0.clone().requires_grad_()
-    out1 = dynamic_scale_quantize(w1, gam1, bits, per_row, detach_mean)
+    out1 = dynamic_scale_quantize(w1, gam1, bits, per_row, detach_mean, full_grid)
     out1.backward(g)
     w2, gam2 = w.clone().requires_grad_(), gamma0.clone().requires_grad_()
-    out2 = reference_quantize(w2, gam2, bits, per_row, detach_mean)
+    out2 = reference_quantize(w2, gam2, bits, per_row, detach_mean, full_grid)
     out2.backward(g)
 
     alpha = (gamma0.view(-1, 1) if per_row else gamma0) * (
         w.abs().mean(-1, keepdim=True) if per_row else w.abs().mean()
     )
-    clipped = w.abs() > alpha
+    lower = -alpha * (2 ** (bits - 1)) / levels(bits) if full_grid else -alpha
+    clipped = (w > alpha) | (w < lower)
     assert clipped.any() and (~clipped).any()  # the example exercises both branches
+    assert (w < lower).any()  # and the lower bound
     torch.testing.assert_close(out1, out2, rtol=0, atol=1e-12)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(gam1.grad, gam2.grad, rtol=0, atol=1e-12)
@@ -268,6 +274,63 @@ def test_dynamic_scale_codes_hand_values():
         codes, step = dynamic_scale_codes(w, _t(GAMMA), bits)
         assert codes.tolist() == HAND[bits]["codes"]
         assert step.item() == pytest.approx(0.93 / levels(bits), abs=1e-15)
+
+
+# Full grid (grid="full": codes in [-(n+1), n]), 2 bits, n = 1, on the shared W (mean|w| = 0.775):
+#   gamma = 0.8 -> alpha = 0.62, range [-1.24, 0.62]; clipped: 2.0 and 0.8 (above), none below
+#     u = [0.806452, -1.935484, 0.161290, 1(clip), -0.080645, 1(clip)] -> codes [1, -2, 0, 1, 0, 1]
+#     -1.2 is inside and gets the fourth level -2 (on the ternary grid it clips to -1)
+#     dL/dalpha = (g.codes)_in - (g.w)_in/alpha + sum_out g*codes/n
+#               = (1 - 4) + 2.15/0.62 + (0.5 - 2) ;  dL/dgamma = 0.775 * that
+#               = -3.4875 + 2.15 * 1.25 = -0.8        (0.775 / 0.62 = 1.25)
+#   gamma = 0.5 -> alpha = 0.3875, range [-0.775, 0.3875]; inside: 0.1, -0.05 only
+#     codes [1, -2, 0, 1, 0, 1]; -1.2 is clipped below: dw_q/dalpha = -2 there
+#     dL/dalpha = (0 - 0) + 0.25/0.3875 + (1 - 4 + 0.5 - 2) ; dL/dgamma = 0.5 - 3.4875 = -2.9875
+FULL_GRID_HAND = {
+    0.8: dict(codes=[1, -2, 0, 1, 0, 1], alpha=0.62, dw=[1.0, 2.0, -1.0, 0.0, 3.0, 0.0], dgamma=-0.8),
+    0.5: dict(codes=[1, -2, 0, 1, 0, 1], alpha=0.3875, dw=[0.0, 0.0, -1.0, 0.0, 3.0, 0.0], dgamma=-2.9875),
+}
+
+
+@pytest.mark.parametrize("gamma", sorted(FULL_GRID_HAND))
+def test_dynamic_scale_full_grid_hand_values(gamma):
+    hand = FULL_GRID_HAND[gamma]
+    w, gam = _t(W, grad=True), _t(gamma, grad=True)
+    wq = dynamic_scale_quantize(w, gam, 2, full_grid=True)
+    torch.testing.assert_close(wq, _t(hand["codes"]) * hand["alpha"], rtol=0, atol=1e-12)
+    wq.backward(_t(G))
+    torch.testing.assert_close(w.grad, _t(hand["dw"]), rtol=0, atol=0)
+    assert gam.grad.item() == pytest.approx(hand["dgamma"], abs=1e-12)
+    codes, step = dynamic_scale_codes(_t(W), _t(gamma), 2, full_grid=True)
+    assert codes.tolist() == hand["codes"] and step.item() == pytest.approx(hand["alpha"], abs=1e-15)
+    # the symmetric grid of PAPER.md clips -1.2 to -1 at the same gamma
+    assert dynamic_scale_codes(_t(W), _t(gamma), 2)[0].tolist() == [1, -1, 0, 1, 0, 1]
+
+
+def test_dynamic_scale_full_grid_uses_every_code():
+    torch.manual_seed(0)
+    w = torch.randn(40, 30)
+    for bits in (2, 3, 4):
+        codes, _ = dynamic_scale_codes(w, torch.tensor(1.0), bits, full_grid=True)
+        assert torch.unique(codes).tolist() == list(range(-(2 ** (bits - 1)), 2 ** (bits - 1)))
+
+
+def test_full_grid_quantizer_mse_init_beats_symmetric():
+    """Same storage, one more level: the MSE-initialised 2-bit full-grid quantizer reconstructs
+    Gaussian weights better than the ternary one."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 64)
+    err = {}
+    for grid in ("symmetric", "full"):
+        q = DynamicScaleQuantizer(2, grid=grid)
+        q.initialize(w)
+        err[grid] = (q(w) - w).pow(2).sum().item()
+    assert err["full"] < 0.9 * err["symmetric"]
+
+
+def test_invalid_grid_rejected():
+    with pytest.raises(ValueError, match="grid must be"):
+        DynamicScaleQuantizer(2, grid="asym")
 
 
 def test_levels():

@@ -493,25 +493,26 @@ class PACTGradDynamicScaleQuantize(DynamicScaleQuantize):
         dL/dalpha = sum_{|w_i| > alpha} g_i * sign(w_i)      (inside elements contribute nothing)
         dL/dgamma = mean|w| * dL/dalpha;  dL/dw = g inside, 0 outside
     With `detach_mean=False`: dL/dw_i += gamma * sign(w_i) / N * dL/dalpha, as in QuantGPT.
+    With `full_grid`, sign(w_i) below the range is the clamped code over n, -(n+1)/n.
     """
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         w, gamma, m, alpha, u, codes = ctx.saved_tensors
-        inside = w.abs() <= alpha
+        inside = (w <= alpha) & (w >= -alpha * (ctx.neg / ctx.n))
         grad_w = grad_out * inside
-        s = _reducer(ctx.per_row)(torch.where(inside, torch.zeros_like(w), grad_out * torch.sign(w)))
+        s = _reducer(ctx.per_row)(torch.where(inside, torch.zeros_like(w), grad_out * codes / ctx.n))
         grad_gamma = (m * s).reshape(gamma.shape)
         if not ctx.detach_mean:
             g = _view(gamma, ctx.per_row)
             numel = w.shape[-1] if ctx.per_row else w.numel()
             grad_w = grad_w + s * g * torch.sign(w) / numel
-        return grad_w, grad_gamma, None, None, None
+        return grad_w, grad_gamma, None, None, None, None
 
 
 def pact_grad_dynamic_scale_quantize(w: Tensor, gamma: Tensor, bits: int, per_row: bool = False,
-                                     detach_mean: bool = True) -> Tensor:
-    return PACTGradDynamicScaleQuantize.apply(w, gamma, bits, per_row, detach_mean)
+                                     detach_mean: bool = True, full_grid: bool = False) -> Tensor:
+    return PACTGradDynamicScaleQuantize.apply(w, gamma, bits, per_row, detach_mean, full_grid)
 
 
 @register_weight_quantizer("quantgpt_pact_grad")
@@ -524,4 +525,5 @@ class PACTGradDynamicScaleQuantizer(DynamicScaleQuantizer):
         super().__init__(bits, num_rows, **kwargs)
 
     def quantize(self, w: Tensor) -> Tensor:
-        return pact_grad_dynamic_scale_quantize(w, self.gamma, self.bits, self.per_row, self.detach_mean)
+        return pact_grad_dynamic_scale_quantize(w, self.gamma, self.bits, self.per_row, self.detach_mean,
+                                                self.full_grid)

@@ -21,6 +21,24 @@ def _mean_abs(w: Tensor, per_row: bool) -> Tensor:
     return w.abs().mean(dim=-1, keepdim=True) if per_row else w.abs().mean()
 
 
+def negative_levels(bits: int, full_grid: bool) -> int:
+    """Levels below zero: n on QuantGPT's symmetric grid, n + 1 = 2^(b-1) on the full two's-complement
+    grid (b=2: codes {-2, -1, 0, 1}, the grid LSQ uses)."""
+    n = levels(bits)
+    return n + 1 if full_grid else n
+
+
+def _dynamic_codes(w: Tensor, gamma: Tensor, bits: int, per_row: bool, full_grid: bool):
+    """(mean|w|, alpha, u, codes) of the dynamic-scale forward; the one rounding rule of training
+    and of the export's codes()."""
+    n, neg = levels(bits), negative_levels(bits, full_grid)
+    m = _mean_abs(w, per_row)
+    g = gamma.view(-1, 1) if per_row else gamma.reshape(())
+    alpha = (g * m).clamp_min(EPS)
+    u = torch.maximum(torch.minimum(w, alpha), -alpha * (neg / n)) / alpha
+    return m, alpha, u, torch.round(u * n)
+
+
 class DynamicScaleQuantize(torch.autograd.Function):
     """QuantGPT's module-wise dynamic scaling: alpha = gamma * mean|w|.
 
@@ -33,25 +51,26 @@ class DynamicScaleQuantize(torch.autograd.Function):
     With `detach_mean=False` the path through mean|w| also reaches w:
         dL/dw_i += gamma * sign(w_i) / N * sum_j g_j * dw_q_j/dalpha
     With `per_row`, gamma has one entry per row and every mean/sum runs over the last dim.
+    With `full_grid` (qgplm's extension, not in PAPER.md) the codes span [-(n+1), n], the whole
+    b-bit range (4 levels at 2 bits instead of 3): the clip range is [-alpha (n+1)/n, alpha], and
+    below it dw_q/dalpha = -(n+1)/n, the clamped code over n, as everywhere outside the range.
     """
 
     @staticmethod
-    def forward(ctx, w: Tensor, gamma: Tensor, bits: int, per_row: bool, detach_mean: bool) -> Tensor:
+    def forward(ctx, w: Tensor, gamma: Tensor, bits: int, per_row: bool, detach_mean: bool,
+                full_grid: bool = False) -> Tensor:
         n = levels(bits)
-        m = _mean_abs(w, per_row)
-        g = gamma.view(-1, 1) if per_row else gamma.reshape(())
-        alpha = (g * m).clamp_min(EPS)
-        u = torch.maximum(torch.minimum(w, alpha), -alpha) / alpha
-        codes = torch.round(u * n)
+        m, alpha, u, codes = _dynamic_codes(w, gamma, bits, per_row, full_grid)
         ctx.save_for_backward(w, gamma, m, alpha, u, codes)
-        ctx.n, ctx.per_row, ctx.detach_mean = n, per_row, detach_mean
+        ctx.n, ctx.neg, ctx.per_row, ctx.detach_mean = n, negative_levels(bits, full_grid), per_row, detach_mean
         return codes * (alpha / n)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         w, gamma, m, alpha, u, codes = ctx.saved_tensors
-        inside = w.abs() <= alpha
-        dalpha = torch.where(inside, codes / ctx.n - u, torch.sign(w))
+        inside = (w <= alpha) & (w >= -alpha * (ctx.neg / ctx.n))
+        # outside the range the code is the clamp bound: codes / n = sign(w) on the symmetric grid
+        dalpha = torch.where(inside, codes / ctx.n - u, codes / ctx.n)
         grad_w = grad_out * inside
         red = (lambda t: t.sum(dim=-1, keepdim=True)) if ctx.per_row else (lambda t: t.sum())
         s = red(grad_out * dalpha)  # dL/dalpha
@@ -60,24 +79,23 @@ class DynamicScaleQuantize(torch.autograd.Function):
             g = gamma.view(-1, 1) if ctx.per_row else gamma.reshape(())
             numel = w.shape[-1] if ctx.per_row else w.numel()
             grad_w = grad_w + s * g * torch.sign(w) / numel
-        return grad_w, grad_gamma, None, None, None
+        return grad_w, grad_gamma, None, None, None, None
 
 
 def dynamic_scale_quantize(
-    w: Tensor, gamma: Tensor, bits: int, per_row: bool = False, detach_mean: bool = True
+    w: Tensor, gamma: Tensor, bits: int, per_row: bool = False, detach_mean: bool = True,
+    full_grid: bool = False,
 ) -> Tensor:
     """Fake-quantize `w` with QuantGPT's dynamic scaling (see DynamicScaleQuantize)."""
-    return DynamicScaleQuantize.apply(w, gamma, bits, per_row, detach_mean)
+    return DynamicScaleQuantize.apply(w, gamma, bits, per_row, detach_mean, full_grid)
 
 
-def dynamic_scale_codes(w: Tensor, gamma: Tensor, bits: int, per_row: bool = False) -> tuple[Tensor, Tensor]:
-    """Integer codes in [-n, n] and the step alpha/n such that codes * step == the forward output."""
-    n = levels(bits)
-    m = _mean_abs(w, per_row)
-    g = gamma.view(-1, 1) if per_row else gamma.reshape(())
-    alpha = (g * m).clamp_min(EPS)
-    u = torch.maximum(torch.minimum(w, alpha), -alpha) / alpha
-    return torch.round(u * n), alpha / n
+def dynamic_scale_codes(w: Tensor, gamma: Tensor, bits: int, per_row: bool = False,
+                        full_grid: bool = False) -> tuple[Tensor, Tensor]:
+    """Integer codes in [-n, n] ([-(n+1), n] with `full_grid`) and the step alpha/n such that
+    codes * step == the forward output."""
+    _, alpha, _, codes = _dynamic_codes(w, gamma, bits, per_row, full_grid)
+    return codes, alpha / levels(bits)
 
 
 def minmax_activation_codes(x: Tensor, bits: int = 8, symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:

@@ -99,6 +99,9 @@ class DynamicScaleQuantizer(WeightQuantizer):
     gamma is initialised at fit start to the value minimising ||w - Q(w)||^2 (coarse-to-fine grid
     search, `gamma_init="mse"`) or to the fixed values of PAPER.md (`gamma_init="fixed"`).
     `detach_mean=True` (default) stops the gradient through mean|w| into w.
+    `grid="full"` (qgplm's extension) uses the whole b-bit code range [-2^(b-1), 2^(b-1) - 1]
+    instead of PAPER.md's symmetric [-n, n]: 4 levels at 2 bits ({-2, -1, 0, 1} * alpha) instead of
+    ternary, the grid LSQ gets its fourth level from, at the same storage cost.
     """
 
     def __init__(
@@ -108,10 +111,14 @@ class DynamicScaleQuantizer(WeightQuantizer):
         gamma_init: str = "mse",
         detach_mean: bool = True,
         min_gamma: float = 1e-3,
+        grid: str = "symmetric",
     ):
         super().__init__(bits, num_rows)
         if gamma_init not in ("mse", "fixed"):
             raise ValueError(f"gamma_init must be 'mse' or 'fixed', got {gamma_init!r}")
+        if grid not in ("symmetric", "full"):
+            raise ValueError(f"grid must be 'symmetric' or 'full', got {grid!r}")
+        self.grid = grid
         self.gamma_init = gamma_init
         self.detach_mean = detach_mean
         self.min_gamma = min_gamma
@@ -119,10 +126,17 @@ class DynamicScaleQuantizer(WeightQuantizer):
         self.gamma = nn.Parameter(torch.full(shape, FIXED_GAMMA.get(self.bits, 1.0)))
 
     def quantize(self, w: Tensor) -> Tensor:
-        return dynamic_scale_quantize(w, self.gamma, self.bits, self.per_row, self.detach_mean)
+        return dynamic_scale_quantize(w, self.gamma, self.bits, self.per_row, self.detach_mean, self.full_grid)
 
     def codes(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        return dynamic_scale_codes(w, self.gamma, self.bits, self.per_row)
+        return dynamic_scale_codes(w, self.gamma, self.bits, self.per_row, self.full_grid)
+
+    @property
+    def full_grid(self) -> bool:
+        return self.grid == "full"
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, grid={self.grid}"
 
     @torch.no_grad()
     def initialize(self, w: Tensor) -> None:
@@ -132,7 +146,7 @@ class DynamicScaleQuantizer(WeightQuantizer):
         if self.gamma_init == "fixed" or self.bits >= 8:
             value = torch.full_like(mean, FIXED_GAMMA[self.bits]) if self.bits in FIXED_GAMMA else top
         else:
-            value = _mse_gamma_search(w, self.bits, self.per_row, top)
+            value = _mse_gamma_search(w, self.bits, self.per_row, top, self.full_grid)
         value = value.reshape(self.gamma.shape).to(self.gamma.dtype)
         if self.bits >= 8 and self.gamma_init != "fixed":
             # gamma * mean|w| must not round below max|w|: one float step up keeps every w inside
@@ -148,7 +162,8 @@ class DynamicScaleQuantizer(WeightQuantizer):
         return bad
 
 
-def _mse_gamma_search(w: Tensor, bits: int, per_row: bool, top: Tensor, points: int = 24, rounds: int = 3) -> Tensor:
+def _mse_gamma_search(w: Tensor, bits: int, per_row: bool, top: Tensor, full_grid: bool = False,
+                      points: int = 24, rounds: int = 3) -> Tensor:
     """Coarse-to-fine grid search for the gamma minimising ||w - Q_gamma(w)||^2.
 
     Each round evaluates `points` gammas in [lo, hi] and narrows the interval around the best.
@@ -165,7 +180,7 @@ def _mse_gamma_search(w: Tensor, bits: int, per_row: bool, top: Tensor, points: 
         frac = torch.linspace(0, 1, points, device=w.device, dtype=w.dtype)
         grid = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * frac  # [..., points]
         errs = torch.stack(
-            [_quant_error(w, grid[..., k], bits, per_row) for k in range(points)], dim=-1
+            [_quant_error(w, grid[..., k], bits, per_row, full_grid) for k in range(points)], dim=-1
         )
         k = errs.argmin(dim=-1, keepdim=True)
         best = grid.gather(-1, k).squeeze(-1)
@@ -174,8 +189,8 @@ def _mse_gamma_search(w: Tensor, bits: int, per_row: bool, top: Tensor, points: 
     return best
 
 
-def _quant_error(w: Tensor, gamma: Tensor, bits: int, per_row: bool) -> Tensor:
-    q = dynamic_scale_quantize(w, gamma, bits, per_row, True)
+def _quant_error(w: Tensor, gamma: Tensor, bits: int, per_row: bool, full_grid: bool) -> Tensor:
+    q = dynamic_scale_quantize(w, gamma, bits, per_row, True, full_grid)
     d = (w - q).pow(2)
     return d.sum(dim=-1) if per_row else d.sum()
 
