@@ -62,6 +62,9 @@ def supported_bits(method: str) -> tuple[int, ...]:
 
     from qgplm.quant import WEIGHT_QUANTIZERS
 
+    known = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+    if method not in known:
+        sys.exit(f"error: --methods {method}: no such method (conf/method/{method}.yaml): choose from {', '.join(known)}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         quantizer = compose(config_name="run", overrides=[f"method={method}"]).method.quantizer
     return tuple(getattr(WEIGHT_QUANTIZERS[quantizer], "supported_bits", range(1, 33)))
@@ -106,11 +109,12 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
     args, extra = ap.parse_known_args()
     root = args.results / args.experiment
-    teacher = teacher_once(root, args.experiment, extra)
-    common = [f"experiment={args.experiment}", "stage=quantize", f"teacher_path={teacher}", *extra]
+    # planned before the teacher trains: a bad --methods / --bits fails now, not 20 minutes later
     sweeps = method_sweeps(args.methods, args.bits, args.seeds, args.methods == METHODS)
     if args.ablations:
         sweeps += [(name, [*ov, "bits=2"]) for name, ov in ABLATIONS]
+    teacher = teacher_once(root, args.experiment, extra)
+    common = [f"experiment={args.experiment}", "stage=quantize", f"teacher_path={teacher}", *extra]
     for name, overrides in sweeps:
         run_sweep(root / name, [*common, *overrides])
     subprocess.run([sys.executable, str(ROOT / "experiments" / "table.py"), str(root)], check=True)

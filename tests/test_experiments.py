@@ -143,6 +143,14 @@ def test_compare_skips_bit_widths_a_method_cannot_take(capsys):
     assert method_sweeps(METHODS, "2", None, True) == [("methods_w2", [f"method={METHODS}", "bits=2"])]
 
 
+def test_compare_refuses_an_unknown_method_before_training_the_teacher(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "compare.py"), "--methods", "quantgpt,nope",
+                           "--results", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --methods nope: no such method")
+    assert "quantgpt_full_grid" in proc.stderr and not any(tmp_path.iterdir())  # no teacher started
+
+
 def test_homogeneity_pieces(tmp_path):
     """token_homogeneity by hand (rows [1,0], [0,1], [2,0]: cosines 0, 1, 0 over the 3 distinct
     pairs -> 1/3), the windows cut from a text file, and the clear refusal of a too-short file."""
