@@ -15,7 +15,6 @@ collapse to undo at this scale.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from qgplm.distill.metrics import token_homogeneity
 from qgplm.export.checkpoint import load_student
 from qgplm.models import load_pretrained, load_tokenizer
-from table import label  # experiments/table.py: the row names of the comparison tables
+from table import label, load_run  # experiments/table.py: the runs and row names of the comparison tables
 
 
 def windows(tokenizer, data_file: Path, n: int, block: int = 128) -> torch.Tensor:
@@ -56,7 +55,7 @@ def main() -> None:
     ids = windows(tok, args.data, args.windows, block)
     rows = [("teacher (FP32)", "-", homogeneity(teacher, ids), None)]
     for path in sorted(args.root.rglob("metrics.json")):
-        m = json.loads(path.read_text())
+        m = load_run(path)
         c = m["config"]
         if c["stage"] != "quantize" or "student" not in m:
             continue

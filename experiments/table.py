@@ -18,6 +18,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 MAIN_METHODS = ("quantgpt", "pact", "lsq", "laq", "twn", "minmax")
 
 
@@ -34,20 +36,38 @@ class Task:
         return self.teacher["teacher"]["test_ppl"]
 
 
+def load_run(path: Path) -> dict:
+    """A run's metrics.json, plus `method_overrides`: the `method.*` command-line overrides Hydra
+    recorded for it (<run>/.hydra/overrides.yaml), i.e. how the run differs from its method's config
+    (e.g. {"distill.negatives": "random"}, {"distill.contrastive_weight": "0.5"})."""
+    m = json.loads(path.read_text())
+    overrides = path.parent / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        pairs = (o.lstrip("+~").split("=", 1) for o in OmegaConf.to_container(OmegaConf.load(overrides)) or [])
+        m["method_overrides"] = {k.removeprefix("method."): v for k, v in (p for p in pairs if len(p) == 2)
+                                 if k.startswith("method.")}
+    return m
+
+
 def load_task(root: Path) -> Task:
     teacher = json.loads((root / "teacher" / "metrics.json").read_text())
     task = Task(teacher["config"]["task"], teacher)
     for path in sorted(root.rglob("metrics.json")):
-        m = json.loads(path.read_text())
+        m = load_run(path)
         if m["config"]["stage"] == "quantize" and "student" in m:
             task.rows.append(m)
     return task
 
 
 def label(m: dict) -> str:
+    """The method, with what the run changed of it: "quantgpt (negatives=random)"."""
     c = m["config"]
-    neg = c.get("negatives", "teacher")
-    return c["method"] if neg == "teacher" else f"{c['method']} (negatives={neg})"
+    if "method_overrides" in m:
+        changed = {k.removeprefix("distill."): v for k, v in m["method_overrides"].items()}
+    else:  # metrics.json without Hydra's record: the one variant metrics.json itself names
+        neg = c.get("negatives", "teacher")
+        changed = {} if neg == "teacher" else {"negatives": neg}
+    return c["method"] + (f" ({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})" if changed else "")
 
 
 def weight_bits(m: dict) -> int:
@@ -56,7 +76,7 @@ def weight_bits(m: dict) -> int:
 
 
 def is_main(m: dict) -> bool:
-    return m["config"]["method"] in MAIN_METHODS and m["config"].get("negatives", "teacher") == "teacher"
+    return m["config"]["method"] in MAIN_METHODS and label(m) == m["config"]["method"]
 
 
 def is_ablation(m: dict) -> bool:

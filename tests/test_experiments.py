@@ -44,10 +44,18 @@ def test_table_script_builds_main_and_ablation_tables(tmp_path):
         d = tmp_path / "sweep" / str(i)
         d.mkdir(parents=True)
         (d / "metrics.json").write_text(json.dumps(_metrics(method, bits, ppl, negatives=neg)))
+    # a run with a method override Hydra recorded (a lambda sweep): its own row, not a seed of quantgpt
+    d = tmp_path / "lambda" / "0"
+    (d / ".hydra").mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(_metrics("quantgpt", 2, 20.0)))
+    (d / ".hydra" / "overrides.yaml").write_text("- experiment=wt2_small\n- method=quantgpt\n"
+                                                 "- method.distill.contrastive_weight=0.5\n- seed=1\n")
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "table.py"), str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     main, ablations = proc.stdout.split("## Ablations")
+    assert "| quantgpt (contrastive_weight=0.5) | 2-2-8 | 1.25 | 16.0x | 20.00 |" in ablations
+    assert "contrastive_weight" not in main
     assert "| quantgpt | 2-2-8 | 1.25 | 16.0x | 12.00 | 1.200 |" in main
     assert "| pact | 2-2-8 |" in main and "no_contrastive" not in main and "negatives=student" not in main
     assert main.index("| quantgpt | 4-4-8") < main.index("| quantgpt | 2-2-8")  # higher bits first
