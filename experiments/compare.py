@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = "quantgpt,pact,lsq,laq,twn,minmax"
+METHODS = "quantgpt,quantgpt_full_grid,pact,lsq,laq,twn,minmax"
 ABLATIONS = [
     ("ablations", ["method=quantgpt_no_contrastive,quantgpt_pact_grad,kd_only"]),
     ("negatives", ["method=quantgpt", "method.distill.negatives=student,random"]),

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-MAIN_METHODS = ("quantgpt", "pact", "lsq", "laq", "twn", "minmax")
+MAIN_METHODS = ("quantgpt", "quantgpt_full_grid", "pact", "lsq", "laq", "twn", "minmax")
+REFERENCES = ("quantgpt", "quantgpt_full_grid")  # main-table rows repeated in the ablation table
 
 
 @dataclass
@@ -80,7 +81,7 @@ def is_main(m: dict) -> bool:
 
 
 def is_ablation(m: dict) -> bool:
-    return weight_bits(m) == 2 and (not is_main(m) or m["config"]["method"] == "quantgpt")
+    return weight_bits(m) == 2 and (not is_main(m) or m["config"]["method"] in REFERENCES)
 
 
 def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:

@@ -143,7 +143,7 @@ def test_compare_skips_bit_widths_a_method_cannot_take(capsys):
     from compare import METHODS, method_sweeps
 
     assert method_sweeps(METHODS, "4,8", None, True) == [
-        ("methods_w4-8", ["method=quantgpt,pact,lsq,laq,minmax", "bits=4,8"])]
+        ("methods_w4-8", ["method=quantgpt,quantgpt_full_grid,pact,lsq,laq,minmax", "bits=4,8"])]
     assert "skip method=twn" in capsys.readouterr().out
     assert method_sweeps("twn,lsq", "2,4", "1", False) == [
         ("methods_w2_twn_seeds1", ["method=twn", "bits=2", "seed=1"]),
