@@ -66,9 +66,14 @@ class DynamicScaleQuantize(torch.autograd.Function):
         return codes * (alpha / n)
 
     @staticmethod
+    def in_range(ctx, w: Tensor, alpha: Tensor) -> Tensor:
+        """Where w lies in the clip range [-alpha neg/n, alpha] (the STE passes the gradient)."""
+        return (w <= alpha) & (w >= -alpha * (ctx.neg / ctx.n))
+
+    @staticmethod
     def backward(ctx, grad_out: Tensor):
         w, gamma, m, alpha, u, codes = ctx.saved_tensors
-        inside = (w <= alpha) & (w >= -alpha * (ctx.neg / ctx.n))
+        inside = DynamicScaleQuantize.in_range(ctx, w, alpha)
         # outside the range the code is the clamp bound: codes / n = sign(w) on the symmetric grid
         dalpha = torch.where(inside, codes / ctx.n - u, codes / ctx.n)
         grad_w = grad_out * inside
