@@ -311,10 +311,16 @@ def test_laq_alternation_converges(bits):
     assert laq_alpha_step(w, alpha, n, d, per_row=False).item() == alpha.item()
     objs = [objective(torch.tensor(a, dtype=F64)) for a in history[1:]]
     assert all(b <= a + 1e-12 for a, b in zip(objs, objs[1:]))
-    # the quantizer's forward continues from its stored alpha: more forwards, same fixed point
+    # the quantizer continues from its stored alpha at each step (a new weight value): more steps,
+    # same fixed point; a second forward of the same weight does not solve again
     q = LAQQuantizer(bits, iters=3).double()
     q.set_curvature(d)
+    q(w)
+    first = q.alpha.clone()
+    q(w)
+    assert torch.equal(q.alpha, first)
     for _ in range(25):
+        w.mul_(1.0)  # an in-place update (what the optimizer step does): a new step, same values
         q(w)
     assert q.alpha.item() == pytest.approx(history[-1], abs=1e-12)
 
@@ -636,3 +642,70 @@ def test_method_configs_compose_and_build(method, tmp_path):
     if method.startswith("quantgpt"):
         assert m.quantizer in ("quantgpt", "quantgpt_pact_grad")
         assert q.full_grid == (method == "quantgpt_full_grid")
+
+
+# ====================================================================================== LAQ: one alpha per step (issue 14)
+
+
+def _laq_tied_model():
+    model = tiny_gpt2()
+    quantize_model(model, QuantConfig(weight_bits=2, embedding_bits=2, quantizer="laq"))
+    initialize_quantizers(model)
+    return model.train()
+
+
+def _record_tied_quantizations(model):
+    """Every quantized table the tied quantizer returns during a forward, in call order."""
+    q = model.transformer.wte.weight_quantizer
+    assert q is model.lm_head.weight_quantizer
+    seen = []
+    handle = q.register_forward_hook(lambda mod, inp, out: seen.append((out.detach().clone(), mod.alpha.clone())))
+    return seen, handle
+
+
+def test_laq_tied_embedding_and_head_use_the_same_codes_in_a_training_forward():
+    """GPT-2's wte and lm_head share one Parameter and one LAQ quantizer; both calls of a training
+    forward must quantize with the same alpha (it was re-solved per call: two different grids),
+    at the first step (D = identity) and after an optimizer step (D from Adam)."""
+    model = _laq_tied_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cb = LAQCurvatureCallback()
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    seen, handle = _record_tied_quantizations(model)
+    for step in range(3):
+        cb.on_train_batch_start(SimpleNamespace(optimizers=[opt], global_step=step), SimpleNamespace(model=model),
+                                None, step)
+        seen.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert len(seen) == 2  # the table (embedding lookup) and the head
+        (table, a_table), (head, a_head) = seen
+        assert torch.equal(a_table, a_head), step
+        assert torch.equal(table, head), step
+        codes, scale = model.transformer.wte.weight_quantizer.codes(model.transformer.wte.weight)
+        assert torch.equal(codes * scale, head)  # and the export's codes are those of the forward
+        opt.step()
+        opt.zero_grad()
+    handle.remove()
+
+
+def test_laq_alpha_solved_once_per_optimizer_step_under_gradient_accumulation():
+    """Micro-batches of one optimizer step (weights unchanged) all use one alpha; the next step
+    (weights and D changed) solves a new one, once."""
+    model = _laq_tied_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cb = LAQCurvatureCallback()
+    q = model.transformer.h[0].attn.c_attn.weight_quantizer
+    gen = torch.Generator().manual_seed(2)
+    alphas = []
+    for step in range(2):
+        for micro in range(3):
+            cb.on_train_batch_start(SimpleNamespace(optimizers=[opt], global_step=step),
+                                    SimpleNamespace(model=model), None, 3 * step + micro)
+            ids = torch.randint(0, 50, (2, 8), generator=gen)
+            model(input_ids=ids, labels=ids).loss.backward()
+            alphas.append(q.alpha.clone())
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(alphas[0], alphas[1]) and torch.equal(alphas[1], alphas[2])
+    assert torch.equal(alphas[3], alphas[4]) and torch.equal(alphas[4], alphas[5])
+    assert not torch.equal(alphas[2], alphas[3])

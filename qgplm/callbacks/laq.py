@@ -4,7 +4,9 @@ Before every training batch, for each quantized weight whose quantizer is LAQ, i
 optimizer's second moment v = state[weight]["exp_avg_sq"] and sets D = sqrt(v) + eps
 (PAPER.md, "Baseline quantizers"). D is oriented as the quantizer sees the weight ([out, in]):
 for GPT-2's Conv1D (stored [in, out]) it is transposed. Before the first optimizer step there is
-no state yet and LAQ keeps D = identity. No bias correction is applied: alpha is invariant to a
+no state yet and LAQ keeps D = identity. D only changes at an optimizer step, so it is set once per
+step (at the first micro-batch of an accumulated step; setting it makes LAQ solve alpha again, and
+LAQ solves alpha once per step: see LAQQuantizer). No bias correction is applied: alpha is invariant to a
 uniform scaling of D (up to eps), so it would not change the result.
 """
 
@@ -25,6 +27,7 @@ class LAQCurvatureCallback(Callback):
     def __init__(self, eps: float = 1e-8):
         self.eps = eps
         self.updated = 0  # quantizers updated at the last batch (for tests and logging)
+        self._step: int | None = None  # trainer.global_step D was last set at
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -48,8 +51,15 @@ class LAQCurvatureCallback(Callback):
             count += 1
         return count
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step = None
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if not trainer.optimizers:
             return
+        step = getattr(trainer, "global_step", None)
+        if step is not None and step == self._step:  # a later micro-batch of the same optimizer step
+            return
+        self._step = step
         self.updated = self.update(pl_module.model, trainer.optimizers[0])

@@ -22,13 +22,17 @@ Project defaults (PAPER.md leaves them open; they are constructor kwargs / confi
 - LSQ: s_0 = 2 mean|w| / sqrt(Q_p) (LSQ's own rule); the gradient scale counts the elements
   sharing a step (the whole tensor, or one row in per-row mode).
 - LAQ: alpha starts at max|w| and runs `init_iters` alternations with D = identity at
-  initialisation; during training each forward runs `iters` alternations from the previous alpha
-  (a persistent buffer, so checkpoints carry it). In eval mode alpha is frozen (no update).
+  initialisation; during training alpha is solved once per weight value, i.e. once per optimizer
+  step (`iters` alternations from the previous alpha, a persistent buffer, so checkpoints carry
+  it): every other call with the same weight and D (the tied LM head after the embedding in one
+  forward, the micro-batches of one accumulated step) reuses it, so a tied table and head use the
+  same codes. In eval mode alpha is frozen (no update).
 - Clip ranges are closed: an element with |w| == alpha (LSQ: v == bound) counts as inside.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -315,14 +319,18 @@ class STEClipQuantize(torch.autograd.Function):
 class LAQQuantizer(WeightQuantizer):
     """Loss-aware quantization: alpha from the curvature-weighted alternating closed form.
 
-    Each training forward runs `iters` alternations of
+    Once per training step it runs `iters` alternations of
         b     = round(clip(w / alpha, -1, 1) * n) / n
         alpha = sum(D * b * w) / sum(D * b^2)      (PAPER.md's formula at 2 bits; see laq_alpha_step)
-    starting from the previous alpha (persistent buffer), then quantizes with the final alpha:
+    starting from the previous alpha (persistent buffer); every training forward quantizes with it:
     w_q = alpha * round(clip(w/alpha, -1, 1) * n) / n. D (same shape as w) is set from outside with
     `set_curvature(D)` (LAQCurvatureCallback: D = sqrt(Adam's exp_avg_sq) + eps); identity until set.
-    In eval mode alpha is frozen. Backward: STE to w inside [-alpha, alpha], 0 outside; alpha has no
-    learnable parameter.
+    "Once per step" = once per value of (weight, D): alpha is re-solved only when the weight tensor
+    was modified in place since the last solve (its version counter: the optimizer step) or D was
+    set again, so the two calls of a forward with a tied embedding / LM head (one quantizer, one
+    Parameter) and the micro-batches of an accumulated step all use one alpha and one set of codes
+    (issue 14: they used to re-solve per call, two grids for one table). In eval mode alpha is
+    frozen. Backward: STE to w inside [-alpha, alpha], 0 outside; alpha has no learnable parameter.
     """
 
     supported_bits = ALL_BITS
@@ -338,6 +346,11 @@ class LAQQuantizer(WeightQuantizer):
         self.register_buffer("alpha", torch.zeros(shape), persistent=True)
         # curvature comes from the optimizer state each step: not part of the checkpoint
         self.register_buffer("curvature", None, persistent=False)
+        # what alpha was last solved for (weight tensor, its version, layout, D): not checkpointed,
+        # a resumed run solves at its first forward as the uninterrupted one does after its step
+        self._curvature_token = 0
+        self._solved_for: tuple | None = None
+        self._solved_ref: weakref.ref | None = None
 
     def set_curvature(self, d: Tensor | None) -> None:
         """Diagonal curvature D, shaped like the (oriented, [out, in]) weight; None = identity."""
@@ -346,6 +359,7 @@ class LAQQuantizer(WeightQuantizer):
             if not torch.isfinite(d).all() or (d < 0).any():
                 raise ValueError("laq: the curvature D must be finite and >= 0")
         self.curvature = d
+        self._curvature_token += 1  # a new D: solve again at the next training forward
 
     def _curvature_for(self, w: Tensor) -> Tensor | None:
         d = self.curvature
@@ -369,13 +383,31 @@ class LAQQuantizer(WeightQuantizer):
             alpha = laq_alpha_step(wd, alpha, n, d, self.per_row)
         return alpha
 
+    def _solve_key(self, w: Tensor) -> tuple:
+        """What alpha is solved for: the weight tensor (Conv1D's weight.t() is a new view per call,
+        so its base), its in-place version counter, its layout, and the D last set."""
+        base = w._base if w._base is not None else w
+        return base, (base._version, tuple(w.shape), w.stride(), w.storage_offset(), w.dtype, w.device,
+                      self._curvature_token)
+
+    def _forget_solve(self) -> None:
+        self._solved_ref, self._solved_for = None, None
+
+    def __getstate__(self):  # a weakref does not pickle; the next training forward solves again
+        state = dict(super().__getstate__())
+        state["_solved_ref"], state["_solved_for"] = None, None
+        return state
+
     def quantize(self, w: Tensor) -> Tensor:
         _per_row_ok(w, self.per_row, self.num_rows)
         if self.training:
-            with torch.no_grad():
-                d = self._curvature_for(w)
-                new = self.solve(w, self._start(w), self.iters, None if d is None else d.to(self.alpha.dtype))
-                self.alpha.copy_(new)
+            base, key = self._solve_key(w)
+            if self._solved_ref is None or self._solved_ref() is not base or self._solved_for != key:
+                with torch.no_grad():
+                    d = self._curvature_for(w)
+                    new = self.solve(w, self._start(w), self.iters, None if d is None else d.to(self.alpha.dtype))
+                    self.alpha.copy_(new)
+                self._solved_ref, self._solved_for = weakref.ref(base), key
         codes, step = self.codes(w)
         a = _view(self.alpha, self.per_row).clamp_min(EPS).to(w.dtype)
         return STEClipQuantize.apply(w, codes, step, a)
@@ -392,6 +424,7 @@ class LAQQuantizer(WeightQuantizer):
         top = _abs_max(w, self.per_row).reshape(self.alpha.shape).to(self.alpha.dtype)
         self.alpha.copy_(self.solve(w, top, self.init_iters))
         self.initialized.fill_(True)
+        self._forget_solve()
 
     def scale_parameters(self) -> list[nn.Parameter]:
         return []
