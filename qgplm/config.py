@@ -74,7 +74,7 @@ class BitsConfig:
 
 @dataclass
 class DistillConfig:
-    """L = kd_weight * L_dist + contrastive_weight * L_cont + ce_weight * CE (PAPER.md)."""
+    """L = kd_weight * L_dist + contrastive_weight * L_cont + ce_weight * CE (docs/method.md)."""
 
     kd_weight: float = 1.0
     temperature: float = 1.0

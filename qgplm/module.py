@@ -9,7 +9,7 @@ come from an evaluator (qgplm.evaluation) run in the test loop.
 
 `DistillModule` holds the frozen teacher (eval mode, no grad, never in the optimizer or the
 checkpoint) and the quantized student initialised from it, and computes
-    L = kd_weight * L_dist + lambda * L_cont + ce_weight * CE      (PAPER.md)
+    L = kd_weight * L_dist + lambda * L_cont + ce_weight * CE      (docs/method.md, "Training objective and recipe")
 The memory bank it queries is owned by `MemoryBankCallback`; quantizer scales are initialised
 by `ScaleWarmupCallback`.
 """
@@ -292,7 +292,7 @@ class DistillModule(LMModule):
         return loss
 
     def _negatives(self, student_hidden: Tensor, ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """Negatives other than the teacher's (PAPER.md ablation): `student` uses the student's own
+        """Negatives other than the teacher's (an ablation, docs/method.md): `student` uses the student's own
         representations of the sequence (detached), `random` the teacher's embeddings of uniformly
         drawn vocabulary tokens."""
         kind = self.distill.negatives

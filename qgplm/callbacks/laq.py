@@ -2,7 +2,7 @@
 
 Before every training batch, for each quantized weight whose quantizer is LAQ, it reads the
 optimizer's second moment v = state[weight]["exp_avg_sq"] and sets D = sqrt(v) + eps
-(PAPER.md, "Baseline quantizers"). D is oriented as the quantizer sees the weight ([out, in]):
+(docs/method.md, "LAQ"). D is oriented as the quantizer sees the weight ([out, in]):
 for GPT-2's Conv1D (stored [in, out]) it is transposed. Before the first optimizer step there is
 no state yet and LAQ keeps D = identity. D only changes at an optimizer step, so it is set once per
 step (at the first micro-batch of an accumulated step; setting it makes LAQ solve alpha again, and

@@ -1,6 +1,6 @@
-"""Diagnostics of the distilled representations.
+"""Diagnostics of the distilled representations (docs/method.md, "Token-level contrastive loss and memory bank").
 
-`token_homogeneity`: the mean pairwise cosine similarity of token representations. PAPER.md's
+`token_homogeneity`: the mean pairwise cosine similarity of token representations. The paper's
 motivation for the contrastive loss is that quantized models' token representations collapse
 towards each other ("homogeneous word embeddings"); logging this for teacher and student shows
 whether the student's representations stay as distinguishable as the teacher's.
