@@ -6,7 +6,7 @@ nn.Embedding (GPT-2, BART, OPT, Llama-style ...):
   embed_tokens) and an untied decoder token embedding get `embedding_bits`, with one quantizer
   per distinct weight Parameter (tied tables share one quantizer, hence one learnt scale);
 - an LM head tied to it reuses the embedding's weight *and its quantizer*, so the head computes
-  with the same quantized table (as in PAPER.md); an untied head gets `embedding_bits` too;
+  with the same quantized table (as in the paper, docs/method.md); an untied head gets `embedding_bits` too;
 - every other nn.Linear / Conv1D gets `weight_bits`;
 - position embeddings, LayerNorm and biases are never touched.
 """

@@ -1,4 +1,4 @@
-"""Optional 8-bit quantization of the attention matmuls (PAPER.md: off by default, a flag).
+"""Optional 8-bit quantization of the attention matmuls (off by default, a flag; docs/method.md).
 
 When `QuantConfig.quantize_attention` is set, `quantize_model` switches the model to the
 attention implementation registered here ("qgplm_quant", through transformers'

@@ -1,4 +1,4 @@
-"""Baseline weight quantizers of PAPER.md ("Baseline quantizers"), each a registered WeightQuantizer.
+"""Baseline weight quantizers (docs/method.md, "Weight quantizers"), each a registered WeightQuantizer.
 
     method.quantizer=pact                learn alpha directly; d/dalpha from the clipped elements only
     method.quantizer=lsq                 learn the step s with LSQ's gradient scale
@@ -14,7 +14,7 @@ Every quantizer returns `codes * step` from its forward, and `codes(w)` returns 
 tensors, so a packed export reproduces the forward bit for bit. Per-row mode (`num_rows` set,
 `method.per_row=true`) gives one scale per output row; every mean / max / sum runs over the last dim.
 
-Project defaults (PAPER.md leaves them open; they are constructor kwargs / config values):
+Project defaults (the paper leaves them open, docs/method.md; they are constructor kwargs / config values):
 - PACT's "fixed" initial alpha is `init_scale * mean|w|` with QuantGPT's fixed multiples
   (1.4 at 2 bits, 3.0 at 4 bits, max|w|/mean|w| otherwise, i.e. alpha = max|w|), so PACT and
   QuantGPT start from the same grid and differ only in how the clipping value is learnt;
@@ -131,7 +131,7 @@ def pact_codes(w: Tensor, alpha: Tensor, bits: int, per_row: bool = False) -> tu
 class PACTQuantizer(WeightQuantizer):
     """PACT: w clipped to [-alpha, alpha] with a learnable alpha, n = 2^(b-1)-1 levels per side.
 
-    Initial alpha ("a fixed value", PAPER.md): `init_alpha` if given (the same absolute value for
+    Initial alpha ("a fixed value", see docs/method.md): `init_alpha` if given (the same absolute value for
     every module), else `init_scale * mean|w|` with `init_scale` defaulting to QuantGPT's fixed
     multiples (1.4 at 2 bits, 3.0 at 4 bits, max|w|/mean|w| at other bit-widths).
     """
@@ -286,7 +286,7 @@ def laq_alpha_step(w: Tensor, alpha: Tensor, n: int, d: Tensor | None, per_row: 
     """One alternation: b = round(clip(w/alpha, -1, 1) * n) / n, then alpha = sum(D b w) / sum(D b^2),
     the minimiser of sum D (w - alpha b)^2 for that b, so every alternation lowers that objective.
 
-    PAPER.md writes alpha = sum|b D w| / sum|b D|: the same at 2 bits (b in {-1, 0, 1}, b^2 = |b|),
+    The paper writes alpha = sum|b D w| / sum|b D|: the same at 2 bits (b in {-1, 0, 1}, b^2 = |b|),
     but at 4-8 bits, where b takes the fractions k/n, it is a D-weighted mean of |w| over the
     non-zero codes, far below the least-squares clipping value (measured: 8-bit LAQ students at
     1.7x the teacher's PPL with it), so qgplm uses the least-squares form at every bit-width.
@@ -321,7 +321,7 @@ class LAQQuantizer(WeightQuantizer):
 
     Once per training step it runs `iters` alternations of
         b     = round(clip(w / alpha, -1, 1) * n) / n
-        alpha = sum(D * b * w) / sum(D * b^2)      (PAPER.md's formula at 2 bits; see laq_alpha_step)
+        alpha = sum(D * b * w) / sum(D * b^2)      (the paper's formula at 2 bits; see laq_alpha_step)
     starting from the previous alpha (persistent buffer); every training forward quantizes with it:
     w_q = alpha * round(clip(w/alpha, -1, 1) * n) / n. D (same shape as w) is set from outside with
     `set_curvature(D)` (LAQCurvatureCallback: D = sqrt(Adam's exp_avg_sq) + eps); identity until set.

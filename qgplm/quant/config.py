@@ -19,7 +19,7 @@ class QuantRecipe:
     include / exclude: regexes on module names (re.search); a module is swapped if it matches
         any include pattern (or include is empty) and no exclude pattern.
     quantize_attention: also quantize the inputs of the attention score and value matmuls to
-        `activation_bits` (PAPER.md: off by default).
+        `activation_bits` (off by default: docs/method.md, "Activation quantizer").
     """
 
     quantizer: str = "quantgpt"

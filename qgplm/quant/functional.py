@@ -1,4 +1,4 @@
-"""Autograd functions of the quantizers, with the exact backward passes of PAPER.md.
+"""Autograd functions of the quantizers, with the exact backward passes of docs/method.md.
 
 They are plain functions so that the numerical tests can check forward and backward against
 hand-computed values without building any module.
@@ -51,7 +51,7 @@ class DynamicScaleQuantize(torch.autograd.Function):
     With `detach_mean=False` the path through mean|w| also reaches w:
         dL/dw_i += gamma * sign(w_i) / N * sum_j g_j * dw_q_j/dalpha
     With `per_row`, gamma has one entry per row and every mean/sum runs over the last dim.
-    With `full_grid` (qgplm's extension, not in PAPER.md) the codes span [-(n+1), n], the whole
+    With `full_grid` (qgplm's extension, not in the paper) the codes span [-(n+1), n], the whole
     b-bit range (4 levels at 2 bits instead of 3): the clip range is [-alpha (n+1)/n, alpha], and
     below it dw_q/dalpha = -(n+1)/n, the clamped code over n, as everywhere outside the range.
     """

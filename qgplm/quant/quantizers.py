@@ -88,7 +88,7 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.bits}, per_row={self.per_row}"
 
 
-# Fallback gammas of PAPER.md (used when gamma_init="fixed"); 8-bit uses max|w|/mean|w|.
+# Fallback gammas of the paper (gamma_init="fixed"; docs/method.md); 8-bit uses max|w|/mean|w|.
 FIXED_GAMMA = {2: 1.4, 4: 3.0}
 
 
@@ -97,10 +97,10 @@ class DynamicScaleQuantizer(WeightQuantizer):
     """QuantGPT's quantizer: alpha = gamma * mean|w| with one learnable gamma per module (or row).
 
     gamma is initialised at fit start to the value minimising ||w - Q(w)||^2 (coarse-to-fine grid
-    search, `gamma_init="mse"`) or to the fixed values of PAPER.md (`gamma_init="fixed"`).
+    search, `gamma_init="mse"`) or to the paper's fixed values (`gamma_init="fixed"`; docs/method.md).
     `detach_mean=True` (default) stops the gradient through mean|w| into w.
     `grid="full"` (qgplm's extension) uses the whole b-bit code range [-2^(b-1), 2^(b-1) - 1]
-    instead of PAPER.md's symmetric [-n, n]: 4 levels at 2 bits ({-2, -1, 0, 1} * alpha) instead of
+    instead of the paper's symmetric [-n, n]: 4 levels at 2 bits ({-2, -1, 0, 1} * alpha) instead of
     ternary, the grid LSQ gets its fourth level from, at the same storage cost.
     """
 

@@ -1,4 +1,4 @@
-"""Model size with the paper's accounting (PAPER.md): b bits per quantized weight element plus
+"""Model size with the paper's accounting (docs/method.md): b bits per quantized weight element plus
 one 32-bit scale per quantized tensor (or per row), 32 bits for everything kept in FP (parameters
 and persistent float buffers such as BART's final_logits_bias)."""
 
@@ -55,7 +55,7 @@ def model_size(model: nn.Module) -> SizeReport:
             quant_bits[id(mod.weight)] = q.bits
             scale_elems[id(mod.weight)] = q.num_rows if q.per_row else 1
     scale_param_ids = {id(p) for m in model.modules() if hasattr(m, "scale_parameters") for p in m.scale_parameters()}
-    # Persistent floating-point buffers are model state kept in FP32 too (PAPER.md: BART's
+    # Persistent floating-point buffers are model state kept in FP32 too (docs/method.md: BART's
     # final_logits_bias); quantizer state (e.g. the `initialized` flag) is not model weight.
     for m in model.modules():
         if isinstance(m, (WeightQuantizer, ActivationQuantizer)):
