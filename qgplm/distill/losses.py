@@ -1,4 +1,4 @@
-"""Distillation losses of PAPER.md: soft cross-entropy on logits and token-level contrast."""
+"""Distillation losses (docs/method.md): soft cross-entropy on logits and token-level contrast."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def token_contrastive_loss(
     negatives: Tensor | None = None,
     negative_ids: Tensor | None = None,
 ) -> Tensor:
-    """Token-level contrastive loss of QuantGPT (PAPER.md), averaged over valid tokens.
+    """Token-level contrastive loss of QuantGPT (docs/method.md), averaged over valid tokens.
 
     For each sequence and valid position i: positive = the teacher's representation at i,
     negatives = the teacher's representations at the other valid positions j of the same sequence
@@ -44,7 +44,7 @@ def token_contrastive_loss(
 
     query: [B, L, H] (student side, usually from the memory bank), teacher_hidden: [B, L, H],
     token_ids: [B, L], mask: [B, L] (1 = real token).
-    negatives / negative_ids: other negatives for the ablations of PAPER.md (the student's own
+    negatives / negative_ids: other negatives for the paper's ablations (the student's own
     representations, or random vocabulary embeddings with their ids); the positive stays the
     teacher's h_i. Default: the teacher's representations of the same sequence.
     """
