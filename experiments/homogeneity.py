@@ -1,8 +1,8 @@
-"""Token homogeneity of the teacher and of each trained student of a comparison (issue #3).
+"""Token homogeneity of the teacher and of each trained student of a comparison (issue #3; docs/method.md).
 
     python experiments/homogeneity.py experiments/results/wt2_small [--windows 16]
 
-PAPER.md motivates the token-level contrastive loss by the "homogeneous word embedding" problem:
+The paper motivates the token-level contrastive loss by the "homogeneous word embedding" problem:
 the last-layer representations of a 2-bit GPT-2 trained with KD alone become too similar to one
 another. This measures that on our runs: mean pairwise cosine similarity of the last hidden
 layer over the tokens of the first --windows validation windows (128 tokens each, or the model's context if shorter; the same

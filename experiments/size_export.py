@@ -6,7 +6,7 @@ For each model: the FP32 `save_pretrained` safetensors file, then packed exports
 quantized: sizes do not depend on the scales, so gamma_init=fixed keeps it fast) at each bit-width,
 default (FP32 position embeddings / LayerNorm / biases) and compact (8-bit position embeddings,
 fp16 1-D tensors). Prints the breakdown and the ratio FP32 file / packed file.
-Paper targets at W2E2 (PAPER.md): GPT-2 14.4x, BART-base 13.4x.
+Paper targets at W2E2 (docs/method.md, "Size accounting"): GPT-2 14.4x, BART-base 13.4x.
 """
 
 from __future__ import annotations

@@ -253,7 +253,7 @@ def test_laq_identity_curvature_closed_form_4bit():
     """n = 7, from 0.9, iters = 1 (least squares: alpha = sum b w / sum b^2):
     b(0.9) = round(clip(w/0.9)*7)/7 = [4, -7, 1, 7, 0, 6]/7
     alpha  = (4*0.5 + 7*1.2 + 0.1 + 7*2.0 + 6*0.8) * 7 / (16+49+1+49+36) = 205.1 / 151 = 1.358278...
-    (PAPER.md's sum|b w| / sum|b| = 29.3 / 25 = 1.172 would clip far more)
+    (the paper's sum|b w| / sum|b| = 29.3 / 25 = 1.172 would clip far more)
     final codes: w/alpha*7 = [2.577, -6.185, 0.515, 10.3, -0.258, 4.123] -> [3, -6, 1, 7, 0, 4]
     STE: clipped |w| > alpha is only 2.0."""
     q = _laq(4, 0.9, iters=1)

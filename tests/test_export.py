@@ -346,7 +346,7 @@ def test_cli_argument_errors(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, target", [("gpt2", 14.4), ("bart", 13.4)])
 def test_full_size_w2e2_reaches_paper_compression(tmp_path, arch, target):
-    """PAPER.md: GPT-2 small 474.7 -> 32.9 MiB (14.4x), BART-base 532.0 -> 39.6 MiB (13.4x) at W2E2;
+    """docs/method.md: GPT-2 small 474.7 -> 32.9 MiB (14.4x), BART-base 532.0 -> 39.6 MiB (13.4x) at W2E2;
     the compact options (8-bit positions, fp16 LayerNorm/bias) stay below 16x."""
     sys.path.insert(0, str(ROOT / "experiments"))
     from size_export import build

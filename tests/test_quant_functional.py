@@ -303,7 +303,7 @@ def test_dynamic_scale_full_grid_hand_values(gamma):
     assert gam.grad.item() == pytest.approx(hand["dgamma"], abs=1e-12)
     codes, step = dynamic_scale_codes(_t(W), _t(gamma), 2, full_grid=True)
     assert codes.tolist() == hand["codes"] and step.item() == pytest.approx(hand["alpha"], abs=1e-15)
-    # the symmetric grid of PAPER.md clips -1.2 to -1 at the same gamma
+    # the paper's symmetric grid clips -1.2 to -1 at the same gamma
     assert dynamic_scale_codes(_t(W), _t(gamma), 2)[0].tolist() == [1, -1, 0, 1, 0, 1]
 
 

@@ -448,7 +448,7 @@ def bart_base_config(**kw) -> BartConfig:
 
 
 def test_model_size_bart_base_paper_numbers():
-    """PAPER.md: BART-base 532.0 MiB FP32 -> 39.6 MiB at W2E2A8 (13.4x), 138.1 MiB at W8E8A8. The
+    """docs/method.md: BART-base 532.0 MiB FP32 -> 39.6 MiB at W2E2A8 (13.4x), 138.1 MiB at W8E8A8. The
     FP part includes final_logits_bias (a persistent buffer, 50265 floats = 0.19 MiB)."""
     with torch.device("meta"):
         w2 = BartForConditionalGeneration(bart_base_config())
