@@ -168,3 +168,95 @@ def test_every_method_runs_end_to_end(tiny_cfg, method):
 def test_quantize_attention_through_the_config(tiny_cfg):
     run, metrics = _run(tiny_cfg("method.quantize_attention=true", "trainer.fast_dev_run=true", "generate_samples=0"))
     assert run.quant.quantize_attention and metrics["student"]["test_ppl"] > 1
+
+
+def test_memory_bank_updated_once_per_optimizer_step_with_gradient_accumulation(tiny_cfg, tmp_path):
+    """trainer.accumulate_grad_batches=2: the bank moves after the optimizer step, not after every
+    micro-batch (issue 14). Both micro-batches of a step query the bank as it was at the step's
+    start, and the step writes the updates of both at once, as one batch of twice the size would
+    (a token in both micro-batches gets the mean of its queries)."""
+    import copy
+
+    from lightning.pytorch.callbacks import Callback
+
+    from qgplm.callbacks import MemoryBankCallback, ScaleWarmupCallback
+    from qgplm.distill import MemoryBank
+    from qgplm.models import build_model
+    from qgplm.module import DistillModule
+    from qgplm.pipeline import prepare_data
+    from qgplm.quant import quantize_model
+
+    run = RunConfig.from_hydra(tiny_cfg())
+    tok, dm = prepare_data(run)
+    teacher = build_model(run.model, tok, run.task.block_size)
+    student = quantize_model(copy.deepcopy(teacher).requires_grad_(True), run.quant)
+    module = DistillModule(student, teacher, run.method.distill, run.student.optim, 10)
+    updates, snapshots = [], []
+    real_pop = module.pop_bank_update
+
+    def pop():
+        upd = real_pop()
+        updates.append(tuple(t.clone() for t in upd))
+        return upd
+
+    module.pop_bank_update = pop
+    bank_cb = MemoryBankCallback(momentum=run.method.distill.momentum)
+
+    class Spy(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            snapshots.append((trainer.global_step, bank_cb.bank.bank.clone(), bank_cb.bank.filled.clone()))
+
+    trainer = pl.Trainer(max_steps=2, accumulate_grad_batches=2, logger=False, enable_progress_bar=False,
+                         limit_val_batches=0, callbacks=[ScaleWarmupCallback(), bank_cb, Spy()],
+                         default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(module, datamodule=dm)
+    assert [s[0] for s in snapshots] == [0, 0, 1, 1] and len(updates) == 4
+
+    def expected(start_bank, start_filled, micro):
+        bank = MemoryBank(*start_bank.shape, run.method.distill.momentum)
+        bank.bank.copy_(start_bank)
+        bank.filled.copy_(start_filled)
+        ids, q, mask = (torch.cat([u[i].reshape(-1, *u[i].shape[2:]) for u in micro]) for i in range(3))
+        bank.update(ids, q, mask)
+        return bank
+
+    # micro-batch 1 sees the bank of the step start (still empty), not micro-batch 0's update
+    assert not snapshots[0][2].any()
+    assert torch.equal(snapshots[1][1], snapshots[0][1]) and torch.equal(snapshots[1][2], snapshots[0][2])
+    # after step 1: both micro-batches' updates at once
+    first = expected(snapshots[0][1], snapshots[0][2], updates[0:2])
+    assert torch.equal(snapshots[2][1], first.bank) and torch.equal(snapshots[2][2], first.filled)
+    assert torch.equal(snapshots[3][1], snapshots[2][1])
+    second = expected(first.bank, first.filled, updates[2:4])
+    assert torch.equal(bank_cb.bank.bank, second.bank) and torch.equal(bank_cb.bank.filled, second.filled)
+    assert not torch.equal(second.bank, first.bank)
+
+
+def test_memory_bank_queue_joins_micro_batches_of_different_lengths():
+    """Seq2seq micro-batches are padded to their own lengths: the queued updates of one step are
+    joined position by position (one [1, N] update), and the bank gets the mean of a token's
+    queries across them."""
+    from types import SimpleNamespace
+
+    from qgplm.callbacks import MemoryBankCallback
+    from qgplm.distill import MemoryBank
+
+    cb = MemoryBankCallback(momentum=0.5)
+    cb.bank = MemoryBank(6, 2, 0.5)
+    micro = [(torch.tensor([[1, 2, 0]]), torch.tensor([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]]),
+              torch.tensor([[True, True, False]])),
+             (torch.tensor([[1, 3, 4, 0, 0]]), torch.tensor([[[3.0, 2.0], [1.0, 1.0], [2.0, 2.0], [9.0, 9.0],
+                                                              [9.0, 9.0]]]),
+              torch.tensor([[True, True, True, False, False]]))]
+    trainer = SimpleNamespace(global_step=0, world_size=1)
+    module = SimpleNamespace(pop_bank_update=lambda: micro.pop(0))
+    for stepped in (False, True):
+        cb.on_train_batch_start(trainer, module, None, 0)
+        if stepped:
+            trainer.global_step = 1
+        cb.on_train_batch_end(trainer, module, None, None, 0)
+        if not stepped:
+            assert not cb.bank.filled.any()  # nothing written before the optimizer step
+    assert cb.bank.filled.tolist() == [False, True, True, True, True, False]
+    assert cb.bank.bank[1].tolist() == [2.0, 1.0]  # mean of [1, 0] and [3, 2]
+    assert cb.bank.bank[2].tolist() == [0.0, 1.0] and cb.bank.bank[4].tolist() == [2.0, 2.0]

@@ -1,7 +1,8 @@
 """MemoryBankCallback: owns the contrastive memory bank for the whole fit.
 
 It creates the bank at set-up (vocab x hidden of the student), attaches it to the module,
-applies the momentum update after every training batch (when the optimizer has stepped),
+applies the momentum update once per optimizer step, after it (with gradient accumulation the
+micro-batches' updates are queued and written together: see `on_train_batch_end`),
 gathering the update from every rank first so that all ranks hold the same bank, and saves /
 restores the bank with Lightning checkpoints (callback state). With `encoder=True` (seq2seq,
 distill.contrast_encoder) a second bank of the same shape serves the encoder's contrast: encoder
@@ -25,6 +26,9 @@ class MemoryBankCallback(Callback):
         self.bank: MemoryBank | None = None
         self.encoder_bank: MemoryBank | None = None
         self._pending: dict[str, Any] | None = None
+        # updates of the micro-batches of the optimizer step in progress, written when it steps
+        self._queued: dict[str, list] = {"bank": [], "encoder_bank": []}
+        self._step_at_batch_start: int | None = None
         self.rank_checksums: list[list[float]] = []
 
     @property
@@ -50,11 +54,42 @@ class MemoryBankCallback(Callback):
             self.encoder_bank.to(pl_module.device)
         pl_module.attach_memory_bank(self.bank, self.encoder_bank)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._queued = {"bank": [], "encoder_bank": []}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        self._apply(trainer, self.bank, pl_module.pop_bank_update())
+        """Queue this micro-batch's update; write the queue when the optimizer has stepped.
+
+        PAPER.md: "after the step: M[t_i] <- stopgrad(q_i)", one momentum update per training step.
+        With `trainer.accumulate_grad_batches=k` a step is k micro-batches and one weight update, so
+        the bank moves once per step too: every micro-batch queries the bank as it was at the step's
+        start, and the step writes all k updates at once, a token seen in several micro-batches
+        getting the mean of its queries, exactly what one batch of k times the size does. (Writing
+        after each micro-batch would apply the momentum k times per step, mix one step's own
+        representations into its later queries, and make the bank depend on k.)"""
+        self._queued["bank"].append(pl_module.pop_bank_update())
         if self.encoder_bank is not None:
-            self._apply(trainer, self.encoder_bank, pl_module.pop_encoder_bank_update())
+            self._queued["encoder_bank"].append(pl_module.pop_encoder_bank_update())
+        if trainer.global_step == self._step_at_batch_start:
+            return  # no optimizer step yet: a micro-batch of an accumulated step
+        self._apply(trainer, self.bank, self._take("bank"))
+        if self.encoder_bank is not None:
+            self._apply(trainer, self.encoder_bank, self._take("encoder_bank"))
+
+    def _take(self, key: str) -> Any:
+        """The queued updates of one bank as one update (token ids [1, N], queries [1, N, H], mask
+        [1, N]: all positions of the step as one sequence), None if there were none."""
+        queued = [u for u in self._queued[key] if u is not None]
+        self._queued[key] = []
+        if len(queued) <= 1:
+            return queued[0] if queued else None
+        return tuple(torch.cat([t.reshape(-1, *t.shape[2:]) for t in parts]).unsqueeze(0)
+                     for parts in zip(*queued))
 
     @staticmethod
     def _apply(trainer: pl.Trainer, bank: MemoryBank | None, update: Any) -> None:

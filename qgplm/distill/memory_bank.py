@@ -2,7 +2,9 @@
 
 M has one row per vocabulary id holding a momentum average of the student's representation of
 that token. The loss uses q_i = m * M[t_i] + (1 - m) * h^S_i (gradient through h^S_i only), and
-after the optimizer step the rows are set to stopgrad(q_i). Rows start empty and are filled
+after the optimizer step the rows are set to stopgrad(q_i): once per step, so with gradient
+accumulation the micro-batches of a step all query the bank of the step's start and their updates
+are written together after it (MemoryBankCallback queues them). Rows start empty and are filled
 lazily from the first representation seen (so q_i = h^S_i the first time a token appears).
 
 The bank is a plain nn.Module with buffers so that its state is a state_dict; ownership (when
