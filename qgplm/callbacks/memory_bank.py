@@ -65,7 +65,7 @@ class MemoryBankCallback(Callback):
                            batch: Any, batch_idx: int) -> None:
         """Queue this micro-batch's update; write the queue when the optimizer has stepped.
 
-        PAPER.md: "after the step: M[t_i] <- stopgrad(q_i)", one momentum update per training step.
+        docs/method.md: after the step, M[t_i] <- stopgrad(q_i), one momentum update per training step.
         With `trainer.accumulate_grad_batches=k` a step is k micro-batches and one weight update, so
         the bank moves once per step too: every micro-batch queries the bank as it was at the step's
         start, and the step writes all k updates at once, a token seen in several micro-batches
