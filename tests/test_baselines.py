@@ -709,3 +709,24 @@ def test_laq_alpha_solved_once_per_optimizer_step_under_gradient_accumulation():
     assert torch.equal(alphas[0], alphas[1]) and torch.equal(alphas[1], alphas[2])
     assert torch.equal(alphas[3], alphas[4]) and torch.equal(alphas[4], alphas[5])
     assert not torch.equal(alphas[2], alphas[3])
+
+
+def test_pact_and_quantgpt_default_initial_grids_differ():
+    """What quant/baselines.py's docstring says (issue 14): PACT's initial alpha is QuantGPT's
+    fallback 1.4 mean|w| at 2 bits, while QuantGPT's default (gamma_init=mse) gamma is about 1.53;
+    only gamma_init=fixed gives QuantGPT PACT's grid."""
+    def init_scales(quantizer, **kwargs):
+        model = tiny_gpt2()
+        quantize_model(model, QuantConfig(weight_bits=2, embedding_bits=2, quantizer=quantizer,
+                                          quantizer_kwargs=kwargs))
+        initialize_quantizers(model)
+        out = []
+        for _, m in quantized_modules(model):
+            q, mean = m.weight_quantizer, oriented_weight(m).detach().abs().mean()
+            out.append((q.alpha / mean).item() if quantizer == "pact" else q.gamma.item())
+        return out
+
+    assert all(s == pytest.approx(1.4, abs=1e-5) for s in init_scales("pact"))
+    mse = init_scales("quantgpt")
+    assert all(1.45 < g < 1.65 for g in mse), mse
+    assert all(g == pytest.approx(1.4) for g in init_scales("quantgpt", gamma_init="fixed"))

@@ -15,9 +15,14 @@ tensors, so a packed export reproduces the forward bit for bit. Per-row mode (`n
 `method.per_row=true`) gives one scale per output row; every mean / max / sum runs over the last dim.
 
 Project defaults (the paper leaves them open, docs/method.md; they are constructor kwargs / config values):
-- PACT's "fixed" initial alpha is `init_scale * mean|w|` with QuantGPT's fixed multiples
-  (1.4 at 2 bits, 3.0 at 4 bits, max|w|/mean|w| otherwise, i.e. alpha = max|w|), so PACT and
-  QuantGPT start from the same grid and differ only in how the clipping value is learnt;
+- PACT's "fixed" initial alpha is `init_scale * mean|w|` with QuantGPT's *fallback* multiples
+  (1.4 at 2 bits, 3.0 at 4 bits, max|w|/mean|w| otherwise, i.e. alpha = max|w|), those of
+  `gamma_init=fixed`. QuantGPT's default initial gamma is the MSE-optimal one (`gamma_init=mse`),
+  which is not the fallback: about 1.53 at 2 bits on Gaussian-initialised GPT-2 matrices (1.525 to
+  1.544 over the modules of the 2 x 128 default model) against PACT's 1.40, so with the defaults
+  the two start from different grids and differ in the initial clipping value as well as in how
+  it is learnt. They start from the same grid only with QuantGPT's
+  `method.quantizer_kwargs.gamma_init=fixed` (or PACT's `init_scale` set to QuantGPT's gammas).
   `init_alpha=<float>` sets one absolute value for every module instead.
 - LSQ: s_0 = 2 mean|w| / sqrt(Q_p) (LSQ's own rule); the gradient scale counts the elements
   sharing a step (the whole tensor, or one row in per-row mode).
