@@ -1,8 +1,9 @@
-"""`python -m qgplm.generate dir=<export> prompt="..." [mode=int8] [max_new_tokens=32]`
+"""`python -m qgplm.generate dir=<export> prompt="..." [mode=lowbit|int8|dequantize] [max_new_tokens=32]`
 
 Loads a packed export (qgplm.load_quantized) and prints a greedy continuation of the prompt
 (causal LM, e.g. GPT-2) or the generated output sequence, i.e. the summary (seq2seq, e.g. BART),
-with Hugging Face `generate`.
+with Hugging Face `generate`. mode=lowbit keeps the weights at their bit-width and runs the linear
+layers on onnxruntime's MatMulNBits kernel (block_size= sets its block, 64 by default).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import torch
 from qgplm.errors import QgplmError
 from qgplm.export.cli import parse_kv, run_main
 
-USAGE = 'python -m qgplm.generate dir=<export dir> prompt="..." [mode=dequantize|int8] [max_new_tokens=32]'
+USAGE = ('python -m qgplm.generate dir=<export dir> prompt="..." [mode=dequantize|int8|lowbit] '
+         '[max_new_tokens=32] [threads=N] [block_size=64]')
 SPEC = {"dir": (str, ...), "prompt": (str, ...), "mode": (str, "dequantize"), "max_new_tokens": (int, 32),
-        "threads": (int, 0)}
+        "threads": (int, 0), "block_size": (int, 0)}
 
 
 def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int) -> str:
@@ -35,7 +37,10 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args["threads"])
     from qgplm.export.loader import load_export_tokenizer, load_quantized
 
-    model = load_quantized(args["dir"], args["mode"])
+    options = {"block_size": args["block_size"]} if args["block_size"] else {}
+    if options and args["mode"] != "lowbit":
+        raise QgplmError(f"block_size= only applies to mode=lowbit (got mode={args['mode']})")
+    model = load_quantized(args["dir"], args["mode"], **options)
     tokenizer = load_export_tokenizer(args["dir"])
     if tokenizer is None:
         raise QgplmError(f"{args['dir']} was exported without a tokenizer: export it with one "

@@ -324,9 +324,10 @@ def test_cli_pipeline_export_and_generate(tmp_path):
     # the checkpoint rebuilds the same student the pipeline exported
     assert filecmp.cmp(run / "export" / WEIGHTS, tmp_path / "e" / WEIGHTS, shallow=False)
 
-    proc = _py(["qgplm.generate", f"dir={tmp_path / 'e'}", "prompt=the", "max_new_tokens=5", "mode=int8"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip()
+    for mode in ("int8", "lowbit"):
+        proc = _py(["qgplm.generate", f"dir={tmp_path / 'e'}", "prompt=the", "max_new_tokens=5", f"mode={mode}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip()
 
 
 

@@ -108,8 +108,11 @@ def _module_type(mod: nn.Module) -> str:
 
 def _prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     """A quantized model as is; a float model quantized post-training (a copy, scales initialised)."""
-    if type(model).__name__.startswith("Int8") or any(type(m).__name__.startswith("Int8") for m in model.modules()):
-        raise QgplmError("cannot export a model loaded in int8 mode: load it with mode='dequantize' to export it")
+    kernel_mode = next((prefix for m in model.modules() for prefix in ("Int8", "LowBit")
+                        if type(m).__name__.startswith(prefix)), None)
+    if kernel_mode is not None:
+        mode = "int8" if kernel_mode == "Int8" else "lowbit"
+        raise QgplmError(f"cannot export a model loaded in {mode} mode: load it with mode='dequantize' to export it")
     if any(isinstance(m, QUANT_MODULES) for m in model.modules()):
         return model
     if config.weight_bits is None and config.embedding_bits is None:

@@ -8,6 +8,8 @@ mode="dequantize": float weights rebuilt from codes as `codes * step` (the same 
     from the stored step (export -> load -> export is byte-identical).
 mode="int8": linear layers hold int8 codes and run integer matmuls on 8-bit activations; the
     token embedding keeps int8 codes too (int8.py).
+mode="lowbit": weight codes stay at their bit-width in memory; linear layers run on onnxruntime's
+    MatMulNBits kernel, the token embedding unpacks only the rows it looks up (lowbit.py).
 Checksums are verified before any tensor is read.
 """
 
@@ -32,7 +34,7 @@ from qgplm.quant.config import QuantConfig
 from qgplm.quant.modules import QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
-MODES = ("dequantize", "int8")
+MODES = ("dequantize", "int8", "lowbit")
 
 
 class StoredScaleQuantizer(WeightQuantizer):
@@ -136,8 +138,17 @@ def _int8_lookup_tables(model: nn.Module, manifest: dict[str, Any]) -> dict[str,
     return out
 
 
-def load_quantized(export_dir: str | Path, mode: str = "dequantize") -> nn.Module:
-    """A ready HF model (eval mode; `generate` works) from a qgplm export directory."""
+def _lowbit_keys(manifest: dict[str, Any]) -> set[str]:
+    """Packed tensors that lowbit mode holds only in its kernels' form (every quantized layer is
+    converted, with or without an 8-bit input)."""
+    return {e["weight"] for e in manifest["modules"].values() if e["weight"] is not None}
+
+
+def load_quantized(export_dir: str | Path, mode: str = "dequantize", **kernel_options: Any) -> nn.Module:
+    """A ready HF model (eval mode; `generate` works) from a qgplm export directory.
+
+    kernel_options (mode="lowbit" only): block_size, accuracy_level, threads (lowbit.convert_lowbit).
+    """
     if mode not in MODES:
         raise QgplmError(f"mode={mode!r} is not valid: choose one of {', '.join(MODES)}")
     export_dir, manifest = read_manifest(export_dir)
@@ -147,8 +158,18 @@ def load_quantized(export_dir: str | Path, mode: str = "dequantize") -> nn.Modul
 
     state: dict[str, Tensor] = {}
     codes_of: dict[str, tuple[Tensor, Tensor]] = {}
-    tables = _int8_lookup_tables(model, manifest) if mode == "int8" else {}
-    skip = _int8_keys(manifest) | set(tables.values()) if mode == "int8" else set()
+    if kernel_options and mode != "lowbit":
+        raise QgplmError(f"{', '.join(kernel_options)} only apply to mode=lowbit")
+    tables = _int8_lookup_tables(model, manifest) if mode in ("int8", "lowbit") else {}
+    if mode == "int8":
+        skip = _int8_keys(manifest) | set(tables.values())
+    elif mode == "lowbit":
+        from qgplm.export.lowbit import _ort
+
+        _ort()  # a missing onnxruntime is one line, before anything is built
+        skip = _lowbit_keys(manifest) | set(tables.values())
+    else:
+        skip = set()
     for key, entry in manifest["packed"].items():
         codes, step = decode(tensors, key, entry)
         codes_of[key] = (codes, step)
@@ -176,10 +197,16 @@ def load_quantized(export_dir: str | Path, mode: str = "dequantize") -> nn.Modul
     model.tie_weights()
     _install_quant_layers(model, manifest, codes_of)
     model.eval()
-    if mode == "int8":
+    if mode in ("int8", "lowbit"):
         from qgplm.export.int8 import Int8Embedding, convert_int8
 
-        convert_int8(model, codes_of)
+        if mode == "int8":
+            convert_int8(model, codes_of)
+        else:
+            from qgplm.export.lowbit import convert_lowbit
+
+            bits_of = {key: entry["bits"] for key, entry in manifest["packed"].items()}
+            convert_lowbit(model, codes_of, bits_of, **kernel_options)
         for name, key in tables.items():
             model.set_submodule(name, Int8Embedding(*codes_of[key], model.get_submodule(name).padding_idx, None),
                                 strict=True)
