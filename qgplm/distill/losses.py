@@ -15,6 +15,11 @@ def soft_cross_entropy(
     logits: [..., vocab]; mask: [...] (1 = keep). Computed in fp32 for stability under bf16.
     """
     t = temperature
+    with torch.autocast(student_logits.device.type, enabled=False):
+        return _soft_cross_entropy_fp32(student_logits, teacher_logits, mask, t)
+
+
+def _soft_cross_entropy_fp32(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None, t: float) -> Tensor:
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     p_t = F.softmax(teacher_logits.float() / t, dim=-1)
     per_token = -(p_t * log_p_s).sum(dim=-1) * (t * t)
@@ -52,6 +57,15 @@ def token_contrastive_loss(
     if mask is None:
         mask = torch.ones(b, n, dtype=torch.bool, device=query.device)
     mask = mask.bool()
+    # fp32 throughout, also under autocast (bf16-mixed): einsum would otherwise run as a bf16
+    # matmul, and cos / tau (up to 1 / tau = 10) would carry bf16's 3 significant digits
+    with torch.autocast(query.device.type, enabled=False):
+        return _token_contrastive_fp32(query, teacher_hidden, token_ids, mask, tau, negatives, negative_ids)
+
+
+def _token_contrastive_fp32(query: Tensor, teacher_hidden: Tensor, token_ids: Tensor, mask: Tensor, tau: float,
+                            negatives: Tensor | None, negative_ids: Tensor | None) -> Tensor:
+    n = query.shape[1]
     q = F.normalize(query.float(), dim=-1)
     k = F.normalize(teacher_hidden.float(), dim=-1)
     eye = torch.eye(n, dtype=torch.bool, device=query.device).unsqueeze(0)

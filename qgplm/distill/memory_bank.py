@@ -28,11 +28,15 @@ class MemoryBank(nn.Module):
         self.register_buffer("filled", torch.zeros(vocab_size, dtype=torch.bool))
 
     def query(self, student_hidden: Tensor, token_ids: Tensor) -> Tensor:
-        """q = m * M[t] + (1 - m) * h for filled rows, h itself for rows never seen."""
-        rows = self.bank[token_ids].to(student_hidden.dtype)
+        """q = m * M[t] + (1 - m) * h for filled rows, h itself for rows never seen.
+
+        In the bank's dtype (fp32), whatever the hidden states' (bf16 under bf16-mixed): the
+        momentum average is kept at full precision, and the gradient reaches h through the cast."""
+        h = student_hidden.to(self.bank.dtype)
+        rows = self.bank[token_ids]
         filled = self.filled[token_ids].unsqueeze(-1)
-        mixed = self.momentum * rows + (1.0 - self.momentum) * student_hidden
-        return torch.where(filled, mixed, student_hidden)
+        mixed = self.momentum * rows + (1.0 - self.momentum) * h
+        return torch.where(filled, mixed, h)
 
     @torch.no_grad()
     def update(self, token_ids: Tensor, queries: Tensor, mask: Tensor | None = None) -> None:

@@ -124,7 +124,11 @@ def minmax_activation_codes(x: Tensor, bits: int = 8, symmetric: bool = False) -
 
 def minmax_activation_quantize(x: Tensor, bits: int = 8, symmetric: bool = False) -> Tensor:
     """Dynamic per-tensor min-max fake quantization (`minmax_activation_codes`) with a
-    straight-through gradient: every element is inside the range, so the STE is the identity."""
+    straight-through gradient: every element is inside the range, so the STE is the identity.
+    A half-precision x (bf16 under autocast) is quantized in fp32 and the result rounded once to
+    x's dtype: in bf16 itself x / step and the STE's x + (x_q - x) would each lose code levels."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return minmax_activation_quantize(x.float(), bits, symmetric).to(x.dtype)
     codes, step, zero = minmax_activation_codes(x.detach(), bits, symmetric)
     xq = codes * step if symmetric else (codes - zero) * step
     return x + (xq - x).detach()
