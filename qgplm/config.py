@@ -29,6 +29,7 @@ TASK_SOURCES = tuple(TASK_KINDS)
 MODEL_KIND_FOR_TASK = {"lm": "causal", "summarization": "seq2seq", "next_utterance": "causal"}
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 NEGATIVES = ("teacher", "student", "random")
+PROJECTIONS = ("none", "linear")
 SCHEDULERS = ("cosine", "linear", "constant")
 
 
@@ -85,9 +86,13 @@ class DistillConfig:
     negatives: str = "teacher"  # ablations: student (its own detached states), random (vocab embeddings)
     ce_weight: float = 0.0
     contrast_encoder: bool = False  # seq2seq: also contrast the encoder's last layer (own memory bank)
+    # PAPER.md's optional head on the contrastive representations: none (default) | linear (a
+    # hidden x hidden nn.Linear on the student's side, identity init, trained with the student)
+    projection: str = "none"
 
     def validate(self) -> None:
         _choice("method.distill.negatives", self.negatives, NEGATIVES)
+        _choice("method.distill.projection", self.projection, PROJECTIONS)
         _positive("method.distill.tau", self.tau)
         _positive("method.distill.temperature", self.temperature)
         if not 0.0 <= self.momentum < 1.0:

@@ -136,12 +136,16 @@ class LMModule(pl.LightningModule):
                 self.log(f"test/{k}", float(v), sync_dist=True)
 
     # ---------------------------------------------------------------- optimisation
+    def trainable_modules(self) -> list[nn.Module]:
+        """What the optimizer trains: the model (and, for distillation, an optional projection head)."""
+        return [self.model]
+
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: matrices with weight decay; biases/LayerNorm without; quantizer scales
         with their own LR and no weight decay."""
         scales = {id(p) for p in scale_parameters(self.model)}
         decay, no_decay = [], []
-        for p in self.model.parameters():
+        for p in (p for m in self.trainable_modules() for p in m.parameters()):
             if not p.requires_grad or id(p) in scales:
                 continue
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -229,6 +233,10 @@ class DistillModule(LMModule):
             raise QgplmError("method.distill.contrast_encoder=true needs an encoder-decoder model: set it to false")
         self.memory_bank: MemoryBank | None = None
         self.encoder_memory_bank: MemoryBank | None = None
+        # the optional projection head(s) of the contrastive representations (distill.projection)
+        self.projection = self._projection_head(student) if distill.projection == "linear" else None
+        self.encoder_projection = (self._projection_head(student)
+                                   if distill.projection == "linear" and distill.contrast_encoder else None)
         self._bank_update: tuple[Tensor, Tensor, Tensor] | None = None
         self._encoder_bank_update: tuple[Tensor, Tensor, Tensor] | None = None
         self._teacher_val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
@@ -240,6 +248,21 @@ class DistillModule(LMModule):
     @property
     def student(self) -> nn.Module:
         return self.model
+
+    @staticmethod
+    def _projection_head(student: nn.Module) -> nn.Linear:
+        """`distill.projection=linear`: hidden -> hidden, initialised to the identity (so switching it
+        on changes nothing at the first step), in FP32, not quantized and not part of the student
+        model: a training-only head like the memory bank, saved in the checkpoint (`projection.*`)."""
+        hidden = student.config.hidden_size
+        head = nn.Linear(hidden, hidden)
+        with torch.no_grad():
+            head.weight.copy_(torch.eye(hidden))
+            head.bias.zero_()
+        return head
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [m for m in (self.model, self.projection, self.encoder_projection) if m is not None]
 
     def attach_memory_bank(self, bank: MemoryBank | None, encoder_bank: MemoryBank | None = None) -> None:
         """Called by MemoryBankCallback. Stored outside the module tree on purpose: the callback
@@ -266,15 +289,17 @@ class DistillModule(LMModule):
         loss = d.kd_weight * terms["kd"]
         if d.uses_contrastive:
             ids, mask = s.hidden_ids, s.mask
-            q = self.memory_bank.query(s.hidden, ids) if self.memory_bank is not None else s.hidden
-            negatives, negative_ids = self._negatives(s.hidden, ids)
+            h = s.hidden if self.projection is None else self.projection(s.hidden)
+            q = self.memory_bank.query(h, ids) if self.memory_bank is not None else h
+            negatives, negative_ids = self._negatives(h, ids)
             terms["contrastive"] = token_contrastive_loss(q, t.hidden, ids, mask, d.tau, negatives, negative_ids)
             self._bank_update = (ids, q.detach(), mask)
             if encoder:
                 e_ids, e_mask = batch["input_ids"], batch["attention_mask"].bool()
                 bank = self.encoder_memory_bank
-                q_enc = bank.query(s.encoder_hidden, e_ids) if bank is not None else s.encoder_hidden
-                neg, neg_ids = self._negatives(s.encoder_hidden, e_ids)
+                h_enc = s.encoder_hidden if self.encoder_projection is None else self.encoder_projection(s.encoder_hidden)
+                q_enc = bank.query(h_enc, e_ids) if bank is not None else h_enc
+                neg, neg_ids = self._negatives(h_enc, e_ids)
                 terms["contrastive_encoder"] = token_contrastive_loss(q_enc, t.encoder_hidden, e_ids, e_mask, d.tau,
                                                                       neg, neg_ids)
                 self._encoder_bank_update = (e_ids, q_enc.detach(), e_mask)
@@ -348,6 +373,16 @@ class DistillModule(LMModule):
         self._teacher_val_ppl.reset()
 
     # ---------------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained with the other `distill.projection` (strict_loading is off for
+        the teacher's sake, so a missing or extra head would otherwise pass unnoticed)."""
+        has_head = any(k.startswith("projection.") for k in checkpoint.get("state_dict", {}))
+        if has_head != (self.projection is not None):
+            was = "linear" if has_head else "none"
+            raise QgplmError(f"the checkpoint was trained with method.distill.projection={was}, this run has "
+                             f"method.distill.projection={self.distill.projection}: resume with "
+                             f"method.distill.projection={was}")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         sd = checkpoint["state_dict"]

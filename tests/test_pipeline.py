@@ -260,3 +260,60 @@ def test_memory_bank_queue_joins_micro_batches_of_different_lengths():
     assert cb.bank.filled.tolist() == [False, True, True, True, True, False]
     assert cb.bank.bank[1].tolist() == [2.0, 1.0]  # mean of [1, 0] and [3, 2]
     assert cb.bank.bank[2].tolist() == [0.0, 1.0] and cb.bank.bank[4].tolist() == [2.0, 2.0]
+
+
+def test_contrastive_projection_head_trains_and_is_checkpointed(tiny_cfg, tmp_path):
+    """method.distill.projection=linear (PAPER.md's optional head, off by default): a linear map of
+    the student's contrastive representations, trained with the student and saved in its
+    checkpoint; not part of the student model (the export and the evaluation never see it)."""
+    run, metrics = _run(tiny_cfg("method.distill.projection=linear", "stage=pipeline", "generate_samples=0"))
+    assert run.method.distill.projection == "linear"
+    ckpt = torch.load(tmp_path / "checkpoints" / "student" / "last.ckpt", weights_only=False)
+    sd = ckpt["state_dict"]
+    weight, bias = sd["projection.weight"], sd["projection.bias"]
+    hidden = 32
+    assert weight.shape == (hidden, hidden) and bias.shape == (hidden,)
+    assert not torch.equal(weight, torch.eye(hidden))  # trained (it starts as the identity)
+    assert not any(k.startswith("model.") and "projection" in k for k in sd)
+    assert metrics["student"]["test_ppl"] > 1
+    assert (tmp_path / "export" / "model.safetensors").is_file()  # the export ignores the head
+
+
+def test_contrastive_projection_head_starts_as_identity_and_gets_gradient(tiny_cfg):
+    import copy
+
+    from qgplm.models import build_model
+    from qgplm.module import DistillModule
+    from qgplm.pipeline import prepare_data
+    from qgplm.quant import quantize_model
+
+    def step(projection):
+        run = RunConfig.from_hydra(tiny_cfg(f"method.distill.projection={projection}"))
+        tok, dm = prepare_data(run)
+        torch.manual_seed(0)
+        teacher = build_model(run.model, tok, run.task.block_size)
+        student = quantize_model(copy.deepcopy(teacher).requires_grad_(True), run.quant)
+        module = DistillModule(student, teacher, run.method.distill, run.student.optim, 10)
+        module.log = lambda *a, **k: None
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        return module, loss
+
+    plain, loss_plain = step("none")
+    head, loss_head = step("linear")
+    assert plain.projection is None
+    assert torch.equal(head.projection.weight.detach(), torch.eye(32))
+    torch.testing.assert_close(loss_head, loss_plain, rtol=1e-6, atol=1e-7)  # identity at the start
+    assert head.projection.weight.grad is not None and head.projection.weight.grad.abs().sum() > 0
+    in_optimizer = {id(p) for g in head.param_groups() for p in g["params"]}
+    assert id(head.projection.weight) in in_optimizer and id(head.projection.bias) in in_optimizer
+    assert not any(id(p) in in_optimizer for p in head.teacher.parameters())
+    # a checkpoint of the other setting is refused on resume, with the setting to use
+    from qgplm.errors import QgplmError
+
+    with pytest.raises(QgplmError, match="method.distill.projection=none"):
+        head.on_load_checkpoint({"state_dict": {k: v for k, v in plain.state_dict().items()}})
+    with pytest.raises(QgplmError, match="method.distill.projection=linear"):
+        plain.on_load_checkpoint({"state_dict": {k: v for k, v in head.state_dict().items()}})
