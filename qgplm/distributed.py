@@ -22,6 +22,10 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # what Lightning's launcher puts in the environment of the process that starts the ranks
 LAUNCH_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
@@ -78,3 +82,23 @@ def distributed_job() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def gather_valid_rows(strategy: Any, mask: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Every rank's rows where `mask` is set, concatenated in rank order: the same on every rank.
+
+    `mask` ([B, T], say) and each tensor ([B, T, ...]) share their leading dims, whose sizes may
+    differ between ranks (a batch padded to its own longest example: XSum, Persona-Chat), and
+    all_gather needs one shape everywhere. So the ranks first gather their counts of selected rows,
+    then their selected rows padded to the largest count, and drop the padding. `strategy`: a
+    Lightning strategy (its `all_gather` stacks the ranks' tensors on a new first dim).
+    """
+    import torch
+
+    keep = mask.reshape(-1).bool()
+    rows = [t.reshape(keep.numel(), *t.shape[mask.dim():])[keep] for t in tensors]
+    counts = strategy.all_gather(keep.sum().reshape(1)).reshape(-1)  # [world]
+    most = int(counts.max())
+    padded = [torch.cat([r, r.new_zeros(most - r.shape[0], *r.shape[1:])]) for r in rows]
+    valid = torch.arange(most, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)  # [world, most]
+    return tuple(strategy.all_gather(p)[valid.to(p.device)] for p in padded)

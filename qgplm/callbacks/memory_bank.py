@@ -3,10 +3,12 @@
 It creates the bank at set-up (vocab x hidden of the student), attaches it to the module,
 applies the momentum update once per optimizer step, after it (with gradient accumulation the
 micro-batches' updates are queued and written together: see `on_train_batch_end`),
-gathering the update from every rank first so that all ranks hold the same bank, and saves /
-restores the bank with Lightning checkpoints (callback state). With `encoder=True` (seq2seq,
-distill.contrast_encoder) a second bank of the same shape serves the encoder's contrast: encoder
-and decoder representations of a token differ, so they are not averaged into one row.
+gathering the valid (token id, query) pairs of every rank first so that all ranks hold the same
+bank (`qgplm.distributed.gather_valid_rows`: the ranks' batches may be padded to different
+lengths), and saves / restores the bank with Lightning checkpoints (callback state). With
+`encoder=True` (seq2seq, distill.contrast_encoder) a second bank of the same shape serves the
+encoder's contrast: encoder and decoder representations of a token differ, so they are not
+averaged into one row.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from qgplm.distill import MemoryBank
+from qgplm.distributed import gather_valid_rows
 
 
 class MemoryBankCallback(Callback):
@@ -97,9 +100,11 @@ class MemoryBankCallback(Callback):
             return
         ids, queries, mask = update
         if trainer.world_size > 1:
-            # identical bank on every rank: apply everybody's update, in rank order
-            ids, queries, mask = (trainer.strategy.all_gather(t) for t in (ids, queries, mask))
-            ids, queries, mask = (t.flatten(0, 1) for t in (ids, queries, mask))
+            # identical bank on every rank: apply everybody's valid (id, query) pairs, in rank
+            # order; only those are gathered, since the ranks' batches may be padded to
+            # different lengths (seq2seq, Persona-Chat)
+            ids, queries = gather_valid_rows(trainer.strategy, mask, ids, queries)
+            mask = None
         bank.update(ids, queries, mask)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
