@@ -1,0 +1,466 @@
+"""`format=onnx`: a standalone ONNX model of a qgplm export that onnxruntime runs without qgplm.
+
+    <out>/model.onnx        the graph (opset 18 + com.microsoft MatMulNBits), small constants inline
+    <out>/model.onnx.data   every weight (onnx external data, one file)
+    <out>/config.json, generation_config.json, tokenizer files   as in the packed export
+
+Graphs (no KV cache: every call runs the whole sequence; dynamic batch and sequence axes):
+    GPT-2 (GPT2LMHeadModel):            input_ids, attention_mask [batch, seq] int64 -> logits
+    BART (BartForConditionalGeneration): input_ids, attention_mask [batch, src] int64,
+                                         decoder_input_ids [batch, tgt] int64 -> logits
+Position ids are 0..seq-1 (as the HF forward without position_ids), so left-padded GPT-2 batches
+get the positions HF's forward gives them, not those of HF's generate.
+
+The graph is the lowbit mode's model (lowbit.py), written op by op with onnx.helper (the
+TorchScript exporter bakes HF's mask and position logic into constants):
+- every quantized linear layer, and the tied LM head, is one `com.microsoft.MatMulNBits` node whose
+  B and scales are the student's codes exactly (`pack_rows` / `block_scales`: unsigned code =
+  code + 2^(b-1) with the default zero point, the step as each block's fp32 scale; 3-bit held as
+  4-bit), plus its bias;
+- a quantized token embedding gathers rows of that same packed B (one initializer shared with
+  the tied LM head), unpacks them with BitShift / BitwiseAnd and computes (u - zp) * step, the
+  float product of lowbit mode, so the file stays ~2 bits per weight;
+- layers whose weight is not quantized keep FP32 weights and the student's 8-bit input
+  quantizer (per-tensor min-max, as in lowbit mode); `quantize_attention` students get the same
+  fake quantization of queries, keys, probabilities and values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qgplm.errors import QgplmError
+from qgplm.export.format import MANIFEST, WEIGHTS, read_manifest, verify_checksums
+from qgplm.export.lowbit import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK, block_scales, kernel_bits, pack_rows
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+OPSET = 18
+IR_VERSION = 10  # onnxruntime >= 1.20 reads it
+SUPPORTED = {"GPT2LMHeadModel": "GPT-2 (GPT2LMHeadModel)",
+             "BartForConditionalGeneration": "BART (BartForConditionalGeneration)"}
+MIB = 2**20
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise QgplmError("format=onnx needs the onnx package: pip install onnx onnxruntime (make install does it)") from None
+    return onnx
+
+
+def check_supported(model_class: str) -> None:
+    """One line naming what format=onnx supports, for any other architecture."""
+    if model_class not in SUPPORTED:
+        raise QgplmError(f"format=onnx does not support {model_class}: supported are "
+                         f"{' and '.join(SUPPORTED.values())}; use the default format (qgplm) with mode=lowbit")
+
+
+@dataclass
+class OnnxReport:
+    out_dir: str
+    onnx_bytes: int
+    data_bytes: int
+    fp32_bytes: int
+
+    @property
+    def file_bytes(self) -> int:
+        return self.onnx_bytes + self.data_bytes
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_bytes / self.file_bytes
+
+    def table(self) -> str:
+        rows = [(ONNX_FILE, self.onnx_bytes), (DATA_FILE, self.data_bytes), ("ONNX total", self.file_bytes),
+                ("FP32 tensors (reference)", self.fp32_bytes)]
+        lines = [f"{name:<28}{b / MIB:>10.2f} MiB" for name, b in rows]
+        return "\n".join(lines + [f"{'compression':<28}{self.ratio:>10.2f} x"])
+
+
+class _Graph:
+    """Nodes and initializers of one model, with the export's tensors looked up by state-dict key."""
+
+    def __init__(self, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], block_size: int,
+                 accuracy_level: int):
+        from onnx import helper, numpy_helper
+
+        from qgplm.export.loader import decode
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.manifest, self.tensors = manifest, tensors
+        self.block_size, self.accuracy_level = block_size, accuracy_level
+        self.decode = decode
+        self.nodes: list = []
+        self.inits: dict[str, Any] = {}
+        self.where: dict[str, tuple[str, str]] = {}  # state-dict key -> ("packed"|"fp", stored key)
+        for kind in ("packed", "fp"):
+            for key, entry in manifest[kind].items():
+                for alias in entry["aliases"]:
+                    self.where[alias] = (kind, key)
+        self.quantized = {name: e["weight"] for name, e in manifest["modules"].items() if e["weight"] is not None}
+        self.act = {name: e["act"] for name, e in manifest["modules"].items() if e["act"] is not None}
+        self.attention_act = manifest.get("attention_act")
+        self._packed: dict[str, dict[str, Any]] = {}
+        self._fp: dict[tuple[str, bool], str] = {}
+        self._count = 0
+
+    # ------------------------------------------------------------ primitives
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, outputs: int = 1,
+           domain: str | None = None, **attrs) -> Any:
+        hint = hint or op_type
+        outs = [self.fresh(hint) for _ in range(outputs)]
+        kw = {"domain": domain} if domain else {}
+        self.nodes.append(self.helper.make_node(op_type, inputs, outs, name=self.fresh(f"{hint}/{op_type}"),
+                                                **kw, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        if name not in self.inits:
+            self.inits[name] = self.numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return name
+
+    def const(self, value: Any, dtype: Any) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        return self.init(f"const_{arr.dtype}_{'x'.join(map(str, arr.shape))}_{arr.tobytes().hex()}", arr)
+
+    # ------------------------------------------------------------ the export's tensors
+
+    def has(self, sd_key: str) -> bool:
+        return sd_key in self.where
+
+    def fp(self, sd_key: str, transpose: bool = False) -> str:
+        """A float32 initializer of a state-dict tensor (a packed one dequantized as codes * step)."""
+        kind, key = self.where[sd_key]
+        if (key, transpose) in self._fp:
+            return self._fp[(key, transpose)]
+        if kind == "packed":
+            from qgplm.export.loader import dequantize
+
+            entry = self.manifest["packed"][key]
+            codes, step = self.decode(self.tensors, key, entry)
+            t = dequantize(codes, step)
+            if entry["transposed"]:
+                t = t.t()
+        else:
+            t = self.tensors[key].float()
+        arr = t.detach().float().numpy()
+        arr = arr.T if transpose else arr
+        name = self.init(key + (".T" if transpose else ""), arr)
+        self._fp[(key, transpose)] = name
+        return name
+
+    def packed(self, key: str) -> dict[str, Any]:
+        """MatMulNBits' B [N, blocks, block_size * bits / 8] and scales [N * blocks] of a packed tensor."""
+        if key not in self._packed:
+            entry = self.manifest["packed"][key]
+            codes, step = self.decode(self.tensors, key, entry)
+            n, k = codes.shape
+            bits = kernel_bits(entry["bits"])
+            blocks = -(-k // self.block_size)
+            b = pack_rows(codes, bits, self.block_size)
+            s = block_scales(step, n, blocks)
+            self._packed[key] = {"B": self.init(f"{key}.B", b), "scales": self.init(f"{key}.scales", s),
+                                 "n": n, "k": k, "bits": bits, "blocks": blocks,
+                                 "step": step.float().numpy().reshape(-1)}
+        return self._packed[key]
+
+    # ------------------------------------------------------------ layers
+
+    def fake_quant(self, x: str, bits: int, symmetric: bool) -> str:
+        """functional.minmax_activation_quantize in eval: dynamic per-tensor min-max, x + (xq - x)."""
+        eps = self.const(1e-8, np.float32)
+        if symmetric:
+            n = 2 ** (bits - 1) - 1
+            step = self.op("Max", [self.op("Div", [self.op("ReduceMax", [self.op("Abs", [x])], keepdims=0),
+                                                   self.const(n, np.float32)]), eps])
+            q = self.op("Clip", [self.op("Round", [self.op("Div", [x, step])]), self.const(-n, np.float32),
+                                 self.const(n, np.float32)])
+            xq = self.op("Mul", [q, step])
+        else:
+            qmax = 2**bits - 1
+            lo = self.op("ReduceMin", [x], keepdims=0)
+            hi = self.op("ReduceMax", [x], keepdims=0)
+            step = self.op("Max", [self.op("Div", [self.op("Sub", [hi, lo]), self.const(qmax, np.float32)]), eps])
+            zero = self.op("Round", [self.op("Div", [self.op("Neg", [lo]), step])])
+            q = self.op("Clip", [self.op("Add", [self.op("Round", [self.op("Div", [x, step])]), zero]),
+                                 self.const(0, np.float32), self.const(qmax, np.float32)])
+            xq = self.op("Mul", [self.op("Sub", [q, zero]), step])
+        return self.op("Add", [x, self.op("Sub", [xq, x])])
+
+    def linear(self, x: str, name: str, conv1d: bool = False) -> str:
+        """y = x W^T + b of the module `name` (nn.Linear, or Conv1D whose weight is stored [in, out])."""
+        if name in self.quantized:
+            p = self.packed(self.quantized[name])
+            y = self.op("MatMulNBits", [x, p["B"], p["scales"]], hint=name, domain="com.microsoft",
+                        K=p["k"], N=p["n"], bits=p["bits"], block_size=self.block_size,
+                        accuracy_level=self.accuracy_level)
+            self.nodes[-1].name = name  # MatMulNBits nodes are named after their module
+        else:
+            if name in self.act:
+                x = self.fake_quant(x, self.act[name]["bits"], self.act[name]["symmetric"])
+            y = self.op("MatMul", [x, self.fp(f"{name}.weight", transpose=not conv1d)], hint=name)
+        if self.has(f"{name}.bias"):
+            y = self.op("Add", [y, self.fp(f"{name}.bias")], hint=name)
+        return y
+
+    def embedding(self, ids: str, name: str, embed_scale: float | None = None, rank: int = 2) -> str:
+        """Rows of the table `name`.weight for ids of `rank` dims: a packed one is gathered packed and unpacked."""
+        sd_key = f"{name}.weight"
+        kind, key = self.where[sd_key]
+        if kind != "packed":
+            out = self.op("Gather", [self.fp(sd_key), ids], hint=name)
+        else:
+            p = self.packed(key)
+            bits, per = p["bits"], 8 // p["bits"]
+            rows = self.op("Gather", [p["B"], ids], hint=name)  # [..., blocks, block_size / per] uint8
+            rows = self.op("Unsqueeze", [rows, self.const([-1], np.int64)], hint=name)
+            u = self.op("BitShift", [rows, self.const(np.arange(per) * bits, np.uint8)], hint=name,
+                        direction="RIGHT")
+            if bits < 8:
+                u = self.op("BitwiseAnd", [u, self.const(2**bits - 1, np.uint8)], hint=name)
+            u = self.op("Reshape", [u, self.const([0] * rank + [-1], np.int64)], hint=name)
+            u = self.op("Slice", [u, self.const([0], np.int64), self.const([p["k"]], np.int64),
+                                  self.const([-1], np.int64)], hint=name)
+            f = self.op("Sub", [self.op("Cast", [u], hint=name, to=1), self.const(2 ** (bits - 1), np.float32)],
+                        hint=name)
+            if p["step"].size == 1:
+                step = self.const(p["step"][0], np.float32)
+            else:  # per-row step: every block of a row has it; take the row's first block
+                idx = self.op("Mul", [ids, self.const(p["blocks"], np.int64)], hint=name)
+                step = self.op("Unsqueeze", [self.op("Gather", [p["scales"], idx], hint=name),
+                                             self.const([-1], np.int64)], hint=name)
+            out = self.op("Mul", [f, step], hint=name)
+        if embed_scale is not None:
+            out = self.op("Mul", [out, self.const(embed_scale, np.float32)], hint=name)
+        return out
+
+    def layer_norm(self, x: str, name: str, eps: float) -> str:
+        return self.op("LayerNormalization", [x, self.fp(f"{name}.weight"), self.fp(f"{name}.bias")], hint=name,
+                       axis=-1, epsilon=float(eps))
+
+    def activation(self, x: str, fn: str, hint: str) -> str:
+        if fn in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), transformers' NewGELUActivation
+            cube = self.op("Mul", [self.op("Pow", [x, self.const(3.0, np.float32)], hint=hint),
+                                   self.const(0.044715, np.float32)], hint=hint)
+            inner = self.op("Mul", [self.op("Add", [x, cube], hint=hint),
+                                    self.const(math.sqrt(2.0 / math.pi), np.float32)], hint=hint)
+            t = self.op("Add", [self.const(1.0, np.float32), self.op("Tanh", [inner], hint=hint)], hint=hint)
+            return self.op("Mul", [self.op("Mul", [self.const(0.5, np.float32), x], hint=hint), t], hint=hint)
+        if fn == "gelu":
+            e = self.op("Erf", [self.op("Div", [x, self.const(math.sqrt(2.0), np.float32)], hint=hint)], hint=hint)
+            t = self.op("Add", [e, self.const(1.0, np.float32)], hint=hint)
+            return self.op("Mul", [self.op("Mul", [x, self.const(0.5, np.float32)], hint=hint), t], hint=hint)
+        if fn == "relu":
+            return self.op("Relu", [x], hint=hint)
+        raise QgplmError(f"format=onnx does not support activation_function={fn!r}: supported are gelu, gelu_new, "
+                         f"relu")
+
+    def heads(self, x: str, heads: int, head_dim: int, perm: list[int], hint: str) -> str:
+        """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim] (perm 0,2,1,3) or its key form."""
+        x = self.op("Reshape", [x, self.const([0, 0, heads, head_dim], np.int64)], hint=hint)
+        return self.op("Transpose", [x], hint=hint, perm=perm)
+
+    def attention(self, q: str, k: str, v: str, mask: str | None, heads: int, head_dim: int, scaling: float,
+                  hint: str) -> str:
+        """softmax(q k^T * scaling + mask) v over [batch, seq, dim] inputs; out [batch, seq, dim]."""
+        quant = self.attention_act
+        qh = self.heads(q, heads, head_dim, [0, 2, 1, 3], hint)
+        kh = self.heads(k, heads, head_dim, [0, 2, 3, 1], hint)
+        vh = self.heads(v, heads, head_dim, [0, 2, 1, 3], hint)
+        if quant:
+            qh = self.fake_quant(qh, quant["bits"], quant["symmetric"])
+            kh = self.fake_quant(kh, quant["bits"], quant["symmetric"])
+        scores = self.op("Mul", [self.op("MatMul", [qh, kh], hint=hint), self.const(scaling, np.float32)], hint=hint)
+        if mask is not None:
+            scores = self.op("Add", [scores, mask], hint=hint)
+        probs = self.op("Softmax", [scores], hint=hint, axis=-1)
+        if quant:
+            probs = self.fake_quant(probs, quant["bits"], quant["symmetric"])
+            vh = self.fake_quant(vh, quant["bits"], quant["symmetric"])
+        out = self.op("Transpose", [self.op("MatMul", [probs, vh], hint=hint)], hint=hint, perm=[0, 2, 1, 3])
+        return self.op("Reshape", [out, self.const([0, 0, heads * head_dim], np.int64)], hint=hint)
+
+    # ------------------------------------------------------------ masks and positions
+
+    def seq_range(self, ids: str, offset: int = 0) -> str:
+        """0..seq-1 (+ offset) as int64 [seq] for ids [batch, seq]."""
+        seq = self.op("Squeeze", [self.op("Shape", [ids], start=1, end=2)])
+        r = self.op("Range", [self.const(0, np.int64), seq, self.const(1, np.int64)])
+        return self.op("Add", [r, self.const(offset, np.int64)]) if offset else r
+
+    def bias_of(self, allowed: str) -> str:
+        """0 where attention is allowed, the float32 minimum elsewhere (HF's additive masks)."""
+        return self.op("Where", [allowed, self.const(0.0, np.float32),
+                                 self.const(np.finfo(np.float32).min, np.float32)])
+
+    def causal(self, positions: str) -> str:
+        """bool [seq, seq]: key j visible from query i iff j <= i."""
+        return self.op("LessOrEqual", [self.op("Unsqueeze", [positions, self.const([0], np.int64)]),
+                                       self.op("Unsqueeze", [positions, self.const([1], np.int64)])])
+
+    def padding(self, attention_mask: str) -> str:
+        """bool [batch, 1, 1, seq] from a 0/1 mask."""
+        return self.op("Unsqueeze", [self.op("Cast", [attention_mask], to=9), self.const([1, 2], np.int64)])
+
+
+def _gpt2(g: _Graph, config: Any) -> tuple[list, list]:
+    from onnx import TensorProto, helper
+
+    d, heads = config.n_embd, config.n_head
+    hd = d // heads
+    eps = config.layer_norm_epsilon
+    h = g.embedding("input_ids", "transformer.wte")
+    pos = g.seq_range("input_ids")
+    h = g.op("Add", [h, g.embedding(pos, "transformer.wpe", rank=1)], hint="transformer.wpe")
+    mask = g.bias_of(g.op("And", [g.causal(pos), g.padding("attention_mask")]))
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}"
+        x = g.layer_norm(h, f"{p}.ln_1", eps)
+        qkv = g.linear(x, f"{p}.attn.c_attn", conv1d=True)
+        q, k, v = g.op("Split", [qkv], hint=f"{p}.attn", outputs=3, axis=-1, num_outputs=3)
+        scaling = hd**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scaling /= float(i + 1)
+        a = g.attention(q, k, v, mask, heads, hd, scaling, f"{p}.attn")
+        h = g.op("Add", [h, g.linear(a, f"{p}.attn.c_proj", conv1d=True)], hint=p)
+        x = g.layer_norm(h, f"{p}.ln_2", eps)
+        x = g.activation(g.linear(x, f"{p}.mlp.c_fc", conv1d=True), config.activation_function, f"{p}.mlp")
+        h = g.op("Add", [h, g.linear(x, f"{p}.mlp.c_proj", conv1d=True)], hint=p)
+    h = g.layer_norm(h, "transformer.ln_f", eps)
+    g.nodes.append(helper.make_node("Identity", [g.linear(h, "lm_head")], ["logits"], name="logits"))
+    ids = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+           for n in ("input_ids", "attention_mask")]
+    out = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", config.vocab_size])]
+    return ids, out
+
+
+def _bart_attention(g: _Graph, x: str, kv: str, mask: str | None, name: str, heads: int, hd: int) -> str:
+    q = g.linear(x, f"{name}.q_proj")
+    k = g.linear(kv, f"{name}.k_proj")
+    v = g.linear(kv, f"{name}.v_proj")
+    return g.linear(g.attention(q, k, v, mask, heads, hd, hd**-0.5, name), f"{name}.out_proj")
+
+
+def _bart(g: _Graph, config: Any) -> tuple[list, list]:
+    from onnx import TensorProto, helper
+
+    d = config.d_model
+    scale = math.sqrt(d) if config.scale_embedding else 1.0
+    act = config.activation_function
+    eps = 1e-5  # nn.LayerNorm's default, as BART's layers use
+    enc_pad = g.bias_of(g.padding("attention_mask"))  # [batch, 1, 1, src]
+
+    def embed(ids: str, side: str) -> str:
+        # BartScaledWordEmbedding / QuantEmbedding multiply by embed_scale (1.0 without scale_embedding)
+        h = g.embedding(ids, f"model.{side}.embed_tokens", scale)
+        pos = g.embedding(g.seq_range(ids, offset=2), f"model.{side}.embed_positions", rank=1)
+        return g.layer_norm(g.op("Add", [h, pos], hint=f"model.{side}"), f"model.{side}.layernorm_embedding", eps)
+
+    heads, hd = config.encoder_attention_heads, d // config.encoder_attention_heads
+    h = embed("input_ids", "encoder")
+    for i in range(config.encoder_layers):
+        p = f"model.encoder.layers.{i}"
+        h = g.layer_norm(g.op("Add", [h, _bart_attention(g, h, h, enc_pad, f"{p}.self_attn", heads, hd)]),
+                         f"{p}.self_attn_layer_norm", eps)
+        x = g.activation(g.linear(h, f"{p}.fc1"), act, p)
+        h = g.layer_norm(g.op("Add", [h, g.linear(x, f"{p}.fc2")]), f"{p}.final_layer_norm", eps)
+    enc = h
+
+    heads, hd = config.decoder_attention_heads, d // config.decoder_attention_heads
+    h = embed("decoder_input_ids", "decoder")
+    causal = g.bias_of(g.causal(g.seq_range("decoder_input_ids")))  # [tgt, tgt], broadcast over batch, heads
+    for i in range(config.decoder_layers):
+        p = f"model.decoder.layers.{i}"
+        h = g.layer_norm(g.op("Add", [h, _bart_attention(g, h, h, causal, f"{p}.self_attn", heads, hd)]),
+                         f"{p}.self_attn_layer_norm", eps)
+        h = g.layer_norm(g.op("Add", [h, _bart_attention(g, h, enc, enc_pad, f"{p}.encoder_attn", heads, hd)]),
+                         f"{p}.encoder_attn_layer_norm", eps)
+        x = g.activation(g.linear(h, f"{p}.fc1"), act, p)
+        h = g.layer_norm(g.op("Add", [h, g.linear(x, f"{p}.fc2")]), f"{p}.final_layer_norm", eps)
+    logits = g.linear(h, "lm_head")
+    if g.has("final_logits_bias"):
+        logits = g.op("Add", [logits, g.fp("final_logits_bias")], hint="final_logits_bias")
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+    ins = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "source"]),
+           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "source"]),
+           helper.make_tensor_value_info("decoder_input_ids", TensorProto.INT64, ["batch", "target"])]
+    out = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "target", config.vocab_size])]
+    return ins, out
+
+
+BUILDERS = {"GPT2LMHeadModel": _gpt2, "BartForConditionalGeneration": _bart}
+
+
+def export_onnx(source: Any, out_dir: str | Path, tokenizer: Any = None, *, block_size: int = DEFAULT_BLOCK,
+                accuracy_level: int = DEFAULT_ACCURACY_LEVEL, **export_kwargs: Any) -> OnnxReport:
+    """Write a standalone ONNX model of `source`: a qgplm export directory, or a model (a trained
+    student, or a float model quantized post-training with `export_kwargs` as in `export_model`),
+    exported to the packed format first in a temporary directory."""
+    _onnx()
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise QgplmError(f"export dir {out} is not empty: choose a new out=<dir>")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise QgplmError(f"block_size={block_size} is not valid: use a power of 2 >= 16 (64 is the fast default)")
+    if isinstance(source, (str, Path)):
+        if tokenizer is not None or export_kwargs:
+            raise QgplmError("a qgplm export directory already holds its tokenizer and bit-widths: pass only the dir")
+        return _from_dir(Path(source), out, block_size, accuracy_level)
+    check_supported(type(source).__name__)
+    from qgplm.export.exporter import export_model
+
+    with tempfile.TemporaryDirectory(prefix="qgplm-onnx-") as tmp:
+        export_model(source, Path(tmp) / "packed", tokenizer, **export_kwargs)
+        return _from_dir(Path(tmp) / "packed", out, block_size, accuracy_level)
+
+
+def _from_dir(export_dir: Path, out: Path, block_size: int, accuracy_level: int) -> OnnxReport:
+    onnx = _onnx()
+    from onnx import helper
+    from transformers import AutoConfig
+
+    from qgplm.export.loader import _read_tensors
+
+    export_dir, manifest = read_manifest(export_dir)
+    check_supported(manifest["model_class"])
+    verify_checksums(export_dir, manifest)
+    config = AutoConfig.from_pretrained(export_dir, local_files_only=True)
+    g = _Graph(manifest, _read_tensors(export_dir), block_size, accuracy_level)
+    inputs, outputs = BUILDERS[manifest["model_class"]](g, config)
+    graph = helper.make_graph(g.nodes, manifest["model_class"], inputs, outputs, list(g.inits.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="qgplm", ir_version=IR_VERSION)
+    meta = {"model_class": manifest["model_class"], "bits": json.dumps(manifest["bits"]),
+            "quantizer": ",".join(manifest["quantizer"]), "block_size": str(block_size),
+            "accuracy_level": str(accuracy_level), "kv_cache": "none"}
+    helper.set_model_props(model, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(out / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    for f in sorted(export_dir.iterdir()):  # config, generation config, tokenizer
+        if f.is_file() and f.name not in (WEIGHTS, MANIFEST):
+            shutil.copy2(f, out / f.name)
+    data = out / DATA_FILE
+    return OnnxReport(str(out), (out / ONNX_FILE).stat().st_size, data.stat().st_size if data.exists() else 0,
+                      manifest["size"]["fp32_bytes"])
+
+
+__all__ = ["DATA_FILE", "ONNX_FILE", "OnnxReport", "SUPPORTED", "check_supported", "export_onnx"]
