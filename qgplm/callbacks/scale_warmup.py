@@ -1,6 +1,6 @@
 """ScaleWarmupCallback: initialise the quantizer scales at fit start, optionally warm them up.
 
-- At fit start every weight quantizer not yet initialised gets its scale from its weight
+- At set-up of a fresh fit (before any sharding or device move) every weight quantizer not yet initialised gets its scale from its weight
   (QuantGPT: the MSE-optimal gamma). Quantizers restored from a checkpoint carry
   `initialized=True` and are left alone, so resuming never re-calibrates.
 - `hold_steps`: the scales get no update for the first steps (their gradients are dropped),
@@ -22,8 +22,15 @@ class ScaleWarmupCallback(Callback):
         self.hold_steps, self.ramp_steps = hold_steps, ramp_steps
         self.initialized_count = 0
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.initialized_count = initialize_quantizers(pl_module.model)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Initialise here, before the strategy wraps or moves the model: under FSDP the
+        parameters are sharded from then on, and mean|w| / the MSE search of a shard (a flat slice
+        of another shape on each rank) would be wrong. A resumed fit also computes them here (the
+        checkpoint path is not known yet at this hook); the checkpoint's scales and `initialized`
+        flags are restored afterwards and replace them (under FSDP after wrapping, so nothing is
+        initialised later, from sharded weights)."""
+        if stage == "fit":
+            self.initialized_count = initialize_quantizers(pl_module.model)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         mix = 1.0 if self.ramp_steps <= 0 else min(1.0, (trainer.global_step + 1) / self.ramp_steps)
