@@ -1,8 +1,9 @@
-"""`python -m qgplm.export ckpt=<run dir or .ckpt> out=<dir> [position_bits=8] [fp16=true]`
+"""`python -m qgplm.export ckpt=<run dir or .ckpt> out=<dir> [position_bits=8] [fp16=true] [format=onnx]`
 
 Writes the trained student of a run as a packed export (see qgplm.export) and prints its size
 breakdown. `model=<saved HF model dir>` instead of ckpt= quantizes a float model post-training
-(weight_bits=, embedding_bits=, quantizer= choose how).
+(weight_bits=, embedding_bits=, quantizer= choose how). `format=onnx` writes a standalone ONNX
+model instead (export/onnx.py: GPT-2 and BART; block_size= of its MatMulNBits layers).
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 from qgplm.errors import QgplmError
 from qgplm.export.cli import parse_kv, run_main
 
-USAGE = "python -m qgplm.export ckpt=<run dir or .ckpt> out=<dir> [position_bits=8] [fp16=true]"
+USAGE = ("python -m qgplm.export ckpt=<run dir or .ckpt> out=<dir> [position_bits=8] [fp16=true] "
+         "[format=qgplm|onnx]")
+FORMATS = ("qgplm", "onnx")
 SPEC = {"ckpt": (str, None), "model": (str, None), "kind": (str, "causal"), "out": (str, ...),
         "weight_bits": ("opt_int", 2), "embedding_bits": ("opt_int", 2), "quantizer": (str, "quantgpt"),
-        "position_bits": ("opt_int", None), "fp16": (bool, False)}
+        "position_bits": ("opt_int", None), "fp16": (bool, False), "format": (str, "qgplm"),
+        "block_size": ("opt_int", None)}
 
 
 def main(argv: list[str]) -> int:
@@ -22,6 +26,10 @@ def main(argv: list[str]) -> int:
 
     if (args["ckpt"] is None) == (args["model"] is None):
         raise QgplmError(f"pass exactly one of ckpt=<run dir or .ckpt> or model=<saved HF model dir>: usage: {USAGE}")
+    if args["format"] not in FORMATS:
+        raise QgplmError(f"format={args['format']!r} is not valid: choose one of {', '.join(FORMATS)}")
+    if args["block_size"] is not None and args["format"] != "onnx":
+        raise QgplmError("block_size= only applies to format=onnx")
     if args["ckpt"] is not None:
         from qgplm.export.checkpoint import load_student
 
@@ -31,9 +39,15 @@ def main(argv: list[str]) -> int:
 
         model = load_pretrained(args["model"], args["kind"], key="model")
         tokenizer = load_tokenizer(args["model"], key="model")
-    report = export_model(model, args["out"], tokenizer, weight_bits=args["weight_bits"],
-                          embedding_bits=args["embedding_bits"], quantizer=args["quantizer"],
-                          position_bits=args["position_bits"], fp16=args["fp16"])
+    options = dict(weight_bits=args["weight_bits"], embedding_bits=args["embedding_bits"],
+                   quantizer=args["quantizer"], position_bits=args["position_bits"], fp16=args["fp16"])
+    if args["format"] == "onnx":
+        from qgplm.export.onnx import DEFAULT_BLOCK, export_onnx
+
+        report = export_onnx(model, args["out"], tokenizer, block_size=args["block_size"] or DEFAULT_BLOCK,
+                             **options)
+    else:
+        report = export_model(model, args["out"], tokenizer, **options)
     print(f"exported to {report.out_dir}")
     print(report.table())
     return 0

@@ -424,6 +424,8 @@ def export_onnx(source: Any, out_dir: str | Path, tokenizer: Any = None, *, bloc
             raise QgplmError("a qgplm export directory already holds its tokenizer and bit-widths: pass only the dir")
         return _from_dir(Path(source), out, block_size, accuracy_level)
     check_supported(type(source).__name__)
+    if any(type(m).__name__.startswith(("LowBit", "Int8")) for m in source.modules()):
+        raise QgplmError("cannot export a model loaded in lowbit or int8 mode: pass its qgplm export directory")
     from qgplm.export.exporter import export_model
 
     with tempfile.TemporaryDirectory(prefix="qgplm-onnx-") as tmp:
@@ -459,6 +461,8 @@ def _from_dir(export_dir: Path, out: Path, block_size: int, accuracy_level: int)
         if f.is_file() and f.name not in (WEIGHTS, MANIFEST):
             shutil.copy2(f, out / f.name)
     data = out / DATA_FILE
+    if data.exists():
+        data.chmod(0o644)  # onnx writes it owner-only; it is as public as model.onnx
     return OnnxReport(str(out), (out / ONNX_FILE).stat().st_size, data.stat().st_size if data.exists() else 0,
                       manifest["size"]["fp32_bytes"])
 
