@@ -5,6 +5,13 @@ data; `--steps` optimizer steps after `--warmup` untimed ones; prints a markdown
 median step time and the peak memory (CPU: peak RSS of the process; GPU: peak allocated).
 
     python experiments/bench_cost.py [--layers 4 --width 256 --vocab 8192 --block 128 --batch 16 --steps 20]
+    python experiments/bench_cost.py --size gpt2-small --device cuda --precision bf16-mixed --block 512 --batch 8
+    python experiments/bench_cost.py --size tiny --steps 2 --warmup 1      # seconds, on CPU (the fast test)
+
+--size sets layers/width/vocab at once (tiny: 1 x 32, vocab 128; gpt2-small: 12 x 768, vocab
+50257, GPT-2 small's shape, random init); --precision bf16-mixed runs the step under
+torch.autocast(<device>, bfloat16) with fp32 parameters, as trainer=gpu does. Also printed:
+tokens/s (batch x block / step time) and, with --json, the rows as JSON lines.
 
 Settings:
   fp        FP fine-tuning with cross-entropy (the teacher stage)
@@ -25,6 +32,7 @@ import sys
 import time
 
 SETTINGS = ("fp", "kd_only", "quantgpt_no_contrastive", "quantgpt")
+SIZES = {"tiny": (1, 64, 128), "small": (4, 256, 8192), "gpt2-small": (12, 768, 50257)}  # layers, width, vocab
 
 
 def measure(setting: str, a: argparse.Namespace) -> dict:
@@ -38,6 +46,8 @@ def measure(setting: str, a: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False (CPU-only torch or no GPU visible)")
     teacher = GPT2LMHeadModel(GPT2Config(n_layer=a.layers, n_embd=a.width, n_head=a.width // 64,
                                          vocab_size=a.vocab, n_positions=max(256, a.block))).to(dev)
     x = torch.randint(0, a.vocab, (a.batch, a.block), device=dev)
@@ -59,11 +69,15 @@ def measure(setting: str, a: argparse.Namespace) -> dict:
     module.train()
     opt = torch.optim.AdamW(module.param_groups(), lr=1e-4)
     times = []
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16-mixed")
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for i in range(a.warmup + a.steps):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = module.training_step(batch, i)
+        with autocast:
+            loss = module.training_step(batch, i)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -75,7 +89,9 @@ def measure(setting: str, a: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"setting": setting, "step_s": statistics.median(times), "peak_mib": peak}
+    step = statistics.median(times)
+    return {"setting": setting, "step_s": step, "peak_mib": peak, "tokens_per_s": a.batch * a.block / step,
+            "loss": float(loss), "device": str(dev), "precision": a.precision}
 
 
 def main() -> None:
@@ -87,23 +103,35 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:<n>")
+    ap.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
+    ap.add_argument("--size", choices=tuple(SIZES), default=None, help="layers/width/vocab preset (overrides them)")
+    ap.add_argument("--json", action="store_true", help="also print every row as a JSON line")
     ap.add_argument("--one", choices=SETTINGS, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.size:
+        a.layers, a.width, a.vocab = SIZES[a.size]
     if a.one:
         print(json.dumps(measure(a.one, a)))
         return
     rows = []
     for s in SETTINGS:
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", s], capture_output=True, text=True,
-                             check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", s], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: setting {s} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     ref = {r["setting"]: r for r in rows}
-    print(f"| setting | step time (s) | vs kd_only | vs fp | peak memory (MiB, {'GPU allocated' if a.device != 'cpu' else 'process RSS'}) | vs kd_only |")
-    print("|---|---|---|---|---|---|")
+    print(f"{a.layers} x {a.width} GPT-2, vocab {a.vocab}, batch {a.batch} x {a.block}, {a.device}, {a.precision}, "
+          f"median of {a.steps} steps after {a.warmup}")
+    print(f"| setting | step time (s) | vs kd_only | vs fp | tokens/s | peak memory (MiB, {'GPU allocated' if a.device != 'cpu' else 'process RSS'}) | vs kd_only |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} | {r['step_s']:.3f} | {r['step_s'] / ref['kd_only']['step_s']:.2f}x | "
-              f"{r['step_s'] / ref['fp']['step_s']:.2f}x | {r['peak_mib']:.0f} | {r['peak_mib'] / ref['kd_only']['peak_mib']:.2f}x |")
+              f"{r['step_s'] / ref['fp']['step_s']:.2f}x | {r['tokens_per_s']:.0f} | {r['peak_mib']:.0f} | "
+              f"{r['peak_mib'] / ref['kd_only']['peak_mib']:.2f}x |")
+    if a.json:
+        for r in rows:
+            print(json.dumps(r))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from qgplm.data.sampling import resumable_loader
+from qgplm.data.sampling import loader_options, resumable_loader
 
 
 class ExampleDataModule(pl.LightningDataModule):
@@ -37,7 +37,7 @@ class ExampleDataModule(pl.LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self.rows(split), batch_size=self.task.eval_batch_size, collate_fn=self.collate_eval,
-                          num_workers=self.task.num_workers)
+                          **loader_options(getattr(self, "trainer", None), self.task.num_workers))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("valid")

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qgplm.config import TaskConfig
-from qgplm.data.sampling import resumable_loader
+from qgplm.data.sampling import loader_options, resumable_loader
 from qgplm.errors import QgplmError
 
 IGNORE_INDEX = -100
@@ -113,7 +113,8 @@ class LMDataModule(pl.LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = EvalWindows(self.ids[split], self.task.block_size, self.stride)
-        return DataLoader(ds, batch_size=self.task.eval_batch_size, num_workers=self.task.num_workers)
+        return DataLoader(ds, batch_size=self.task.eval_batch_size,
+                          **loader_options(getattr(self, "trainer", None), self.task.num_workers))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("valid")

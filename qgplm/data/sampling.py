@@ -57,6 +57,15 @@ class ResumableRandomSampler(Sampler[int]):
         return self.num_samples // self.num_replicas
 
 
+def loader_options(trainer: Any, num_workers: int) -> dict[str, Any]:
+    """DataLoader options that depend on where the batches go: pinned host memory when the trainer
+    runs on a CUDA device (faster, asynchronous copies), workers kept alive between evaluations
+    when there are any (task.num_workers; 0 = load in the main process, the CPU default)."""
+    root = getattr(getattr(trainer, "strategy", None), "root_device", None)
+    return {"num_workers": num_workers, "pin_memory": getattr(root, "type", "cpu") == "cuda",
+            "persistent_workers": num_workers > 0}
+
+
 def resumable_loader(dataset: Any, batch_size: int, seed: int, num_workers: int = 0, trainer: Any = None,
                      drop_last: bool = True, collate_fn: Any = None) -> DataLoader:
     """The shuffled training loader, positioned where `trainer` stands.
@@ -75,5 +84,5 @@ def resumable_loader(dataset: Any, batch_size: int, seed: int, num_workers: int 
         sampler.resume_at(max(0, done) * batch_size)
     # the generator only feeds the (unused without workers) worker base seed: drawing it from
     # the global RNG instead would shift dropout's random stream
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
-                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed), **loader_options(trainer, num_workers))

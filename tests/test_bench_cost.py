@@ -1,0 +1,97 @@
+"""The CPU-runnable parts of experiments/gpu_check.sh: the cost benchmark at tiny sizes (bf16-mixed
+on CPU, in-process), the script's syntax and its clear refusals, and its QAT run's overrides."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, SHARED_DATA
+
+SCRIPT = ROOT / "experiments" / "gpu_check.sh"
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(layers=1, width=64, vocab=128, block=16, batch=2, steps=2, warmup=1, device="cpu",
+                precision="bf16-mixed", size=None, json=False, one=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("setting", ["fp", "kd_only", "quantgpt"])
+def test_bench_cost_measures_tiny_bf16_on_cpu(setting):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from bench_cost import SIZES, measure
+
+    row = measure(setting, _args())
+    assert row["precision"] == "bf16-mixed" and row["device"] == "cpu"
+    assert row["step_s"] > 0 and row["peak_mib"] > 0 and math.isfinite(row["loss"])
+    assert row["tokens_per_s"] == pytest.approx(2 * 16 / row["step_s"])
+    assert SIZES["gpt2-small"] == (12, 768, 50257)
+
+
+def test_bench_cost_refuses_cuda_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from bench_cost import measure
+
+    with pytest.raises(SystemExit, match="cuda"):
+        measure("fp", _args(device="cuda"))
+
+
+def test_gpu_check_script_is_valid_bash_and_fails_clearly(tmp_path):
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    text = SCRIPT.read_text()
+    assert "set -euo pipefail" in text and "pip install" not in text and "curl" not in text and "wget" not in text
+    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "nope")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "gpu_check: error: no WikiText-2 under" in proc.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        proc = subprocess.run(["bash", str(SCRIPT), str(SHARED_DATA), str(tmp_path / "out")], capture_output=True,
+                              text=True, env={**os.environ})
+        assert proc.returncode == 2 and "torch.cuda.is_available() is False" in proc.stderr
+        assert not (tmp_path / "out").exists()  # refused before writing anything
+
+
+def test_gpu_check_qat_run_overrides_validate(tmp_path):
+    """The overrides of the script's QAT run compose and validate (GPT-2 small's shape)."""
+    from hydra import compose, initialize_config_dir
+
+    from qgplm.config import RunConfig
+    from qgplm.run import quote_int_group_overrides
+
+    block = SCRIPT.read_text().split('"$PY" -m qgplm.run', 1)[1].split("hydra.run.dir=", 1)[0]
+    overrides = [o.replace('"$DATA', str(SHARED_DATA)).replace('"', "") for o in re.split(r"\s+", block.replace("\\\n", " "))
+                 if "=" in o]
+    assert "trainer=gpu" in overrides and "model.config.n_layer=12" in overrides
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="run", overrides=quote_int_group_overrides([*overrides,
+                                                                              f"paths.output_dir={tmp_path}"]))
+    run = RunConfig.from_hydra(cfg)
+    assert run.model.config["n_embd"] == 768 and run.task.block_size == 512 and cfg.trainer.precision == "bf16-mixed"
+    assert os.path.isdir(run.task.data_dir) and os.path.isdir(run.model.tokenizer)
+
+
+def test_loaders_pin_memory_only_for_a_cuda_trainer():
+    """Nothing CPU-only on the GPU path: pinned memory when the trainer's device is CUDA, never on CPU."""
+    import types
+
+    import torch
+
+    from qgplm.data.sampling import loader_options, resumable_loader
+
+    cuda = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cuda", 0)))
+    cpu = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cpu")))
+    assert loader_options(cuda, 2) == {"num_workers": 2, "pin_memory": True, "persistent_workers": True}
+    assert loader_options(cpu, 0) == {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
+    assert loader_options(None, 0)["pin_memory"] is False
+    assert resumable_loader(list(range(8)), 2, 0).pin_memory is False
