@@ -21,7 +21,7 @@ from onnx import numpy_helper  # noqa: E402
 from qgplm.errors import QgplmError  # noqa: E402
 from qgplm.export import export_model, load_quantized  # noqa: E402
 from qgplm.export.lowbit import kernel_bits, unpack_rows  # noqa: E402
-from qgplm.export.onnx import DATA_FILE, ONNX_FILE, export_onnx  # noqa: E402
+from qgplm.export.onnx import DATA_FILE, ONNX_FILE, PAST_FILE, export_onnx  # noqa: E402
 from qgplm.quant import QuantConfig, initialize_quantizers, quantize_model, quantized_modules  # noqa: E402
 from qgplm.quant.api import oriented_weight  # noqa: E402
 from qgplm.quant.modules import QuantEmbedding  # noqa: E402
@@ -36,12 +36,21 @@ sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 feed = dict(np.load(src))
 if job == "logits":
     out = {"logits": sess.run(["logits"], feed)[0]}
-else:  # greedy: append the argmax token until max_new or eos
+else:  # greedy: append the argmax token until max_new or eos (a graph with past_key_values inputs: fed its cache)
     ids, (max_new, eos) = feed["input_ids"], feed["greedy"].tolist()
+    past = {i.name: np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), np.float32)
+            for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+    new = ids
     for _ in range(max_new):
-        logits = sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
-        nxt = logits[:, -1].argmax(-1).astype(np.int64)
+        res = dict(zip([o.name for o in sess.get_outputs()],
+                       sess.run(None, {"input_ids": new, "attention_mask": np.ones_like(ids), **past})))
+        nxt = res["logits"][:, -1].argmax(-1).astype(np.int64)
         ids = np.concatenate([ids, nxt[:, None]], axis=1)
+        if past:
+            past = {k.replace("present.", "past_key_values."): v for k, v in res.items() if k.startswith("present.")}
+            new = nxt[:, None]
+        else:
+            new = ids
         if nxt[0] == eos:
             break
     out = {"ids": ids}
@@ -51,13 +60,13 @@ print("inputs:", [i.name for i in sess.get_inputs()], "outputs:", [o.name for o 
 '''
 
 
-def ort_run(tmp_path, model_dir, job: str, **feed: np.ndarray) -> dict[str, np.ndarray]:
+def ort_run(tmp_path, model_dir, job: str, graph: str = ONNX_FILE, **feed: np.ndarray) -> dict[str, np.ndarray]:
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
     src, dst = tmp_path / "in.npz", tmp_path / "out.npz"
     np.savez(src, **feed)
     # -I: isolated mode (no PYTHONPATH, no cwd on sys.path), run from the model's folder
-    proc = subprocess.run([sys.executable, "-I", str(script), str(model_dir / ONNX_FILE), job, str(src), str(dst)],
+    proc = subprocess.run([sys.executable, "-I", str(script), str(model_dir / graph), job, str(src), str(dst)],
                           cwd=model_dir, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(np.load(dst))
@@ -91,7 +100,8 @@ def _initializers(path) -> dict[str, np.ndarray]:
 def test_matmulnbits_initializers_are_the_student_codes(tmp_path, arch, bits, kw):
     s = student(arch, bits, **kw)
     _, out, _ = onnx_export(tmp_path, s)
-    assert sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".data")) == [ONNX_FILE, DATA_FILE]
+    graphs = [ONNX_FILE, PAST_FILE] if arch == "gpt2" else [ONNX_FILE]
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".data")) == sorted([*graphs, DATA_FILE])
     model, inits = _initializers(out / ONNX_FILE)
     nodes = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
     attrs = {name: {a.name: a.i for a in n.attribute} for name, n in nodes.items()}
@@ -119,6 +129,13 @@ def test_matmulnbits_initializers_are_the_student_codes(tmp_path, arch, bits, kw
     assert len(gathers) == (1 if arch == "gpt2" else 2)  # BART: encoder and decoder embed_tokens
     assert not [t for t in inits.values() if t.dtype == np.float32 and t.size >= VOCAB * 32]  # no FP table
     assert {n.op_type for n in model.graph.node} >= {"BitShift", "Gather", "MatMulNBits"}
+    if arch == "gpt2":  # the KV-cache graph references the same weights file, adds none of its own
+        def external(path):
+            m = onnx.load(str(path), load_external_data=False)
+            return {t.name: {e.key: e.value for e in t.external_data} for t in m.graph.initializer if t.external_data}
+
+        assert external(out / PAST_FILE) == external(out / ONNX_FILE)  # same names, offsets, one data file
+        assert external(out / PAST_FILE)[head_b]["location"] == DATA_FILE
 
 
 # ---------------------------------------------------------------- onnxruntime alone reproduces the student
@@ -152,9 +169,12 @@ def test_onnxruntime_greedy_generation_matches_lowbit_mode(tmp_path):
     new = 6
     ref = load_quantized(packed, mode="lowbit").generate(prompt, attention_mask=torch.ones_like(prompt),
                                                           max_new_tokens=new, do_sample=False, pad_token_id=0)
-    got = ort_run(tmp_path, out, "greedy", input_ids=prompt.numpy(), greedy=np.array([new, s.config.eos_token_id]))
+    job = {"input_ids": prompt.numpy(), "greedy": np.array([new, s.config.eos_token_id])}
+    got = ort_run(tmp_path, out, "greedy", **job)
     assert got["ids"].shape[1] > prompt.shape[1]
     assert got["ids"].tolist() == ref.tolist()
+    # the KV-cache graph (same weights file) generates the same tokens
+    assert ort_run(tmp_path, out, "greedy", graph=PAST_FILE, **job)["ids"].tolist() == ref.tolist()
 
 
 def test_attention_quantization_and_8bit_positions_export(tmp_path):

@@ -1,15 +1,20 @@
 """`format=onnx`: a standalone ONNX model of a qgplm export that onnxruntime runs without qgplm.
 
     <out>/model.onnx        the graph (opset 18 + com.microsoft MatMulNBits), small constants inline
+    <out>/model_with_past.onnx   GPT-2 only: the same model with a KV cache, same weights file
     <out>/model.onnx.data   every weight (onnx external data, one file)
     <out>/config.json, generation_config.json, tokenizer files   as in the packed export
 
-Graphs (no KV cache: every call runs the whole sequence; dynamic batch and sequence axes):
+Graphs (dynamic batch and sequence axes):
     GPT-2 (GPT2LMHeadModel):            input_ids, attention_mask [batch, seq] int64 -> logits
+      with past: input_ids [batch, new], attention_mask [batch, past + new],
+                 past_key_values.<i>.key/.value [batch, heads, past, head_dim] (past may be 0)
+                 -> logits, present.<i>.key/.value [batch, heads, past + new, head_dim]
     BART (BartForConditionalGeneration): input_ids, attention_mask [batch, src] int64,
                                          decoder_input_ids [batch, tgt] int64 -> logits
-Position ids are 0..seq-1 (as the HF forward without position_ids), so left-padded GPT-2 batches
-get the positions HF's forward gives them, not those of HF's generate.
+                                         (no KV cache: every call runs encoder and decoder)
+Position ids are past..past+new-1 (as the HF forward without position_ids), so left-padded GPT-2
+batches get the positions HF's forward gives them, not those of HF's generate.
 
 The graph is the lowbit mode's model (lowbit.py), written op by op with onnx.helper (the
 TorchScript exporter bakes HF's mask and position logic into constants):
@@ -43,6 +48,7 @@ from qgplm.export.format import MANIFEST, WEIGHTS, read_manifest, verify_checksu
 from qgplm.export.lowbit import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK, block_scales, kernel_bits, pack_rows
 
 ONNX_FILE = "model.onnx"
+PAST_FILE = "model_with_past.onnx"  # GPT-2 only: the KV-cache graph, sharing model.onnx.data
 DATA_FILE = "model.onnx.data"
 OPSET = 18
 IR_VERSION = 10  # onnxruntime >= 1.20 reads it
@@ -278,12 +284,20 @@ class _Graph:
         return self.op("Transpose", [x], hint=hint, perm=perm)
 
     def attention(self, q: str, k: str, v: str, mask: str | None, heads: int, head_dim: int, scaling: float,
-                  hint: str) -> str:
-        """softmax(q k^T * scaling + mask) v over [batch, seq, dim] inputs; out [batch, seq, dim]."""
+                  hint: str, past: tuple[str, str] | None = None) -> Any:
+        """softmax(q k^T * scaling + mask) v over [batch, seq, dim] inputs; out [batch, seq, dim].
+        With `past` (key, value [batch, heads, past, head_dim]) the new keys and values are appended
+        and (out, (key, value)) returned: the present cache."""
         quant = self.attention_act
         qh = self.heads(q, heads, head_dim, [0, 2, 1, 3], hint)
-        kh = self.heads(k, heads, head_dim, [0, 2, 3, 1], hint)
-        vh = self.heads(v, heads, head_dim, [0, 2, 1, 3], hint)
+        if past is None:
+            kh = self.heads(k, heads, head_dim, [0, 2, 3, 1], hint)
+            vh = self.heads(v, heads, head_dim, [0, 2, 1, 3], hint)
+        else:
+            kfull = self.op("Concat", [past[0], self.heads(k, heads, head_dim, [0, 2, 1, 3], hint)], hint=hint, axis=2)
+            vh = self.op("Concat", [past[1], self.heads(v, heads, head_dim, [0, 2, 1, 3], hint)], hint=hint, axis=2)
+            present = (kfull, vh)
+            kh = self.op("Transpose", [kfull], hint=hint, perm=[0, 1, 3, 2])
         if quant:
             qh = self.fake_quant(qh, quant["bits"], quant["symmetric"])
             kh = self.fake_quant(kh, quant["bits"], quant["symmetric"])
@@ -295,14 +309,20 @@ class _Graph:
             probs = self.fake_quant(probs, quant["bits"], quant["symmetric"])
             vh = self.fake_quant(vh, quant["bits"], quant["symmetric"])
         out = self.op("Transpose", [self.op("MatMul", [probs, vh], hint=hint)], hint=hint, perm=[0, 2, 1, 3])
-        return self.op("Reshape", [out, self.const([0, 0, heads * head_dim], np.int64)], hint=hint)
+        out = self.op("Reshape", [out, self.const([0, 0, heads * head_dim], np.int64)], hint=hint)
+        return out if past is None else (out, present)
 
     # ------------------------------------------------------------ masks and positions
 
-    def seq_range(self, ids: str, offset: int = 0) -> str:
-        """0..seq-1 (+ offset) as int64 [seq] for ids [batch, seq]."""
-        seq = self.op("Squeeze", [self.op("Shape", [ids], start=1, end=2)])
-        r = self.op("Range", [self.const(0, np.int64), seq, self.const(1, np.int64)])
+    def dim(self, x: str, axis: int) -> str:
+        """x.shape[axis] as an int64 scalar."""
+        return self.op("Squeeze", [self.op("Shape", [x], start=axis, end=axis + 1)])
+
+    def seq_range(self, ids: str, offset: int | str = 0) -> str:
+        """0..seq-1 (+ offset: an int, or an int64 scalar of the graph) as int64 [seq] for ids [batch, seq]."""
+        r = self.op("Range", [self.const(0, np.int64), self.dim(ids, 1), self.const(1, np.int64)])
+        if isinstance(offset, str):
+            return self.op("Add", [r, offset])
         return self.op("Add", [r, self.const(offset, np.int64)]) if offset else r
 
     def bias_of(self, allowed: str) -> str:
@@ -310,9 +330,10 @@ class _Graph:
         return self.op("Where", [allowed, self.const(0.0, np.float32),
                                  self.const(np.finfo(np.float32).min, np.float32)])
 
-    def causal(self, positions: str) -> str:
-        """bool [seq, seq]: key j visible from query i iff j <= i."""
-        return self.op("LessOrEqual", [self.op("Unsqueeze", [positions, self.const([0], np.int64)]),
+    def causal(self, positions: str, key_positions: str | None = None) -> str:
+        """bool [seq, keys]: key j visible from query i iff key position j <= query position i."""
+        keys = positions if key_positions is None else key_positions
+        return self.op("LessOrEqual", [self.op("Unsqueeze", [keys, self.const([0], np.int64)]),
                                        self.op("Unsqueeze", [positions, self.const([1], np.int64)])])
 
     def padding(self, attention_mask: str) -> str:
@@ -320,16 +341,26 @@ class _Graph:
         return self.op("Unsqueeze", [self.op("Cast", [attention_mask], to=9), self.const([1, 2], np.int64)])
 
 
-def _gpt2(g: _Graph, config: Any) -> tuple[list, list]:
+def _gpt2(g: _Graph, config: Any, kv_cache: bool = False) -> tuple[list, list]:
+    """kv_cache: inputs also past_key_values.<i>.key / .value [batch, heads, past, head_dim] (past may
+    be 0: the prompt), attention_mask covers past + new tokens; outputs also present.<i>.key / .value."""
     from onnx import TensorProto, helper
 
     d, heads = config.n_embd, config.n_head
     hd = d // heads
     eps = config.layer_norm_epsilon
+    past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(config.n_layer)]
     h = g.embedding("input_ids", "transformer.wte")
-    pos = g.seq_range("input_ids")
+    if kv_cache:
+        pos = g.seq_range("input_ids", offset=g.dim(past_names[0][0], 2))
+        keys = g.op("Range", [g.const(0, np.int64), g.dim("attention_mask", 1), g.const(1, np.int64)])
+        causal = g.causal(pos, keys)
+    else:
+        pos = g.seq_range("input_ids")
+        causal = g.causal(pos)
     h = g.op("Add", [h, g.embedding(pos, "transformer.wpe", rank=1)], hint="transformer.wpe")
-    mask = g.bias_of(g.op("And", [g.causal(pos), g.padding("attention_mask")]))
+    mask = g.bias_of(g.op("And", [causal, g.padding("attention_mask")]))
+    presents = []
     for i in range(config.n_layer):
         p = f"transformer.h.{i}"
         x = g.layer_norm(h, f"{p}.ln_1", eps)
@@ -338,17 +369,29 @@ def _gpt2(g: _Graph, config: Any) -> tuple[list, list]:
         scaling = hd**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             scaling /= float(i + 1)
-        a = g.attention(q, k, v, mask, heads, hd, scaling, f"{p}.attn")
+        if kv_cache:
+            a, present = g.attention(q, k, v, mask, heads, hd, scaling, f"{p}.attn", past=past_names[i])
+            for src, dst in zip(present, (f"present.{i}.key", f"present.{i}.value")):
+                g.nodes.append(helper.make_node("Identity", [src], [dst], name=dst))
+            presents += [f"present.{i}.key", f"present.{i}.value"]
+        else:
+            a = g.attention(q, k, v, mask, heads, hd, scaling, f"{p}.attn")
         h = g.op("Add", [h, g.linear(a, f"{p}.attn.c_proj", conv1d=True)], hint=p)
         x = g.layer_norm(h, f"{p}.ln_2", eps)
         x = g.activation(g.linear(x, f"{p}.mlp.c_fc", conv1d=True), config.activation_function, f"{p}.mlp")
         h = g.op("Add", [h, g.linear(x, f"{p}.mlp.c_proj", conv1d=True)], hint=p)
     h = g.layer_norm(h, "transformer.ln_f", eps)
     g.nodes.append(helper.make_node("Identity", [g.linear(h, "lm_head")], ["logits"], name="logits"))
-    ids = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
-           for n in ("input_ids", "attention_mask")]
+    ins = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+           helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                         ["batch", "past_sequence + sequence" if kv_cache else "sequence"])]
     out = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", config.vocab_size])]
-    return ids, out
+    for pair in past_names if kv_cache else []:
+        ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", heads, "past_sequence", hd])
+                for n in pair]
+    out += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", heads, "past_sequence + sequence", hd])
+            for n in presents]
+    return ins, out
 
 
 def _bart_attention(g: _Graph, x: str, kv: str, mask: str | None, name: str, heads: int, hd: int) -> str:
@@ -406,6 +449,7 @@ def _bart(g: _Graph, config: Any) -> tuple[list, list]:
 
 
 BUILDERS = {"GPT2LMHeadModel": _gpt2, "BartForConditionalGeneration": _bart}
+KV_CACHE = ("GPT2LMHeadModel",)
 
 
 def export_onnx(source: Any, out_dir: str | Path, tokenizer: Any = None, *, block_size: int = DEFAULT_BLOCK,
@@ -444,27 +488,41 @@ def _from_dir(export_dir: Path, out: Path, block_size: int, accuracy_level: int)
     check_supported(manifest["model_class"])
     verify_checksums(export_dir, manifest)
     config = AutoConfig.from_pretrained(export_dir, local_files_only=True)
-    g = _Graph(manifest, _read_tensors(export_dir), block_size, accuracy_level)
-    inputs, outputs = BUILDERS[manifest["model_class"]](g, config)
-    graph = helper.make_graph(g.nodes, manifest["model_class"], inputs, outputs, list(g.inits.values()))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="qgplm", ir_version=IR_VERSION)
+    tensors = _read_tensors(export_dir)
     meta = {"model_class": manifest["model_class"], "bits": json.dumps(manifest["bits"]),
             "quantizer": ",".join(manifest["quantizer"]), "block_size": str(block_size),
-            "accuracy_level": str(accuracy_level), "kv_cache": "none"}
-    helper.set_model_props(model, meta)
+            "accuracy_level": str(accuracy_level)}
+
+    def build(kv_cache: bool) -> Any:
+        g = _Graph(manifest, tensors, block_size, accuracy_level)
+        kw = {"kv_cache": True} if kv_cache else {}
+        inputs, outputs = BUILDERS[manifest["model_class"]](g, config, **kw)
+        graph = helper.make_graph(g.nodes, manifest["model_class"], inputs, outputs, list(g.inits.values()))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid("com.microsoft", 1)],
+                                  producer_name="qgplm", ir_version=IR_VERSION)
+        helper.set_model_props(model, {**meta, "kv_cache": "past_key_values" if kv_cache else "none"})
+        return model
+
     out.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(out / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+    onnx.save_model(build(False), str(out / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
+    if manifest["model_class"] in KV_CACHE:
+        # the same weights: its initializers point into model.onnx.data (names are the same)
+        saved = {t.name: t for t in onnx.load(str(out / ONNX_FILE), load_external_data=False).graph.initializer}
+        past = build(True)
+        inits = [saved.get(t.name, t) for t in past.graph.initializer]
+        del past.graph.initializer[:]
+        past.graph.initializer.extend(inits)
+        onnx.save_model(past, str(out / PAST_FILE))
     for f in sorted(export_dir.iterdir()):  # config, generation config, tokenizer
         if f.is_file() and f.name not in (WEIGHTS, MANIFEST):
             shutil.copy2(f, out / f.name)
     data = out / DATA_FILE
     if data.exists():
         data.chmod(0o644)  # onnx writes it owner-only; it is as public as model.onnx
-    return OnnxReport(str(out), (out / ONNX_FILE).stat().st_size, data.stat().st_size if data.exists() else 0,
-                      manifest["size"]["fp32_bytes"])
+    graphs = sum((out / f).stat().st_size for f in (ONNX_FILE, PAST_FILE) if (out / f).exists())
+    return OnnxReport(str(out), graphs, data.stat().st_size if data.exists() else 0, manifest["size"]["fp32_bytes"])
 
 
-__all__ = ["DATA_FILE", "ONNX_FILE", "OnnxReport", "SUPPORTED", "check_supported", "export_onnx"]
+__all__ = ["DATA_FILE", "ONNX_FILE", "PAST_FILE", "OnnxReport", "SUPPORTED", "check_supported", "export_onnx"]
