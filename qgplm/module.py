@@ -63,6 +63,16 @@ def is_seq2seq(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
+def decoder_attention_mask(labels: Tensor) -> Tensor:
+    """Real decoder inputs of right-shifted labels: the start token, then every position whose
+    previous label is a token (not -100 padding). Causal attention already keeps real positions
+    from seeing the padding; the mask is what tells the student's activation quantizers
+    (qgplm.quant.token_mask) to leave it out of their ranges."""
+    mask = torch.ones_like(labels)
+    mask[:, 1:] = labels[:, :-1] != IGNORE_INDEX
+    return mask
+
+
 def model_forward(model: nn.Module, batch: dict[str, Tensor], layer: int | None = None, encoder: bool = False,
                   with_loss: bool = False) -> Forward:
     """Run `model` on a batch. `layer`: which hidden layer to return (None: none)."""
@@ -70,7 +80,8 @@ def model_forward(model: nn.Module, batch: dict[str, Tensor], layer: int | None 
     want_hidden = layer is not None or encoder
     if is_seq2seq(model):
         dec_in = model.prepare_decoder_input_ids_from_labels(labels=labels)
-        out = model(input_ids=ids, attention_mask=attn, decoder_input_ids=dec_in, output_hidden_states=want_hidden,
+        out = model(input_ids=ids, attention_mask=attn, decoder_input_ids=dec_in,
+                    decoder_attention_mask=decoder_attention_mask(labels), output_hidden_states=want_hidden,
                     labels=labels if with_loss else None)
         return Forward(out.logits, labels != IGNORE_INDEX,
                        out.decoder_hidden_states[layer] if layer is not None else None, dec_in,

@@ -1,7 +1,7 @@
 """int8 inference: integer codes in memory, 8-bit activations quantized on the fly, int32 matmuls.
 
 Activations are quantized with exactly the student's rule (dynamic per-tensor min-max, asymmetric
-with a zero point, or symmetric), then multiplied with the int8 weight codes by one of two CPU
+with a zero point, or symmetric, the range over real tokens only: qgplm.quant.token_mask), then multiplied with the int8 weight codes by one of two CPU
 integer kernels, picked by measurement (README, `experiments/bench_export.py --kernels`):
 
 - "onednn" (default for a layer that owns its codes): `torch.ops.onednn.qlinear_pointwise`, the
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from qgplm.quant.functional import minmax_activation_codes
 from qgplm.quant.modules import QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer
+from qgplm.quant.token_mask import activation_mask
 
 
 def onednn_available() -> bool:
@@ -40,11 +41,12 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
-def quantize_activation_u8(x: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, float, int]:
+def quantize_activation_u8(x: Tensor, bits: int, symmetric: bool,
+                           mask: Tensor | None = None) -> tuple[Tensor, float, int]:
     """(uint8 q, scale, zero point) with x_q = (q - zero) * scale: the student's codes
-    (`minmax_activation_codes`); symmetric codes are stored shifted by 128, an exact change of
-    zero point."""
-    codes, step, zero = minmax_activation_codes(x, bits, symmetric)
+    (`minmax_activation_codes`, range over the `mask`ed rows: real tokens); symmetric codes are
+    stored shifted by 128, an exact change of zero point."""
+    codes, step, zero = minmax_activation_codes(x, bits, symmetric, mask)
     if symmetric:
         return codes.add_(128).to(torch.uint8), step.item(), 128
     return codes.to(torch.uint8), step.item(), int(zero.item())
@@ -83,14 +85,18 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape[:-1] + (self.out_features,)
+        rows = activation_mask(x)  # real tokens set the activation range, as in the student
+        rows = None if rows is None else rows.reshape(-1, 1)
         if self.kernel == "onednn":
-            q, sx, zx = quantize_activation_u8(x.reshape(-1, self.in_features), self.act_bits, self.act_symmetric)
+            q, sx, zx = quantize_activation_u8(x.reshape(-1, self.in_features), self.act_bits, self.act_symmetric,
+                                               rows)
             out = torch.ops.onednn.qlinear_pointwise(q, sx, zx, self.packed, self.step, self.zero, self.bias,
                                                      1.0, 0, x.dtype, "none", [], "")
             return out.view(shape)
         # int8 operands for _int_mm: q - 128 (flipping the top bit of the uint8 code), offset c
         # = 128 - zero folded in below through the row sums (c = 0 for symmetric codes)
-        qu, sx, zx = quantize_activation_u8(x.reshape(-1, self.in_features), self.act_bits, self.act_symmetric)
+        qu, sx, zx = quantize_activation_u8(x.reshape(-1, self.in_features), self.act_bits, self.act_symmetric,
+                                            rows)
         q, c = qu.bitwise_xor_(128).view(torch.int8), 128 - zx
         if q.shape[0] < 16 or self.out_features >= 16 * self.in_features:
             # codes @ q^T: oneDNN is faster with the long dimension as rows (measured on the 2-core

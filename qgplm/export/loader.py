@@ -10,6 +10,9 @@ mode="int8": linear layers hold int8 codes and run integer matmuls on 8-bit acti
     token embedding keeps int8 codes too (int8.py).
 mode="lowbit": weight codes stay at their bit-width in memory; linear layers run on onnxruntime's
     MatMulNBits kernel, the token embedding unpacks only the rows it looks up (lowbit.py).
+Every mode installs the student's token-mask hooks (qgplm.quant.token_mask): the `dequantize`
+and `int8` activation ranges ignore padded positions exactly as in training (lowbit's kernel
+quantizes each row on its own and needs no mask).
 Checksums are verified before any tensor is read.
 """
 
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 import transformers
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 from torch import Tensor, nn
 from transformers import AutoConfig
 
@@ -33,6 +36,7 @@ from qgplm.quant.api import IdentityQuantizer, _quantize_attention
 from qgplm.quant.config import QuantConfig
 from qgplm.quant.modules import QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
+from qgplm.quant.token_mask import install_token_mask_hooks
 
 MODES = ("dequantize", "int8", "lowbit")
 
@@ -87,8 +91,10 @@ def _build_empty(export_dir: Path, manifest: dict[str, Any]) -> nn.Module:
 
 
 def _read_tensors(export_dir: Path) -> dict[str, Tensor]:
+    """Owned copies, not views of a memory map: the tensors kept as they are (position embeddings,
+    LayerNorms) would otherwise pin the whole file's pages, codes included, in the resident set."""
     try:
-        return load_file(str(export_dir / WEIGHTS))
+        return load((export_dir / WEIGHTS).read_bytes())
     except (SafetensorError, OSError) as e:
         raise QgplmError(f"cannot read {export_dir / WEIGHTS} ({e}): export the model again") from None
 
@@ -196,6 +202,7 @@ def load_quantized(export_dir: str | Path, mode: str = "dequantize", **kernel_op
                          f"({str(e).splitlines()[0]}): export the model again") from None
     model.tie_weights()
     _install_quant_layers(model, manifest, codes_of)
+    install_token_mask_hooks(model)
     model.eval()
     if mode in ("int8", "lowbit"):
         from qgplm.export.int8 import Int8Embedding, convert_int8

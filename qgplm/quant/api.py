@@ -9,6 +9,8 @@ nn.Embedding (GPT-2, BART, OPT, Llama-style ...):
   with the same quantized table (as in the paper, docs/method.md); an untied head gets `embedding_bits` too;
 - every other nn.Linear / Conv1D gets `weight_bits`;
 - position embeddings, LayerNorm and biases are never touched.
+With activation bits, the model gets the token-mask hooks of qgplm.quant.token_mask: every 8-bit
+activation range is taken over real tokens only, never over padding.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from qgplm.errors import QgplmError
 from qgplm.quant.config import QuantConfig
 from qgplm.quant.modules import QUANT_MODULES, QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import WEIGHT_QUANTIZERS, ActivationQuantizer, WeightQuantizer
+from qgplm.quant.token_mask import install_token_mask_hooks
 
 
 class IdentityQuantizer(WeightQuantizer):
@@ -135,6 +138,8 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         model.set_submodule(name, new, strict=True)
     if config.quantize_attention and config.activation_bits is not None:
         _quantize_attention(model, config)
+    if config.activation_bits is not None:
+        install_token_mask_hooks(model)  # activation ranges over real tokens only
     return model
 
 

@@ -103,32 +103,43 @@ def dynamic_scale_codes(w: Tensor, gamma: Tensor, bits: int, per_row: bool = Fal
     return codes, alpha / levels(bits)
 
 
-def minmax_activation_codes(x: Tensor, bits: int = 8, symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def minmax_activation_codes(x: Tensor, bits: int = 8, symmetric: bool = False,
+                            mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(codes, step, zero point) of dynamic per-tensor min-max quantization, x_q = (codes - zero) * step.
 
     Asymmetric (default): the range [min(x), max(x)] is split into 2^b - 1 steps with an integer
     zero point; codes in [0, 2^b - 1]. Symmetric: the range is [-max|x|, max|x|] with
     2^(b-1) - 1 levels per side; codes in [-n, n], zero point 0. The one rounding rule of the
     student's fake quantization and of the int8 inference kernels (qgplm.export.int8).
+    `mask` (bool, broadcastable to x): only its True elements (real tokens, qgplm.quant.token_mask)
+    set the range, which every element is then quantized to; all False counts as all True.
     """
+    if mask is not None:
+        mask = mask | ~mask.any()  # no real element: the whole tensor (no sync, no empty reduction)
     if symmetric:
         n = levels(bits)
-        step = (x.abs().amax() / n).clamp_min(EPS)
+        amax = x.abs().amax() if mask is None else x.abs().masked_fill(~mask, 0).amax()
+        step = (amax / n).clamp_min(EPS)
         return torch.clamp(torch.round(x / step), -n, n), step, torch.zeros((), dtype=x.dtype, device=x.device)
-    lo, hi = torch.aminmax(x)  # the same values as amin() / amax(), one pass
+    if mask is None:
+        lo, hi = torch.aminmax(x)  # the same values as amin() / amax(), one pass
+    else:
+        lo, hi = x.masked_fill(~mask, float("inf")).amin(), x.masked_fill(~mask, float("-inf")).amax()
     qmax = 2**bits - 1
     step = ((hi - lo) / qmax).clamp_min(EPS)
     zero = torch.round(-lo / step)
     return torch.clamp(torch.round(x / step) + zero, 0, qmax), step, zero
 
 
-def minmax_activation_quantize(x: Tensor, bits: int = 8, symmetric: bool = False) -> Tensor:
-    """Dynamic per-tensor min-max fake quantization (`minmax_activation_codes`) with a
-    straight-through gradient: every element is inside the range, so the STE is the identity.
+def minmax_activation_quantize(x: Tensor, bits: int = 8, symmetric: bool = False,
+                               mask: Tensor | None = None) -> Tensor:
+    """Dynamic per-tensor min-max fake quantization (`minmax_activation_codes`, range over the
+    `mask`ed elements) with a straight-through gradient: the STE is the identity (elements outside
+    a masked range are pad positions, whose values are not used).
     A half-precision x (bf16 under autocast) is quantized in fp32 and the result rounded once to
     x's dtype: in bf16 itself x / step and the STE's x + (x_q - x) would each lose code levels."""
     if x.dtype in (torch.float16, torch.bfloat16):
-        return minmax_activation_quantize(x.float(), bits, symmetric).to(x.dtype)
-    codes, step, zero = minmax_activation_codes(x.detach(), bits, symmetric)
+        return minmax_activation_quantize(x.float(), bits, symmetric, mask).to(x.dtype)
+    codes, step, zero = minmax_activation_codes(x.detach(), bits, symmetric, mask)
     xq = codes * step if symmetric else (codes - zero) * step
     return x + (xq - x).detach()

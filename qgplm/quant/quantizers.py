@@ -24,6 +24,7 @@ from qgplm.quant.functional import (
     dynamic_scale_quantize,
     minmax_activation_quantize,
 )
+from qgplm.quant.token_mask import activation_mask
 
 WEIGHT_QUANTIZERS: dict[str, type["WeightQuantizer"]] = {}
 
@@ -195,8 +196,15 @@ def _quant_error(w: Tensor, gamma: Tensor, bits: int, per_row: bool, full_grid: 
     return d.sum(dim=-1) if per_row else d.sum()
 
 
+_FROM_CONTEXT = object()
+
+
 class ActivationQuantizer(nn.Module):
-    """Dynamic per-tensor min-max quantizer for the input of a quantized layer (no parameters)."""
+    """Dynamic per-tensor min-max quantizer for the input of a quantized layer (no parameters).
+
+    The range is taken over the real tokens' rows only: `mask` (bool, broadcastable to x), by
+    default the current token mask for x (`qgplm.quant.token_mask.activation_mask`), so padding
+    never changes a real token's output."""
 
     def __init__(self, bits: int = 8, symmetric: bool = False):
         super().__init__()
@@ -204,10 +212,13 @@ class ActivationQuantizer(nn.Module):
         self.symmetric = symmetric
         self.enabled = True
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None | object = _FROM_CONTEXT) -> Tensor:
         if not self.enabled:
             return x
-        return minmax_activation_quantize(x, self.bits, self.symmetric)
+        if mask is _FROM_CONTEXT:
+            rows = activation_mask(x)
+            mask = None if rows is None else rows.unsqueeze(-1)
+        return minmax_activation_quantize(x, self.bits, self.symmetric, mask)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}"
