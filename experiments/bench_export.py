@@ -1,4 +1,4 @@
-"""CPU inference benchmark: FP32 vs packed export (dequantize and int8 modes).
+"""CPU inference benchmark: FP32 vs packed export (dequantize, int8 and lowbit modes).
 
     PYTHONPATH=. python experiments/bench_export.py [--models gpt2 bart] [--threads 2]
 
@@ -6,8 +6,11 @@ Full-size random-init GPT-2 small and BART-base (shape of bart-base); the packed
 post-training export (random weights: only speed and memory are measured here, not quality).
 Each (model, mode) runs in its own subprocess, so resident memory (RSS) is not shared:
 - load s: from_pretrained (FP32) or qgplm.load_quantized (packed), from a warm page cache;
-- RSS MiB: resident set after the forward and generate runs minus before loading (after imports);
-  (FP32 from_pretrained memory-maps the file, so RSS right after loading understates it);
+- resident weights MiB: resident set after loading and one 1-token forward (which touches every
+  weight: FP32 from_pretrained memory-maps the file) minus before loading (after all imports,
+  onnxruntime's included), freed heap returned to the system first (malloc_trim): the weights as
+  they sit in RAM, whoever holds them (torch tensors or onnxruntime's packed kernels);
+- RSS MiB: the same after the forward and generate runs (adds activations, KV cache, logits);
 - weights MiB: bytes of the tensors the model holds (parameters + buffers, shared ones once);
 - fwd tok/s: one forward of a batch of 1 x --seq tokens (BART: same length encoder and decoder);
 - gen tok/s: greedy HF generate of --new tokens after a --prompt token prompt (KV cache on), best of --repeat;
@@ -32,6 +35,17 @@ MIB = 2**20
 
 
 def rss() -> int:
+    """Resident set in bytes, after handing freed heap back to the system (glibc's malloc_trim),
+    so that memory freed by loading (file buffers, temporaries) is not counted."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -65,9 +79,11 @@ def _timeit(fn, repeat: int) -> tuple[float, float]:
 
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    import transformers  # noqa: F401 - imported before the baseline RSS
+    import onnxruntime  # noqa: F401 - imported before the baseline RSS in every mode
+    import transformers  # noqa: F401
 
     import qgplm.export.loader as loader
+    import qgplm.export.lowbit  # noqa: F401
 
     base = rss()
     t = time.perf_counter()
@@ -79,9 +95,12 @@ def worker(args: argparse.Namespace) -> None:
     else:
         model = loader.load_quantized(args.dir, args.mode)
     load_s = time.perf_counter() - t
-    rss_load = rss() - base
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
+    one = torch.randint(3, vocab - 1, (1, 1), generator=gen)
+    with torch.inference_mode():
+        model(input_ids=one, **({"decoder_input_ids": one} if args.model == "bart" else {}))
+    rss_load = rss() - base
     seq = torch.randint(3, vocab - 1, (1, args.seq), generator=gen)
     prompt = torch.randint(3, vocab - 1, (1, args.prompt), generator=gen)
     kw = {"decoder_input_ids": seq} if args.model == "bart" else {}
@@ -92,7 +111,7 @@ def worker(args: argparse.Namespace) -> None:
     # after running: from_pretrained memory-maps safetensors, so FP32 weights become resident
     # only when first used; this is the steady-state inference footprint
     rss_run = rss() - base
-    print(json.dumps({"load_s": load_s, "rss_load_mib": rss_load / MIB, "rss_mib": rss_run / MIB,
+    print(json.dumps({"load_s": load_s, "rss_weights_mib": rss_load / MIB, "rss_mib": rss_run / MIB,
                       "weights_mib": held_bytes(model) / MIB, "fwd_tok_s": args.seq / fwd[0],
                       "gen_tok_s": args.new / g[0], "gen_cpu_ms_tok": 1e3 * g[1] / args.new}))
 
@@ -126,6 +145,11 @@ def kernels(threads: int) -> list[str]:
                 cands[f"torchao {cfg}"] = m
         except ImportError:
             pass
+    from qgplm.export.lowbit import LowBitLinear, _SessionFactory
+
+    for block, acc in ((32, 4), (64, 4), (128, 4), (256, 4), (64, 0)):
+        cands[f"MatMulNBits 2-bit block {block} acc {acc}"] = LowBitLinear(
+            codes, torch.tensor(0.01), 2, lin.bias, _SessionFactory(threads), block, acc)
     out = ["| rows M | " + " | ".join(f"{c} us" for c in cands) + " | raw _int_mm us |",
            "|---|" + "---|" * (len(cands) + 1)]
     for m in (1, 16, 128):
@@ -150,8 +174,9 @@ def _median(fn, n: int = 50) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["gpt2", "bart"])
-    ap.add_argument("--modes", nargs="+", default=["fp32", "dequantize", "int8", "int8_compact"],
-                    help="int8_compact: int8 mode on an export with position_bits=8 fp16=true")
+    ap.add_argument("--modes", nargs="+", default=["fp32", "dequantize", "int8", "int8_compact", "lowbit",
+                                                   "lowbit_compact"],
+                    help="*_compact: that mode on an export with position_bits=8 fp16=true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=16)
@@ -179,12 +204,13 @@ def main() -> None:
             model.save_pretrained(Path(tmp) / f"{name}-fp32")
             export_model(model, Path(tmp) / f"{name}-w2e2", quant_config=QuantConfig(
                 weight_bits=2, embedding_bits=2, quantizer_kwargs={"gamma_init": "fixed"}))
-            if "int8_compact" in args.modes:
+            if any(m.endswith("_compact") for m in args.modes):
                 export_model(model, Path(tmp) / f"{name}-w2e2c", position_bits=8, fp16=True, quant_config=QuantConfig(
                     weight_bits=2, embedding_bits=2, quantizer_kwargs={"gamma_init": "fixed"}))
             del model
             for mode in args.modes:
-                d = Path(tmp) / {"fp32": f"{name}-fp32", "int8_compact": f"{name}-w2e2c"}.get(mode, f"{name}-w2e2")
+                d = Path(tmp) / (f"{name}-fp32" if mode == "fp32" else
+                                 f"{name}-w2e2c" if mode.endswith("_compact") else f"{name}-w2e2")
                 cmd = [sys.executable, __file__, "--worker", "--model", name, "--mode", mode.removesuffix("_compact"), "--dir", str(d),
                        "--threads", str(args.threads), "--seq", str(args.seq), "--prompt", str(args.prompt),
                        "--new", str(args.new), "--repeat", str(args.repeat)]
@@ -195,17 +221,19 @@ def main() -> None:
                 rows.append((name, mode, r))
                 print(name, mode, r, flush=True)
     print(f"\nthreads={args.threads}, forward 1x{args.seq} tokens, generate {args.new} tokens after {args.prompt}")
-    print("| model | mode | load s | RSS MiB | weights MiB | weights vs FP32 | fwd tok/s | fwd speed-up | gen tok/s "
-          "| gen CPU ms/tok | gen speed-up vs FP32 (wall) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | mode | load s | resident weights MiB | vs FP32 | RSS after runs MiB | torch tensors MiB "
+          "| fwd tok/s | fwd speed-up | gen tok/s | gen CPU ms/tok | gen speed-up vs FP32 (wall) | vs int8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, mode, r in rows:
         ref = next((x for n, m, x in rows if n == name and m == "fp32"), r)
-        print(f"| {name} | {mode} | {r['load_s']:.2f} | {r['rss_mib']:.0f} | {r['weights_mib']:.1f} | "
-              f"{ref['weights_mib'] / r['weights_mib']:.2f}x | {r['fwd_tok_s']:.0f} | "
-              f"{r['fwd_tok_s'] / ref['fwd_tok_s']:.2f}x | {r['gen_tok_s']:.1f} | {r['gen_cpu_ms_tok']:.0f} | "
-              f"{r['gen_tok_s'] / ref['gen_tok_s']:.2f}x |")
+        i8 = next((x for n, m, x in rows if n == name and m == "int8"), r)
+        print(f"| {name} | {mode} | {r['load_s']:.2f} | {r['rss_weights_mib']:.1f} | "
+              f"{ref['rss_weights_mib'] / r['rss_weights_mib']:.2f}x | {r['rss_mib']:.0f} | {r['weights_mib']:.1f} | "
+              f"{r['fwd_tok_s']:.0f} | {r['fwd_tok_s'] / ref['fwd_tok_s']:.2f}x | {r['gen_tok_s']:.1f} | "
+              f"{r['gen_cpu_ms_tok']:.0f} | {r['gen_tok_s'] / ref['gen_tok_s']:.2f}x | "
+              f"{r['gen_tok_s'] / i8['gen_tok_s']:.2f}x |")
     if not args.no_kernels:
-        print(f"\nint8 kernel candidates, one 768x3072 layer, threads={args.threads} (median of 50):")
+        print(f"\nkernel candidates, one 768x3072 layer, threads={args.threads} (median of 50):")
         print("\n".join(kernels(args.threads)))
 
 
