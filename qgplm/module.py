@@ -214,11 +214,20 @@ class TeacherModule(LMModule):
         return loss
 
 
+# float attributes that HF layers pass to nn.functional.dropout (BART, mBART, T5-style layers)
+_FUNCTIONAL_DROPOUT = ("dropout", "activation_dropout", "attention_dropout", "layerdrop")
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """p = 0 in every dropout layer (also what HF's fused attention paths read as dropout_p)."""
+    """p = 0 in every dropout layer (also what HF's fused attention paths read as dropout_p), and in
+    the float rates that layers without an nn.Dropout hand to the functional dropout (BART's
+    `self.dropout = config.dropout`, `activation_dropout`, `attention_dropout`, `layerdrop`)."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        for name in _FUNCTIONAL_DROPOUT:
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
     return model
 
 

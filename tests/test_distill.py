@@ -144,3 +144,21 @@ def test_contrastive_random_negatives_mask_by_their_own_ids():
     l0 = token_contrastive_loss(Q[:, :1], HT[:, :1], ids[:, :1], tau=1.0)
     assert l0.item() == pytest.approx(0.0, abs=1e-6)
     assert loss.item() > 0
+
+
+def test_disable_dropout_covers_functional_dropout():
+    """BART passes float rates to nn.functional.dropout (no nn.Dropout module): a train-mode
+    forward of the student must still be deterministic once dropout is disabled."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from qgplm.module import disable_dropout
+
+    torch.manual_seed(0)
+    bart = BartForConditionalGeneration(BartConfig(
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=50, max_position_embeddings=32, dropout=0.5,
+        activation_dropout=0.5, attention_dropout=0.5)).train()
+    ids = torch.randint(3, 50, (2, 8))
+    assert not torch.equal(bart(input_ids=ids).logits, bart(input_ids=ids).logits)  # dropout active
+    disable_dropout(bart)
+    assert torch.equal(bart(input_ids=ids).logits, bart(input_ids=ids).logits)
