@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,8 +99,10 @@ class DistillConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise QgplmError(f"method.distill.momentum must be in [0, 1), got {self.momentum}")
         for key in ("kd_weight", "contrastive_weight", "ce_weight"):
-            if getattr(self, key) < 0:
-                raise QgplmError(f"method.distill.{key} must be >= 0, got {getattr(self, key)}")
+            _at_least(f"method.distill.{key}", getattr(self, key), 0)
+        if self.kd_weight == self.contrastive_weight == self.ce_weight == 0:
+            raise QgplmError("method.distill.kd_weight, contrastive_weight and ce_weight are all 0, so the student "
+                             "would learn nothing: set method.distill.kd_weight=1.0 (the default)")
 
     @property
     def uses_contrastive(self) -> bool:
@@ -112,6 +115,10 @@ class WarmupConfig:
 
     hold_steps: int = 0
     ramp_steps: int = 0
+
+    def validate(self) -> None:
+        _at_least("method.warmup.hold_steps", self.hold_steps, 0)
+        _at_least("method.warmup.ramp_steps", self.ramp_steps, 0)
 
 
 def quantizer_options(cls: type) -> list[str]:
@@ -147,6 +154,7 @@ class MethodConfig(QuantRecipe):
             raise QgplmError(f"method.quantizer_kwargs.{unknown[0]} is not an option of quantizer {self.quantizer}: "
                              f"choose from {', '.join(options) or '(none)'}")
         self.distill.validate()
+        self.warmup.validate()
 
     def quant_config(self, bits: BitsConfig) -> QuantConfig:
         return bits.quant_config(QuantConfig(**self.recipe()))
@@ -168,8 +176,8 @@ class GenerationConfig:
         if not 0 <= self.min_length <= self.max_length:
             raise QgplmError(f"task.generation.min_length must be in 0..max_length ({self.max_length}), "
                              f"got {self.min_length}")
-        if self.no_repeat_ngram_size < 0:
-            raise QgplmError(f"task.generation.no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        _at_least("task.generation.no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        _finite("task.generation.length_penalty", self.length_penalty)
 
 
 @dataclass
@@ -217,8 +225,13 @@ class TaskConfig:
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise QgplmError(f"task.{key} must be >= 1 or null, got {v}")
-        if self.max_history < 0:
-            raise QgplmError(f"task.max_history must be >= 0, got {self.max_history}")
+        for key in ("bpe_vocab_size", "max_train_tokens", "max_eval_tokens"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise QgplmError(f"task.{key} must be >= 1 or null, got {v}")
+        _at_least("task.max_history", self.max_history, 0)
+        _at_least("task.num_workers", self.num_workers, 0)
+        _at_least("task.corpus_seed", self.corpus_seed, 0)
         if self.num_candidates == 1:
             raise QgplmError("task.num_candidates=1 leaves nothing to rank: use >= 2 or null (all)")
         for k in self.rouge_keys:
@@ -239,7 +252,15 @@ class OptimConfig:
 
     def validate(self, prefix: str) -> None:
         _positive(f"{prefix}.lr", self.lr)
+        if self.scale_lr is not None:
+            _positive(f"{prefix}.scale_lr", self.scale_lr)
+        _at_least(f"{prefix}.weight_decay", self.weight_decay, 0)
+        _at_least(f"{prefix}.warmup_steps", self.warmup_steps, 0)
         _choice(f"{prefix}.scheduler", self.scheduler, SCHEDULERS)
+        if (len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas)
+                or not all(0 <= b < 1 for b in self.betas)):
+            raise QgplmError(f"{prefix}.betas must be two numbers in [0, 1) (Adam's beta1, beta2), got {self.betas}: "
+                             f"e.g. {prefix}.betas=[0.9,0.999]")
 
 
 @dataclass
@@ -251,8 +272,7 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self, prefix: str) -> None:
-        if self.max_steps < 0:
-            raise QgplmError(f"{prefix}.max_steps must be >= 0, got {self.max_steps}")
+        _at_least(f"{prefix}.max_steps", self.max_steps, 0)
         _positive(f"{prefix}.eval_every", self.eval_every)
         self.optim.validate(f"{prefix}.optim")
 
@@ -288,6 +308,9 @@ class RunConfig:
         self.task.validate()
         self.teacher.validate("teacher")
         self.student.validate("student")
+        if not 0 <= self.seed < 2**32:
+            raise QgplmError(f"seed must be an integer in 0..{2**32 - 1}, got {self.seed}: set e.g. seed=42")
+        _at_least("generate_samples", self.generate_samples, 0)
 
     def _check_bits_supported(self) -> None:
         from qgplm.quant import WEIGHT_QUANTIZERS
@@ -326,7 +349,49 @@ class RunConfig:
         data = {k: v for k, v in data.items() if k in owned}
         run = _build(cls, data, "")
         run.validate()
+        if isinstance(cfg, DictConfig) and isinstance(cfg.get("trainer"), DictConfig):
+            validate_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))
         return run
+
+
+# Lightning Trainer arguments with a range (the trainer group stays a DictConfig for Lightning, which
+# would refuse these only with a traceback when the Trainer is built, or not at all)
+PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
+              "32-true", "64-true", "64", "32", "16", "bf16", 64, 32, 16)
+
+
+def validate_trainer(trainer: dict[str, Any]) -> None:
+    def number(key: str) -> Any:
+        v = trainer.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise QgplmError(f"trainer.{key} must be a number, got {v!r}: set trainer.{key}=<number>")
+        return v
+
+    acc = trainer.get("accumulate_grad_batches")
+    if acc is not None and (isinstance(acc, bool) or not isinstance(acc, int) or acc < 1):
+        raise QgplmError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {acc!r}: set trainer.accumulate_grad_batches=1 (no accumulation) or more")
+    clip = number("gradient_clip_val")
+    if clip is not None and not 0 <= clip < float("inf"):
+        raise QgplmError(f"trainer.gradient_clip_val must be >= 0 or null (no clipping), got {clip}: set trainer.gradient_clip_val=1.0 (the default) or null")
+    if trainer.get("gradient_clip_algorithm") not in (None, "norm", "value"):
+        raise QgplmError(f"trainer.gradient_clip_algorithm must be norm or value, got {trainer['gradient_clip_algorithm']!r}: set trainer.gradient_clip_algorithm=norm")
+    nodes = trainer.get("num_nodes")
+    if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
+        raise QgplmError(f"trainer.num_nodes must be an integer >= 1, got {nodes!r}: set trainer.num_nodes=1 or the number of machines")
+    devices = trainer.get("devices")
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
+        raise QgplmError(f"trainer.devices must be >= 1, -1 (all), auto or a list of device ids, got {devices}: set trainer.devices=1")
+    if "precision" in trainer and trainer["precision"] not in PRECISIONS:
+        raise QgplmError(f"trainer.precision={trainer['precision']!r} is not valid: choose one of "
+                         f"{', '.join(str(p) for p in PRECISIONS[:8])}")
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        v = number(key)
+        if v is not None and (v < 0 or (isinstance(v, float) and v > 1)):
+            raise QgplmError(f"trainer.{key} must be a fraction in 0..1 or a number of batches >= 0, got {v}: set trainer.{key}=1.0 (all batches)")
+    for key, low in (("log_every_n_steps", 1), ("num_sanity_val_steps", -1)):
+        v = number(key)
+        if v is not None and (not isinstance(v, int) or v < low):
+            raise QgplmError(f"trainer.{key} must be an integer >= {low}, got {v}: set trainer.{key} to an integer >= {low}")
 
 
 # ---------------------------------------------------------------- conversion helpers
@@ -337,8 +402,19 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
 
 
 def _positive(key: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise QgplmError(f"{key} must be a positive number, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise QgplmError(f"{key} must be a positive number, got {value!r}: set {key} to a number > 0")
+
+
+def _at_least(key: str, value: Any, low: float) -> None:
+    """A finite number >= low (ints stay ints: the dataclass types already checked them)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value < float("inf"):
+        raise QgplmError(f"{key} must be >= {low}, got {value!r}: set {key} to a number >= {low}")
+
+
+def _finite(key: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise QgplmError(f"{key} must be a finite number, got {value!r}: set {key}=<number>")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

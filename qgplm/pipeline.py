@@ -232,8 +232,12 @@ def _best_score(trainer: pl.Trainer) -> float | None:
     return None if score is None else float(score)
 
 
+SAMPLE_PROMPT_TOKENS, SAMPLE_NEW_TOKENS = 12, 16  # generate_samples: prompt and continuation lengths
+
+
 def sample_generations(model: torch.nn.Module, tokenizer: Any, dm: LMDataModule, n: int,
-                       prompt_tokens: int = 12, new_tokens: int = 16) -> list[dict[str, str]]:
+                       prompt_tokens: int = SAMPLE_PROMPT_TOKENS,
+                       new_tokens: int = SAMPLE_NEW_TOKENS) -> list[dict[str, str]]:
     """Greedy continuations (HF generate) of `n` prompts spread evenly over the test stream."""
     out = []
     ids = dm.ids["test"]
@@ -278,6 +282,65 @@ def check_fresh_run_dir(out: Path) -> None:
                          f"(or leave it unset for a fresh timestamped one)")
 
 
+def architecture(cfg: RunConfig, out: Path, resume: ResumePoint | None) -> Any:
+    """The teacher's Hugging Face config, without loading weights or data: from the saved teacher's
+    config.json (stage=quantize, a resumed student stage, a local model.name_or_path) or built from
+    model.arch + model.config. None where it is only known once loaded (a hub name) or where
+    loading will report the problem itself (no config.json, unknown arch)."""
+    from transformers import AutoConfig
+
+    if cfg.stage == "quantize":
+        path = teacher_dir(cfg.teacher_path)
+    elif resume is not None and resume.stage == "student":
+        path = out / "teacher"
+    elif cfg.model.name_or_path is not None:
+        path = Path(cfg.model.name_or_path).expanduser()
+    else:
+        try:
+            return AutoConfig.for_model(cfg.model.arch, **cfg.model.config)
+        except Exception:  # noqa: BLE001 - build_model reports it
+            return None
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception:  # noqa: BLE001 - load_pretrained reports it
+        return None
+
+
+def check_model_fits(cfg: RunConfig, hf_config: Any) -> None:
+    """Every setting that indexes into the model (a hidden layer, positions) against its config:
+    at start-up, so that nothing fails after a stage has trained."""
+    if hf_config is None:
+        return
+    d = cfg.method.distill
+    seq2seq = bool(getattr(hf_config, "is_encoder_decoder", False))
+    if cfg.stage != "teacher" and d.uses_contrastive:
+        layers = (getattr(hf_config, "decoder_layers", None) if seq2seq else None) or getattr(
+            hf_config, "num_hidden_layers", None)
+        if isinstance(layers, int) and not -(layers + 1) <= d.layer <= layers:
+            where = "decoder layers" if seq2seq else "layers"
+            raise QgplmError(f"method.distill.layer={d.layer} is beyond the model's {layers} {where} (hidden states "
+                             f"0..{layers}): set method.distill.layer to an index in {-(layers + 1)}..{layers} "
+                             f"(-1: the last layer, the default)")
+    positions = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    if not isinstance(positions, int):
+        return
+    t = cfg.task
+    if t.kind == "summarization":
+        lengths = [("task.max_source_length", t.max_source_length), ("task.max_target_length", t.max_target_length),
+                   ("task.generation.max_length", t.generation.max_length)]
+    else:
+        lengths = [("task.block_size", t.block_size)]
+    for key, n in lengths:
+        if n > positions:
+            raise QgplmError(f"{key}={n} exceeds the model's {positions} positions: set {key}<={positions}")
+    need = SAMPLE_PROMPT_TOKENS + SAMPLE_NEW_TOKENS
+    if t.kind == "lm" and cfg.generate_samples > 0 and need > positions:
+        raise QgplmError(f"generate_samples={cfg.generate_samples} needs {need} positions ({SAMPLE_PROMPT_TOKENS}-token "
+                         f"prompts + {SAMPLE_NEW_TOKENS} new tokens) but the model has {positions}: set generate_samples=0")
+
+
 @explain_out_of_memory
 def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig | None,
                callbacks_cfg: DictConfig | None) -> dict[str, Any]:
@@ -289,6 +352,7 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
             check_fresh_run_dir(out)
     else:
         log.info("resuming the %s stage of %s from %s", resume.stage, out, resume.ckpt)
+    check_model_fits(cfg, architecture(cfg, out, resume))  # before any data is read or anything trains
     pl.seed_everything(cfg.seed, workers=True)
     tokenizer, dm = prepare_data(cfg)
     runner = StageRunner(cfg, trainer_cfg, logger_cfg, callbacks_cfg, out=out)
@@ -361,12 +425,14 @@ def _teacher_stage(cfg: RunConfig, runner: StageRunner, tokenizer: Any, dm: Any,
         path = teacher_dir(cfg.teacher_path) if cfg.stage == "quantize" else out / "teacher"
         teacher = load_pretrained(str(path), cfg.model.kind, key="teacher_path")
         check_compatible(teacher, tokenizer, max_positions)
+        check_model_fits(cfg, teacher.config)
         saved = out / TEACHER_METRICS
         if cfg.stage == "pipeline" and saved.is_file():
             return teacher, json.loads(saved.read_text())
         test, best_val = evaluate_only(runner, teacher, dm, evaluator), None
     else:
         teacher = build_model(cfg.model, tokenizer, max_positions)
+        check_model_fits(cfg, teacher.config)  # a hub model's config is known only now, still before training
         test, best_val = train_teacher(runner, teacher, dm, evaluator, resume.ckpt if resume is not None else None)
     figures = {"test_ppl": test.pop("ppl"), "best_val_ppl": best_val,
                "params": sum(p.numel() for p in teacher.parameters()), **test}

@@ -47,6 +47,58 @@ def quote_int_group_overrides(argv: list[str]) -> list[str]:
     return out
 
 
+def config_groups() -> dict[str, list[str]]:
+    """Each config group of conf/ and its options (the .yaml files in its folder)."""
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in Path(CONF_DIR).iterdir() if d.is_dir()}
+
+
+def check_group_overrides(argv: list[str]) -> None:
+    """A config-group override (`model=...`, `bits=...`, `hydra/launcher=...`) must name options:
+    Hydra crashes with a traceback on any other value (`bits=3.5`, `bits=2.0`, `model=1`,
+    `bits=[2,4]`, `model=null`, `task={a:1}`, `bits=range(2,4)`). Run after
+    quote_int_group_overrides (which turns `bits=2` into a name); unparsable arguments are left to
+    Hydra ("cannot parse the command line")."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, Glob, QuotedString
+
+    groups = config_groups()
+    parser = OverridesParser.create()
+    for arg in argv:
+        if arg.startswith("-"):
+            continue
+        try:
+            (o,) = parser.parse_overrides([arg])
+        except Exception:  # noqa: BLE001 - Hydra reports it in its own words
+            continue
+        key = o.key_or_group
+        if o.is_delete() or (key not in groups and "/" not in key):
+            continue
+        value = o.value()
+        if isinstance(value, Glob):
+            continue
+        options = groups.get(key)
+        choose = f"choose one of {', '.join(options)}" if options else "write the option's name"
+        hint = " (or set bits.weight / bits.embedding / bits.activation to an integer in 1..8)" if key == "bits" else ""
+        given = arg.split("=", 1)[1] if "=" in arg else ""
+        if isinstance(value, ChoiceSweep):
+            bad = [v for v in value.list if not isinstance(v, (str, QuotedString))]  # 'name' stays quoted here
+            if bad and not value.simple_form:  # choice(2,4): Hydra reads the numbers as numbers
+                names = ",".join("null" if v is None else str(v) for v in value.list)
+                fail(f"{key}={given} is not a sweep of options: write the option names, -m {key}={names}")
+            if bad:
+                fail(f"{key}={'null' if bad[0] is None else bad[0]} is not an option: {choose}{hint}")
+            continue
+        if isinstance(value, str):
+            continue
+        if isinstance(value, list):
+            names = ",".join("null" if v is None else str(v) for v in value)
+            fail(f"{key}={given} is not an option: a config group takes one option, not a list: {choose}; "
+                 f"to run several, sweep with -m {key}={names}")
+        if value is None:
+            fail(f"{key}=null is not an option: {choose} (leave {key} out for its default)")
+        fail(f"{key}={given} is not an option: {choose}{hint}")  # a number, a mapping, a range sweep
+
+
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
@@ -186,6 +238,7 @@ def optimized_metric(metrics: dict) -> float:
 
 def cli() -> None:
     sys.argv = [sys.argv[0], *quote_int_group_overrides(sys.argv[1:])]
+    check_group_overrides(sys.argv[1:])
     # Let Hydra's own errors (composition, callbacks, run-dir creation) reach us as exceptions
     # instead of Hydra's multi-line report, so they end as one line too.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
