@@ -191,7 +191,7 @@ class TaskConfig:
     hub_path: str | None = None
     hub_name: str | None = None
     block_size: int = 64
-    eval_stride: int | None = None  # None: = block_size (non-overlapping windows)
+    eval_stride: int | None = None  # None: block_size - 1 (consecutive windows share one token)
     batch_size: int = 16
     eval_batch_size: int = 32
     num_workers: int = 0
@@ -237,8 +237,10 @@ class TaskConfig:
         for k in self.rouge_keys:
             _choice("task.rouge_keys entry", k, ROUGE_KEYS)
         self.generation.validate()
-        if self.eval_stride is not None and not 0 < self.eval_stride <= self.block_size:
-            raise QgplmError(f"task.eval_stride must be in 1..block_size ({self.block_size}), got {self.eval_stride}")
+        if self.eval_stride is not None and not 0 < self.eval_stride < self.block_size:
+            # consecutive windows must share a token: a window's first token is context only
+            raise QgplmError(f"task.eval_stride must be in 1..block_size - 1 ({self.block_size - 1}), got "
+                             f"{self.eval_stride}: lower it or leave it null (block_size - 1)")
 
 
 @dataclass

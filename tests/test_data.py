@@ -76,3 +76,14 @@ def test_non_utf8_file_is_a_clear_error(tmp_path):
         (tmp_path / f"ptb.{split}.txt").write_bytes(b"ok\n\xff\xfe bad\n")
     with pytest.raises(QgplmError, match="not UTF-8"):
         load_texts(TaskConfig(name="ptb", source="ptb", data_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("stride, ok", [(None, True), (1, True), (15, True), (16, False), (0, False)])
+def test_eval_stride_must_leave_one_shared_token(stride, ok):
+    """An explicit stride of block_size would be clamped to block_size - 1 without a word: refused."""
+    task = TaskConfig(name="builtin", block_size=16, eval_stride=stride)
+    if ok:
+        task.validate()
+    else:
+        with pytest.raises(QgplmError, match=r"task.eval_stride must be in 1..block_size - 1 \(15\)"):
+            task.validate()
