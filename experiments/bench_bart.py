@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import ROOT, run_sweep, teacher_once  # noqa: E402
+from compare import ROOT, run_sweep, teacher_once
 
 
 def table(root: Path) -> str:

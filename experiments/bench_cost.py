@@ -47,7 +47,8 @@ def measure(setting: str, a: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False (CPU-only torch or no GPU visible)")
+        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False "
+                         "(CPU-only torch or no GPU visible)")
     teacher = GPT2LMHeadModel(GPT2Config(n_layer=a.layers, n_embd=a.width, n_head=a.width // 64,
                                          vocab_size=a.vocab, n_positions=max(256, a.block))).to(dev)
     x = torch.randint(0, a.vocab, (a.batch, a.block), device=dev)
@@ -58,7 +59,8 @@ def measure(setting: str, a: argparse.Namespace) -> dict:
         module = TeacherModule(teacher, optim, a.steps)
     else:
         quantizer = "minmax" if setting == "kd_only" else "quantgpt"
-        student = quantize_model(copy.deepcopy(teacher), QuantConfig(weight_bits=2, embedding_bits=2, activation_bits=8, quantizer=quantizer))
+        qcfg = QuantConfig(weight_bits=2, embedding_bits=2, activation_bits=8, quantizer=quantizer)
+        student = quantize_model(copy.deepcopy(teacher), qcfg)
         initialize_quantizers(student)
         distill = DistillConfig(contrastive_weight=0.1 if setting == "quantgpt" else 0.0)
         module = DistillModule(student, teacher, distill, optim, a.steps).to(dev)
@@ -123,7 +125,8 @@ def main() -> None:
     ref = {r["setting"]: r for r in rows}
     print(f"{a.layers} x {a.width} GPT-2, vocab {a.vocab}, batch {a.batch} x {a.block}, {a.device}, {a.precision}, "
           f"median of {a.steps} steps after {a.warmup}")
-    print(f"| setting | step time (s) | vs kd_only | vs fp | tokens/s | peak memory (MiB, {'GPU allocated' if a.device != 'cpu' else 'process RSS'}) | vs kd_only |")
+    memory = "GPU allocated" if a.device != "cpu" else "process RSS"
+    print(f"| setting | step time (s) | vs kd_only | vs fp | tokens/s | peak memory (MiB, {memory}) | vs kd_only |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} | {r['step_s']:.3f} | {r['step_s'] / ref['kd_only']['step_s']:.2f}x | "

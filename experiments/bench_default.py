@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     args, overrides = ap.parse_known_args()
     rows = [run_once(overrides) for _ in range(args.repeats)]
-    print("| run | teacher PPL | student PPL | ratio | FP32 MiB | quant MiB | compression | teacher s | student s | process s |")
+    print("| run | teacher PPL | student PPL | ratio | FP32 MiB | quant MiB | compression "
+          "| teacher s | student s | process s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for i, m in enumerate(rows):
         w, s = m["wall_time_s"], m["size"]

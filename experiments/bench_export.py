@@ -129,7 +129,8 @@ def kernels(threads: int) -> list[str]:
     codes = torch.randint(-1, 2, (n, k), dtype=torch.int8)
     cands = {"fp32 F.linear": lin}
     for kernel in ("onednn", "int_mm"):
-        cands[f"qgplm Int8Linear {kernel}"] = Int8Linear(codes, torch.tensor(0.01), lin.bias, ActivationQuantizer(8), kernel)
+        cands[f"qgplm Int8Linear {kernel}"] = Int8Linear(codes, torch.tensor(0.01), lin.bias, ActivationQuantizer(8),
+                                                         kernel)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cands["quantize_dynamic (fbgemm)"] = torch.ao.quantization.quantize_dynamic(
@@ -156,7 +157,8 @@ def kernels(threads: int) -> list[str]:
         x = torch.randn(m, k)
         q = torch.randint(-128, 127, (m, k), dtype=torch.int8)
         with torch.inference_mode():
-            ts = [_median(lambda f=f: f(x)) for f in cands.values()] + [_median(lambda: torch._int_mm(q, codes.t()))]
+            ts = [_median(lambda f=f, x=x: f(x)) for f in cands.values()]
+            ts.append(_median(lambda q=q: torch._int_mm(q, codes.t())))
         out.append(f"| {m} | " + " | ".join(f"{t * 1e6:.0f}" for t in ts) + " |")
     return out
 
@@ -211,9 +213,9 @@ def main() -> None:
             for mode in args.modes:
                 d = Path(tmp) / (f"{name}-fp32" if mode == "fp32" else
                                  f"{name}-w2e2c" if mode.endswith("_compact") else f"{name}-w2e2")
-                cmd = [sys.executable, __file__, "--worker", "--model", name, "--mode", mode.removesuffix("_compact"), "--dir", str(d),
-                       "--threads", str(args.threads), "--seq", str(args.seq), "--prompt", str(args.prompt),
-                       "--new", str(args.new), "--repeat", str(args.repeat)]
+                cmd = [sys.executable, __file__, "--worker", "--model", name, "--mode", mode.removesuffix("_compact"),
+                       "--dir", str(d), "--threads", str(args.threads), "--seq", str(args.seq),
+                       "--prompt", str(args.prompt), "--new", str(args.new), "--repeat", str(args.repeat)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
                 if proc.returncode != 0:
                     raise SystemExit(proc.stderr[-3000:])

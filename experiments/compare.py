@@ -130,7 +130,8 @@ def supported_bits(method: str) -> tuple[int, ...]:
 
     known = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
     if method not in known:
-        sys.exit(f"error: --methods {method}: no such method (conf/method/{method}.yaml): choose from {', '.join(known)}")
+        sys.exit(f"error: --methods {method}: no such method (conf/method/{method}.yaml): "
+                 f"choose from {', '.join(known)}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         quantizer = compose(config_name="run", overrides=[f"method={method}"]).method.quantizer
     return tuple(getattr(WEIGHT_QUANTIZERS[quantizer], "supported_bits", range(1, 33)))

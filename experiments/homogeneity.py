@@ -5,8 +5,8 @@
 The paper motivates the token-level contrastive loss by the "homogeneous word embedding" problem:
 the last-layer representations of a 2-bit GPT-2 trained with KD alone become too similar to one
 another. This measures that on our runs: mean pairwise cosine similarity of the last hidden
-layer over the tokens of the first --windows validation windows (128 tokens each, or the model's context if shorter; the same
-metric as `val/homogeneity_*` of QuantStatsCallback), for the teacher and for every
+layer over the tokens of the first --windows validation windows (128 tokens each, or the model's
+context if shorter; the same metric as `val/homogeneity_*` of QuantStatsCallback), for the teacher and for every
 stage=quantize run below the directory (rebuilt from its best checkpoint, as `qgplm.export`
 does). If the students are no more homogeneous than the teacher, the contrastive term has no
 collapse to undo at this scale.
@@ -18,11 +18,11 @@ import argparse
 from pathlib import Path
 
 import torch
+from table import label, load_run  # experiments/table.py: the runs and row names of the comparison tables
 
 from qgplm.distill.metrics import token_homogeneity
 from qgplm.export.checkpoint import load_student
 from qgplm.models import load_pretrained, load_tokenizer
-from table import label, load_run  # experiments/table.py: the runs and row names of the comparison tables
 
 
 def windows(tokenizer, data_file: Path, n: int, block: int = 128) -> torch.Tensor:
@@ -64,7 +64,8 @@ def main() -> None:
             " (no QAT)" if c.get("student_steps") == 0 else "")
         rows.append((name, c["bits"], homogeneity(student.eval(), ids), m["student"]["test_ppl"]))
         print(rows[-1], flush=True)
-    print(f"\nlast-layer token homogeneity (mean pairwise cosine) on {ids.numel()} validation tokens of {args.data.name}")
+    print(f"\nlast-layer token homogeneity (mean pairwise cosine) on {ids.numel()} validation tokens "
+          f"of {args.data.name}")
     print("| model | bits | homogeneity | test PPL |\n|---|---|---|---|")
     for name, bits, h, ppl in rows:
         print(f"| {name} | {bits} | {h:.4f} | {'-' if ppl is None else f'{ppl:.2f}'} |")

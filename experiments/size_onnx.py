@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from size_export import MIB, build  # noqa: E402
+from size_export import MIB, build
 
-from qgplm.export import export_model  # noqa: E402
-from qgplm.export.format import WEIGHTS  # noqa: E402
-from qgplm.export.onnx import ONNX_FILE, export_onnx  # noqa: E402
-from qgplm.quant import QuantConfig  # noqa: E402
+from qgplm.export import export_model
+from qgplm.export.format import WEIGHTS
+from qgplm.export.onnx import ONNX_FILE, export_onnx
+from qgplm.quant import QuantConfig
 
 
 def initializer_bytes(path: Path) -> dict[str, int]:

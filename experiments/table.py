@@ -128,7 +128,7 @@ def table(tasks: list[Task], keep, title: str) -> str:
         size = any_run["size"]
         cells = [key[0], key[1][1:].replace("E", "-").replace("A", "-"), f"{size['quantized_mib']:.2f}",
                  f"{size['compression']:.1f}x"]
-        for t, r in zip(tasks, runs):
+        for t, r in zip(tasks, runs, strict=True):
             p = _ppls(r)
             cells += [_cell(p), f"{statistics.fmean(p) / t.teacher_ppl:.3f}" if p else "-"]
         times = [m["wall_time_s"].get("student", float("nan")) for r in runs for m in r]
@@ -144,7 +144,7 @@ def plot(tasks: list[Task], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
-    for ax, t in zip(axes[0], tasks):
+    for ax, t in zip(axes[0], tasks, strict=True):
         by_method: dict[str, dict[int, list[float]]] = {}
         for m in t.rows:
             if m["config"].get("negatives", "teacher") == "teacher":

@@ -339,7 +339,7 @@ class RunConfig:
         return self.method.quant_config(self.bits)
 
     @classmethod
-    def from_hydra(cls, cfg: Any) -> "RunConfig":
+    def from_hydra(cls, cfg: Any) -> RunConfig:
         """Build from a composed DictConfig (or a plain dict) and validate."""
         from omegaconf import DictConfig, OmegaConf
 
@@ -371,29 +371,36 @@ def validate_trainer(trainer: dict[str, Any]) -> None:
 
     acc = trainer.get("accumulate_grad_batches")
     if acc is not None and (isinstance(acc, bool) or not isinstance(acc, int) or acc < 1):
-        raise QgplmError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {acc!r}: set trainer.accumulate_grad_batches=1 (no accumulation) or more")
+        raise QgplmError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {acc!r}: "
+                         "set trainer.accumulate_grad_batches=1 (no accumulation) or more")
     clip = number("gradient_clip_val")
     if clip is not None and not 0 <= clip < float("inf"):
-        raise QgplmError(f"trainer.gradient_clip_val must be >= 0 or null (no clipping), got {clip}: set trainer.gradient_clip_val=1.0 (the default) or null")
+        raise QgplmError(f"trainer.gradient_clip_val must be >= 0 or null (no clipping), got {clip}: "
+                         "set trainer.gradient_clip_val=1.0 (the default) or null")
     if trainer.get("gradient_clip_algorithm") not in (None, "norm", "value"):
-        raise QgplmError(f"trainer.gradient_clip_algorithm must be norm or value, got {trainer['gradient_clip_algorithm']!r}: set trainer.gradient_clip_algorithm=norm")
+        raise QgplmError("trainer.gradient_clip_algorithm must be norm or value, "
+                         f"got {trainer['gradient_clip_algorithm']!r}: set trainer.gradient_clip_algorithm=norm")
     nodes = trainer.get("num_nodes")
     if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
-        raise QgplmError(f"trainer.num_nodes must be an integer >= 1, got {nodes!r}: set trainer.num_nodes=1 or the number of machines")
+        raise QgplmError(f"trainer.num_nodes must be an integer >= 1, got {nodes!r}: "
+                         "set trainer.num_nodes=1 or the number of machines")
     devices = trainer.get("devices")
     if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
-        raise QgplmError(f"trainer.devices must be >= 1, -1 (all), auto or a list of device ids, got {devices}: set trainer.devices=1")
+        raise QgplmError(f"trainer.devices must be >= 1, -1 (all), auto or a list of device ids, got {devices}: "
+                         "set trainer.devices=1")
     if "precision" in trainer and trainer["precision"] not in PRECISIONS:
         raise QgplmError(f"trainer.precision={trainer['precision']!r} is not valid: choose one of "
                          f"{', '.join(str(p) for p in PRECISIONS[:8])}")
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
         v = number(key)
         if v is not None and (v < 0 or (isinstance(v, float) and v > 1)):
-            raise QgplmError(f"trainer.{key} must be a fraction in 0..1 or a number of batches >= 0, got {v}: set trainer.{key}=1.0 (all batches)")
+            raise QgplmError(f"trainer.{key} must be a fraction in 0..1 or a number of batches >= 0, got {v}: "
+                             f"set trainer.{key}=1.0 (all batches)")
     for key, low in (("log_every_n_steps", 1), ("num_sanity_val_steps", -1)):
         v = number(key)
         if v is not None and (not isinstance(v, int) or v < low):
-            raise QgplmError(f"trainer.{key} must be an integer >= {low}, got {v}: set trainer.{key} to an integer >= {low}")
+            raise QgplmError(f"trainer.{key} must be an integer >= {low}, got {v}: "
+                             f"set trainer.{key} to an integer >= {low}")
 
 
 # ---------------------------------------------------------------- conversion helpers

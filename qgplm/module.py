@@ -291,7 +291,7 @@ class DistillModule(LMModule):
         object.__setattr__(self, "memory_bank", bank)
         object.__setattr__(self, "encoder_memory_bank", encoder_bank)
 
-    def train(self, mode: bool = True) -> "DistillModule":
+    def train(self, mode: bool = True) -> DistillModule:
         super().train(mode)
         self.teacher.eval()  # dropout off in the teacher, always
         return self
@@ -317,7 +317,9 @@ class DistillModule(LMModule):
             if encoder:
                 e_ids, e_mask = batch["input_ids"], batch["attention_mask"].bool()
                 bank = self.encoder_memory_bank
-                h_enc = s.encoder_hidden if self.encoder_projection is None else self.encoder_projection(s.encoder_hidden)
+                h_enc = s.encoder_hidden
+                if self.encoder_projection is not None:
+                    h_enc = self.encoder_projection(h_enc)
                 q_enc = bank.query(h_enc, e_ids) if bank is not None else h_enc
                 neg, neg_ids = self._negatives(h_enc, e_ids)
                 terms["contrastive_encoder"] = token_contrastive_loss(q_enc, t.encoder_hidden, e_ids, e_mask, d.tau,

@@ -26,8 +26,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from qgplm.callbacks import (KillAtStepCallback, LAQCurvatureCallback, MemoryBankCallback, QuantStatsCallback,
-                             RNGStateCallback, ScaleWarmupCallback)
+from qgplm.callbacks import (
+    KillAtStepCallback,
+    LAQCurvatureCallback,
+    MemoryBankCallback,
+    QuantStatsCallback,
+    RNGStateCallback,
+    ScaleWarmupCallback,
+)
 from qgplm.config import RunConfig, StageConfig
 from qgplm.data.lm import LMDataModule
 from qgplm.data.sources import load_texts
@@ -140,7 +146,7 @@ class StageRunner:
 
     def trainer(self, stage: str, budget: StageConfig, extra_callbacks: list[pl.Callback]) -> pl.Trainer:
         callbacks = []
-        for name, cb_cfg in self.callbacks_cfg.items():
+        for _name, cb_cfg in self.callbacks_cfg.items():
             if str(cb_cfg.get("_target_", "")).endswith("ModelCheckpoint"):
                 cb_cfg = OmegaConf.merge(cb_cfg, {"dirpath": str(self.out / "checkpoints" / stage)})
             callbacks.append(instantiate(cb_cfg))
@@ -337,8 +343,9 @@ def check_model_fits(cfg: RunConfig, hf_config: Any) -> None:
             raise QgplmError(f"{key}={n} exceeds the model's {positions} positions: set {key}<={positions}")
     need = SAMPLE_PROMPT_TOKENS + SAMPLE_NEW_TOKENS
     if t.kind == "lm" and cfg.generate_samples > 0 and need > positions:
-        raise QgplmError(f"generate_samples={cfg.generate_samples} needs {need} positions ({SAMPLE_PROMPT_TOKENS}-token "
-                         f"prompts + {SAMPLE_NEW_TOKENS} new tokens) but the model has {positions}: set generate_samples=0")
+        raise QgplmError(f"generate_samples={cfg.generate_samples} needs {need} positions "
+                         f"({SAMPLE_PROMPT_TOKENS}-token prompts + {SAMPLE_NEW_TOKENS} new tokens) "
+                         f"but the model has {positions}: set generate_samples=0")
 
 
 @explain_out_of_memory

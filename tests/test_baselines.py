@@ -310,7 +310,7 @@ def test_laq_alternation_converges(bits):
     assert history[-1] == history[-2] == history[-3]  # reached a fixed point
     assert laq_alpha_step(w, alpha, n, d, per_row=False).item() == alpha.item()
     objs = [objective(torch.tensor(a, dtype=F64)) for a in history[1:]]
-    assert all(b <= a + 1e-12 for a, b in zip(objs, objs[1:]))
+    assert all(b <= a + 1e-12 for a, b in zip(objs, objs[1:], strict=False))
     # the quantizer continues from its stored alpha at each step (a new weight value): more steps,
     # same fixed point; a second forward of the same weight does not solve again
     q = LAQQuantizer(bits, iters=3).double()
@@ -620,8 +620,8 @@ def test_laq_callback_sets_curvature_from_adamw_state():
 
 # ====================================================================================== configs
 
-METHODS = ["pact", "lsq", "lsq_ternary", "laq", "twn", "minmax", "quantgpt_no_contrastive", "quantgpt_pact_grad", "kd_only",
-           "quantgpt_full_grid"]
+METHODS = ["pact", "lsq", "lsq_ternary", "laq", "twn", "minmax", "quantgpt_no_contrastive", "quantgpt_pact_grad",
+           "kd_only", "quantgpt_full_grid"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -644,7 +644,7 @@ def test_method_configs_compose_and_build(method, tmp_path):
         assert q.full_grid == (method == "quantgpt_full_grid")
 
 
-# ====================================================================================== LAQ: one alpha per step (issue 14)
+# ================================================================================ LAQ: one alpha per step (issue 14)
 
 
 def _laq_tied_model():

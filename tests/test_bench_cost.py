@@ -70,8 +70,8 @@ def test_gpu_check_qat_run_overrides_validate(tmp_path):
     from qgplm.run import quote_int_group_overrides
 
     block = SCRIPT.read_text().split('"$PY" -m qgplm.run', 1)[1].split("hydra.run.dir=", 1)[0]
-    overrides = [o.replace('"$DATA', str(SHARED_DATA)).replace('"', "") for o in re.split(r"\s+", block.replace("\\\n", " "))
-                 if "=" in o]
+    words = re.split(r"\s+", block.replace("\\\n", " "))
+    overrides = [o.replace('"$DATA', str(SHARED_DATA)).replace('"', "") for o in words if "=" in o]
     assert "trainer=gpu" in overrides and "model.config.n_layer=12" in overrides
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="run", overrides=quote_int_group_overrides([*overrides,

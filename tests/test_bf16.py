@@ -16,7 +16,7 @@ from qgplm.callbacks import MemoryBankCallback, ScaleWarmupCallback
 from qgplm.config import DistillConfig, OptimConfig
 from qgplm.distill import MemoryBank, soft_cross_entropy, token_contrastive_loss
 from qgplm.module import DistillModule
-from qgplm.quant import QuantConfig, WEIGHT_QUANTIZERS, initialize_quantizers, quantize_model, scale_parameters
+from qgplm.quant import WEIGHT_QUANTIZERS, QuantConfig, initialize_quantizers, quantize_model, scale_parameters
 from qgplm.quant.functional import minmax_activation_quantize
 from qgplm.quant.quantizers import ActivationQuantizer
 
@@ -54,7 +54,7 @@ def test_weight_quantizer_is_unchanged_by_autocast(name, bits):
     got = _fwd_bwd(_quantizer(name, bits, w), w, g, autocast=True)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-    for a, b in zip(got[2], ref[2]):
+    for a, b in zip(got[2], ref[2], strict=True):
         assert (a is None) == (b is None)
         if a is not None:
             assert a.dtype == torch.float32 and torch.equal(a, b)
@@ -72,7 +72,7 @@ def test_weight_quantizer_takes_bf16_weights(name, bits):
     ref = _quantizer(name, bits, w.float())(w.float())
     close = torch.isclose(out.float(), ref, rtol=1e-2, atol=1e-6)
     assert close.float().mean() > 0.97, close.float().mean()  # bf16 output rounding; a code may flip at a threshold
-    for p, grad in zip(q.parameters(), gs):
+    for p, grad in zip(q.parameters(), gs, strict=True):
         if grad is not None:
             assert grad.dtype == p.dtype == torch.float32 and torch.isfinite(grad).all()
 
@@ -213,7 +213,7 @@ def test_short_run_bf16_mixed_matches_fp32():
     ref, _ = _fit("32-true")
     got, module = _fit("bf16-mixed")
     assert len(got) == len(ref) == 8
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         assert abs(a - b) <= 0.03 * abs(b), (got, ref)
     assert len(set(got)) > 1  # the student moves
     assert all(p.dtype == torch.float32 for p in module.parameters())

@@ -61,8 +61,8 @@ def _unigram_entropy(train: list[str], heldout: list[str], vocab_size: int) -> f
 
 def _bigram_entropy(train: list[str], heldout: list[str], vocab_size: int) -> float:
     """Cross-entropy of the next word given the previous one."""
-    unigrams, bigrams = Counter(train), Counter(zip(train, train[1:]))
-    pairs = list(zip(heldout, heldout[1:]))
+    unigrams, bigrams = Counter(train), Counter(zip(train, train[1:], strict=False))
+    pairs = list(zip(heldout, heldout[1:], strict=False))
     return -sum(math.log2((bigrams[p] + 1) / (unigrams[p[0]] + vocab_size)) for p in pairs) / len(pairs)
 
 

@@ -19,7 +19,7 @@ def test_quote_int_group_overrides():
 
 def _one_line_error(proc) -> str:
     assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error: ")]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     return lines[0]

@@ -19,10 +19,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from qgplm.resume import read_identity
 from qgplm.config import ModelConfig, RunConfig
 from qgplm.errors import QgplmError
 from qgplm.models import build_model, check_compatible, load_pretrained, load_tokenizer
+from qgplm.resume import read_identity
 from tests.conftest import SHARED_DATA, TINY, run_cli
 
 
@@ -85,7 +85,8 @@ def test_nan_loss_stops_with_step_and_term(tiny_cfg):
     with torch.no_grad():
         module.model.lm_head.weight.fill_(float("nan"))
     x = torch.randint(0, 50, (2, 8))
-    with pytest.raises(QgplmError, match=r"non-finite loss at step 0 in the ce term \(ce=nan\): lower teacher.optim.lr"):
+    with pytest.raises(QgplmError,
+                       match=r"non-finite loss at step 0 in the ce term \(ce=nan\): lower teacher.optim.lr"):
         module.training_step({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}, 0)
 
 
@@ -101,8 +102,11 @@ W2 = "bits.weight=2 bits.embedding=2 bits.activation=8"
 #  whether the TINY sizes are prepended)
 CASES = [
     # ---- config groups and values
-    ("unknown-model", ["model=nope"], ["model=nope is not an option: choose one of bart, causal_lm, gpt2, seq2seq_lm, tiny_bart, tiny_gpt2"], True),
-    ("unknown-task", ["task=nope"], ["task=nope is not an option: choose one of builtin, cnndm, personachat, ptb, wikitext103, wikitext2, xsum"], True),
+    ("unknown-model", ["model=nope"],
+     ["model=nope is not an option: choose one of bart, causal_lm, gpt2, seq2seq_lm, tiny_bart, tiny_gpt2"], True),
+    ("unknown-task", ["task=nope"],
+     ["task=nope is not an option: choose one of builtin, cnndm, personachat, ptb, wikitext103, wikitext2, xsum"],
+     True),
     ("unknown-method", ["method=nope"], ["method=nope is not an option: choose one of", "quantgpt", "twn"], True),
     ("unknown-bits", ["bits=3"], ["bits=3 is not an option: choose one of 2, 4, 8, fp", "bits.weight"], True),
     ("non-integer-bits-group", ["bits=two"], ["bits=two is not an option"], True),
@@ -130,7 +134,8 @@ CASES = [
     ("bits-group-list", ["bits=[2,4]"], ["bits=[2,4] is not an option", "not a list", "-m bits=2,4"], True),
     ("group-null", ["task=null"], ["task=null is not an option: choose one of builtin", "leave task out"], True),
     ("group-mapping", ["trainer={{a:1}}"], ["trainer={a:1} is not an option: choose one of cpu, ddp"], True),
-    ("group-sweep-with-a-number", ["-m", "bits=fp,2.0"], ["bits=2.0 is not an option: choose one of 2, 4, 8, fp"], True),
+    ("group-sweep-with-a-number", ["-m", "bits=fp,2.0"], ["bits=2.0 is not an option: choose one of 2, 4, 8, fp"],
+     True),
     ("group-choice-of-numbers", ["-m", "bits=choice(2,4)"], ["is not a sweep of options", "-m bits=2,4"], True),
     # ---- issue 14: numbers outside their range (trained without a word, or crashed in Lightning)
     ("weight-decay-negative", ["teacher.optim.weight_decay=-0.1"],
@@ -149,7 +154,8 @@ CASES = [
     ("generate-samples-negative", ["generate_samples=-2"], ["generate_samples must be >= 0"], True),
     ("accumulate-grad-batches-zero", ["trainer.accumulate_grad_batches=0"],
      ["trainer.accumulate_grad_batches must be an integer >= 1, got 0"], True),
-    ("gradient-clip-negative", ["trainer.gradient_clip_val=-1"], ["trainer.gradient_clip_val must be >= 0 or null"], True),
+    ("gradient-clip-negative", ["trainer.gradient_clip_val=-1"], ["trainer.gradient_clip_val must be >= 0 or null"],
+     True),
     ("precision-unknown", ["trainer.precision=bogus"], ["trainer.precision='bogus' is not valid: choose one of"], True),
     # ---- issue 14: indices into the model, checked before anything trains (crashed after the teacher trained)
     ("distill-layer-beyond-the-model", ["method.distill.layer=5"],
@@ -223,8 +229,8 @@ CASES = [
     ("nan-from-huge-lr", ["stage=quantize", "teacher_path={teacher_run}", "student.optim.lr=1e30",
                           "student.eval_every=1"], ["at step 1", "lower student.optim.lr (now 1e+30)"], True),
     # ---- output
-    ("run-dir-holds-a-run", ["hydra.run.dir={existing_run}"], ["already holds a run (metrics.json)", "new hydra.run.dir"],
-     True),
+    ("run-dir-holds-a-run", ["hydra.run.dir={existing_run}"],
+     ["already holds a run (metrics.json)", "new hydra.run.dir"], True),
     ("sweep-dir-holds-runs", ["-m", "bits=2,4", "hydra.sweep.dir={existing_sweep}"],
      ["hydra.sweep.dir=", "already holds runs (0/)", "new hydra.sweep.dir"], True),
     ("run-dir-under-a-file", ["hydra.run.dir={tmp}/a_file/run"],
@@ -254,7 +260,8 @@ def world(tmp_path_factory):
     w = {"tmp": str(tmp), "shared": str(SHARED_DATA), "data": str(tmp / "data")}
     proc = run_cli([*TINY, "stage=teacher", f"hydra.run.dir={tmp / 'teacher_run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_cli([*TINY, "stage=quantize", f"teacher_path={tmp / 'teacher_run'}", f"hydra.run.dir={tmp / 'student_run'}"])
+    proc = run_cli([*TINY, "stage=quantize", f"teacher_path={tmp / 'teacher_run'}",
+                    f"hydra.run.dir={tmp / 'student_run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     w["teacher_run"], w["student_run"] = str(tmp / "teacher_run"), str(tmp / "student_run")
     w["teacher_ckpt"] = str(tmp / "teacher_run" / "checkpoints" / "teacher" / "last.ckpt")
@@ -293,7 +300,8 @@ def world(tmp_path_factory):
         f.write(b"caf\xe9 latin-1 bytes\n")
     # summarization JSON lines with a broken line / a line without `summary`
     good = '{"id": "%d", "document": "a short article about the weather .", "summary": "weather ."}\n'
-    for name, bad in (("jsonl_not_json", '{"id": "x", "document": "cut off'), ("jsonl_no_summary", '{"id": "x", "document": "no summary"}')):
+    for name, bad in (("jsonl_not_json", '{"id": "x", "document": "cut off'),
+                      ("jsonl_no_summary", '{"id": "x", "document": "no summary"}')):
         (d / name).mkdir()
         (d / name / "sample.jsonl").write_text("".join(good % i for i in range(30)) + bad + "\n")
     # Persona-Chat (ConvAI2 JSON) with a turn that has no candidates, so no gold reply
@@ -420,7 +428,7 @@ def test_full_or_read_only_disk_is_one_line_and_leaves_no_partial_file(tiny_cfg,
     with pytest.raises(SystemExit) as e:
         execute(tiny_cfg("stage=teacher", "trainer.fast_dev_run=true", "generate_samples=0"))
     assert e.value.code == 2
-    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     # the first atomic write after the teacher is saved: its figures (teacher_metrics.json)
     first = tmp_path / "teacher_metrics.json"
     assert len(lines) == 1 and f"cannot write {first} ({os.strerror(err)})" in lines[0]

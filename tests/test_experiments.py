@@ -85,7 +85,8 @@ def test_table_aggregates_seeds_and_puts_tasks_side_by_side(tmp_path):
                            str(tmp_path / "b"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     main = proc.stdout.split("## Ablations")[0]
-    assert "| method | bits (W-E-A) | size (MiB) | compression | wikitext2 PPL | wikitext2 PPL / teacher | ptb PPL |" in main
+    assert ("| method | bits (W-E-A) | size (MiB) | compression | wikitext2 PPL | wikitext2 PPL / teacher | ptb PPL |"
+            in main)
     assert "| teacher (FP32) | 32-32-32 | 20.00 | 1.0x | 10.00 | 1.000 | 20.00 | 1.000 | - |" in main
     assert "| quantgpt | 2-2-8 | 1.25 | 16.0x | 12.00 ± 1.00 (3 seeds) | 1.200 | 30.00 | 1.500 | 5 |" in main
     assert "| lsq | 4-4-8 | 2.50 | 8.0x | 10.50 | 1.050 | - | - | 5 |" in main

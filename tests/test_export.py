@@ -20,10 +20,9 @@ from qgplm.errors import QgplmError
 from qgplm.export import export_model, load_export_tokenizer, load_quantized
 from qgplm.export.format import MANIFEST, WEIGHTS
 from qgplm.export.int8 import KERNELS, Int8Embedding, Int8Linear
-from qgplm.quant import ActivationQuantizer
 from qgplm.export.pack import code_range, pack_codes, packed_nbytes, unpack_codes
 from qgplm.models.loading import load_tokenizer
-from qgplm.quant import QuantConfig, initialize_quantizers, quantize_model, quantized_modules
+from qgplm.quant import ActivationQuantizer, QuantConfig, initialize_quantizers, quantize_model, quantized_modules
 from qgplm.quant.api import oriented_weight
 from tests.conftest import ROOT, SHARED_DATA, TINY, run_cli
 
@@ -154,7 +153,8 @@ def test_bart_shared_embedding_stored_once(tmp_path):
     m = json.loads((tmp_path / "e" / MANIFEST).read_text())
     emb = [k for k, e in m["packed"].items() if "model.encoder.embed_tokens.weight" in e["aliases"]]
     assert len(emb) == 1
-    assert {"model.shared.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"} <= set(m["packed"][emb[0]]["aliases"])
+    tables = {"model.shared.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"}
+    assert tables <= set(m["packed"][emb[0]]["aliases"])
     assert rep.codes_bytes == sum(packed_nbytes(math.prod(e["shape"]), e["bits"]) for e in m["packed"].values())
     assert m["bits"] == {"weight": [2], "embedding": [2]}
     assert "final_logits_bias" in m["fp"]
@@ -215,7 +215,8 @@ def test_compact_options_shrink_and_stay_close(tmp_path):
     compact = export_model(s, tmp_path / "b", position_bits=8, fp16=True)
     assert compact.file_bytes < full.file_bytes and compact.fp_bytes < full.fp_bytes
     m = json.loads((tmp_path / "b" / MANIFEST).read_text())
-    assert m["packed"]["transformer.wpe.weight"]["bits"] == 8 and m["fp"]["transformer.ln_f.weight"]["dtype"] == "float32"
+    assert m["packed"]["transformer.wpe.weight"]["bits"] == 8
+    assert m["fp"]["transformer.ln_f.weight"]["dtype"] == "float32"
     torch.testing.assert_close(logits(load_quantized(tmp_path / "b"), "gpt2", IDS), logits(s, "gpt2", IDS),
                                atol=2e-2, rtol=0)
 
@@ -273,7 +274,8 @@ def test_int8_mode_keeps_8bit_position_embeddings_as_codes(tmp_path):
     export_model(s, tmp_path / "e", position_bits=8, fp16=True)
     m8 = load_quantized(tmp_path / "e", mode="int8")
     wpe = m8.transformer.wpe
-    assert isinstance(wpe, Int8Embedding) and wpe.codes.dtype == torch.int8 and wpe.step.shape == (wpe.num_embeddings, 1)
+    assert isinstance(wpe, Int8Embedding) and wpe.codes.dtype == torch.int8
+    assert wpe.step.shape == (wpe.num_embeddings, 1)
     ref = load_quantized(tmp_path / "e")  # dequantize mode: the same 8-bit positions as floats
     assert type(ref.transformer.wpe) is torch.nn.Embedding
     torch.testing.assert_close(logits(m8, "gpt2", IDS), logits(ref, "gpt2", IDS), atol=1e-4, rtol=1e-4)

@@ -40,6 +40,7 @@ def _loss(student, teacher, x):
 
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
     from qgplm.fsdp import fully_shard_quantized, sync_scale_grads
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -56,7 +57,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         ref_loss.backward()
         assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)
         # gradients (mean over the ranks' identical batches = the reference's), gathered to full tensors
-        for (name, p), (_, q) in zip(student.named_parameters(), reference.named_parameters()):
+        for (name, p), (_, q) in zip(student.named_parameters(), reference.named_parameters(), strict=True):
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             assert torch.allclose(g, q.grad, rtol=1e-4, atol=1e-7), name
         opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
@@ -64,7 +65,8 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True))
         gammas = {k: v for k, v in full.items() if k.endswith("weight_quantizer.gamma")}
         want = {k for k in reference.state_dict() if k.endswith("weight_quantizer.gamma")}
-        assert set(gammas) <= want and len(gammas) >= 9 and all(bool(full[k.replace("gamma", "initialized")]) for k in gammas)
+        assert set(gammas) <= want and len(gammas) >= 9
+        assert all(bool(full[k.replace("gamma", "initialized")]) for k in gammas)
         assert any(not torch.equal(v, reference.state_dict()[k]) for k, v in gammas.items())  # the step moved gamma
         # load into a fresh, uninitialised model: plain and sharded
         _, fresh = _student(seed=5)
@@ -118,7 +120,8 @@ def test_scales_are_initialised_before_the_strategy_wraps_the_model(tmp_path):
 
     class Spy(SingleDeviceStrategy):
         def setup(self, trainer):
-            seen.append([bool(q.initialized) for q in self.lightning_module.modules() if isinstance(q, WeightQuantizer)])
+            quantizers = [q for q in self.lightning_module.modules() if isinstance(q, WeightQuantizer)]
+            seen.append([bool(q.initialized) for q in quantizers])
             super().setup(trainer)
 
     def fit(ckpt=None):
@@ -140,10 +143,11 @@ def test_scales_are_initialised_before_the_strategy_wraps_the_model(tmp_path):
     _, module2, cb2 = fit(str(tmp_path / "a.ckpt"))
     assert all(seen[1])
     # the resumed fit ends with the checkpoint's scales (restored after set-up's initialisation)
-    assert all(torch.equal(a, b) for a, b in zip(gammas, scale_parameters(module2.student)))
+    assert all(torch.equal(a, b) for a, b in zip(gammas, scale_parameters(module2.student), strict=True))
     _, fresh = _student()
     initialize_quantizers(fresh)
-    assert any(not torch.equal(a, b) for a, b in zip(gammas, scale_parameters(fresh)))  # they differ from a fresh init
+    # they differ from a fresh init
+    assert any(not torch.equal(a, b) for a, b in zip(gammas, scale_parameters(fresh), strict=True))
 
 
 def test_trainer_fsdp_keeps_fp32_parameters_under_bf16_mixed(tmp_path):

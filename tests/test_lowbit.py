@@ -16,8 +16,6 @@ from qgplm.quant import quantized_modules
 from qgplm.quant.api import oriented_weight
 from tests.test_export import IDS, VOCAB, _ppl, logits, student
 
-
-
 # ---------------------------------------------------------------- packing
 
 

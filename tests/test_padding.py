@@ -133,7 +133,8 @@ def bart_pair(model, side: str) -> tuple[torch.Tensor, torch.Tensor]:
         return a[real], b[real]
     mask = MASK.flip(1)  # left-padded sources; the pad positions hold pad ids, then random tokens
     ids = IDS.flip(1).masked_fill(mask == 0, BART_PAD)
-    noise = torch.where(mask.bool(), ids, torch.randint(3, VOCAB, ids.shape, generator=torch.Generator().manual_seed(2)))
+    random_ids = torch.randint(3, VOCAB, ids.shape, generator=torch.Generator().manual_seed(2))
+    noise = torch.where(mask.bool(), ids, random_ids)
     return bart_logits(model, ids, mask, LABELS)[real], bart_logits(model, noise, mask, LABELS)[real]
 
 

@@ -59,9 +59,9 @@ def test_bits_fp_student_starts_equal_to_teacher(tiny_cfg):
     import copy
 
     from qgplm.distill import soft_cross_entropy
+    from qgplm.models import build_model
     from qgplm.module import DistillModule
     from qgplm.pipeline import prepare_data
-    from qgplm.models import build_model
     from qgplm.quant import quantize_model
 
     run = RunConfig.from_hydra(tiny_cfg("bits=fp"))
@@ -69,7 +69,8 @@ def test_bits_fp_student_starts_equal_to_teacher(tiny_cfg):
     teacher = build_model(run.model, tok, run.task.block_size).eval()
     student = quantize_model(copy.deepcopy(teacher), run.quant)
     assert not list(quantized_modules(student))
-    module = DistillModule(student, teacher, run.method.distill, run.student.optim, 1).eval()
+    # wrapped as training does: DistillModule turns the student's dropout off and .eval() sets eval mode
+    DistillModule(student, teacher, run.method.distill, run.student.optim, 1).eval()
     batch = next(iter(dm.train_dataloader()))
     with torch.no_grad():
         t = teacher(input_ids=batch["input_ids"]).logits

@@ -108,7 +108,7 @@ def test_dynamic_scale_forward_backward_hand_values(bits, dtype):
     torch.testing.assert_close(w.grad, _t([1.0, 0.0, -1.0, 0.0, 3.0, -2.0], dtype), rtol=0, atol=0)
     torch.testing.assert_close(gamma.grad, torch.tensor(hand["dgamma"], dtype=dtype), **tol)
     # cross-check: dL/dgamma == mean|w| * sum(g * dwq/dalpha) with the listed dwq/dalpha
-    expect = 0.775 * sum(gi * di for gi, di in zip(G, hand["dalpha"]))
+    expect = 0.775 * sum(gi * di for gi, di in zip(G, hand["dalpha"], strict=True))
     assert gamma.grad.item() == pytest.approx(expect, abs=1e-5)
 
 
@@ -147,7 +147,8 @@ PR_HAND = {
     # 4 bits: row0 u*7 = [3.889, -7, 0.778] -> [4, -7, 1]; row1 u*7 = [7, -0.368, 5.895] -> [7, 0, 6]
     #   dgamma0 = 0.6 * (3/7 - 4/9 - 2) = 0.6 * (-127/63) = -1.209523810
     #   dgamma1 = 0.95*0.5 + 3*0.05 - 2*(0.95*6/7 - 0.8) = 0.625 - 0.0285714 = 0.596428571
-    4: dict(wq=[[4 * 0.9 / 7, -0.9, 0.9 / 7], [0.95, 0.0, 6 * 0.95 / 7]], dgamma=[-1.209523809523810, 0.596428571428571]),
+    4: dict(wq=[[4 * 0.9 / 7, -0.9, 0.9 / 7], [0.95, 0.0, 6 * 0.95 / 7]],
+            dgamma=[-1.209523809523810, 0.596428571428571]),
 }
 
 
@@ -215,7 +216,7 @@ def test_gradcheck_gamma_when_everything_clipped():
     w = _t([0.5, -1.2, 0.9, 2.0, -0.7, 0.8]).reshape(2, 3)  # mean 1.0167 -> alpha 0.305 at 0.3
     gamma = _t(0.3, grad=True)
     for bits in (2, 4, 8):
-        assert torch.autograd.gradcheck(lambda gm: dynamic_scale_quantize(w, gm, bits), (gamma,))
+        assert torch.autograd.gradcheck(lambda gm, bits=bits: dynamic_scale_quantize(w, gm, bits), (gamma,))
     # per-row: row means 0.8667 / 1.1667, gammas 0.3 / 0.5 -> alphas 0.26 / 0.583
     gam_r = _t([0.3, 0.5], grad=True)
     assert torch.autograd.gradcheck(

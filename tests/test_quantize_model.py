@@ -215,7 +215,7 @@ def test_activations_only():
     reference = copy.deepcopy(model)
     quantize_model(model, QuantConfig(weight_bits=None, embedding_bits=None, activation_bits=8))
     assert type(model.transformer.wte) is nn.Embedding  # embedding not touched
-    for name, mod in convs(model):
+    for _name, mod in convs(model):
         assert type(mod) is QuantConv1D
         assert isinstance(mod.act_quantizer, ActivationQuantizer) and mod.act_quantizer.bits == 8
         assert not isinstance(mod.weight_quantizer, DynamicScaleQuantizer)
@@ -508,7 +508,8 @@ def test_quantize_attention_flag_is_exact_eager_when_disabled_and_quantizes_when
         mask = torch.ones(2, 10, dtype=torch.long)
         mask[0, :3] = 0
         ref = model(x, attention_mask=mask).logits
-        q = quantize_model(_copy.deepcopy(model), QuantConfig(weight_bits=2, embedding_bits=2, activation_bits=8, quantize_attention=True))
+        qcfg = QuantConfig(weight_bits=2, embedding_bits=2, activation_bits=8, quantize_attention=True)
+        q = quantize_model(_copy.deepcopy(model), qcfg)
         initialize_quantizers(q)
         attn = [m for m in q.modules() if hasattr(m, "attn_act_quantizer")]
         assert attn and all(isinstance(m.attn_act_quantizer, ActivationQuantizer) for m in attn)
@@ -530,8 +531,9 @@ def test_quantize_attention_off_by_default_keeps_the_attention_implementation():
 
 def test_seq2seq_untied_decoder_embedding_and_head_get_embedding_bits_with_own_quantizers():
     """An encoder-decoder with untied tables (tie_word_embeddings=False: in transformers 5 the
-    encoder's embed_tokens is then not `shared`; plus a separate decoder embed_tokens) still gets every token table and the untied head quantized at
-    embedding_bits, one quantizer per distinct Parameter; position embeddings stay FP."""
+    encoder's embed_tokens is then not `shared`; plus a separate decoder embed_tokens) still gets
+    every token table and the untied head quantized at embedding_bits, one quantizer per distinct
+    Parameter; position embeddings stay FP."""
     torch.manual_seed(0)
     cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                      decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,

@@ -84,10 +84,9 @@ def test_tiny_gpt2_personachat_teacher_then_w2e2a8_student(tmp_path):
 def test_local_bart_checkpoint_loads_by_name_or_path(tmp_path):
     """model=bart model.name_or_path=<dir>: a tiny BART saved with save_pretrained is loaded
     (and evaluated; teacher.max_steps=0 skips training)."""
-    from transformers import BartConfig, BartForConditionalGeneration
+    from transformers import BartConfig, BartForConditionalGeneration, BartTokenizerFast
 
     from qgplm.models import load_tokenizer
-    from transformers import BartTokenizerFast
 
     tok = load_tokenizer(str(SHARED_DATA / "bart-tokenizer"), bare_bpe_class=BartTokenizerFast)
     cfg = BartConfig(vocab_size=len(tok), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,

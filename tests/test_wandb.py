@@ -14,8 +14,9 @@ def test_wandb_offline_run_has_the_promised_keys(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HF_HUB_OFFLINE="1", HOME=str(tmp_path))  # no API key (no ~/.netrc), WANDB_MODE unset
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "qgplm.run", *TINY, "logger=wandb", "generate_samples=2", "trainer.log_every_n_steps=1",
-                           f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "qgplm.run", *TINY, "logger=wandb", "generate_samples=2",
+                           "trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     runs = {r["run"].job_type: r for r in map(read_run, files)}

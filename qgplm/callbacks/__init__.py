@@ -7,4 +7,7 @@ from qgplm.callbacks.quant_stats import QuantStatsCallback
 from qgplm.callbacks.resume import KillAtStepCallback, RNGStateCallback
 from qgplm.callbacks.scale_warmup import ScaleWarmupCallback
 
-__all__ = ["KillAtStepCallback", "LAQCurvatureCallback", "MemoryBankCallback", "QuantStatsCallback", "RNGStateCallback", "ScaleWarmupCallback"]
+__all__ = [
+    "KillAtStepCallback", "LAQCurvatureCallback", "MemoryBankCallback", "QuantStatsCallback", "RNGStateCallback",
+    "ScaleWarmupCallback",
+]

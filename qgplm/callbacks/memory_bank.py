@@ -92,7 +92,7 @@ class MemoryBankCallback(Callback):
         if len(queued) <= 1:
             return queued[0] if queued else None
         return tuple(torch.cat([t.reshape(-1, *t.shape[2:]) for t in parts]).unsqueeze(0)
-                     for parts in zip(*queued))
+                     for parts in zip(*queued, strict=True))
 
     @staticmethod
     def _apply(trainer: pl.Trainer, bank: MemoryBank | None, update: Any) -> None:

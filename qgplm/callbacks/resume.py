@@ -84,7 +84,7 @@ class KillAtStepCallback(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
     @staticmethod
-    def from_env(stage: str) -> "KillAtStepCallback | None":
+    def from_env(stage: str) -> KillAtStepCallback | None:
         value = os.environ.get(KILL_ENV, "")
         if not value:
             return None

@@ -1,8 +1,9 @@
 """ScaleWarmupCallback: initialise the quantizer scales at fit start, optionally warm them up.
 
-- At set-up of a fresh fit (before any sharding or device move) every weight quantizer not yet initialised gets its scale from its weight
-  (QuantGPT: the MSE-optimal gamma). Quantizers restored from a checkpoint carry
-  `initialized=True` and are left alone, so resuming never re-calibrates.
+- At set-up of a fresh fit (before any sharding or device move) every weight quantizer not yet
+  initialised gets its scale from its weight (QuantGPT: the MSE-optimal gamma). Quantizers
+  restored from a checkpoint carry `initialized=True` and are left alone, so resuming never
+  re-calibrates.
 - `hold_steps`: the scales get no update for the first steps (their gradients are dropped),
   letting the weights adapt to the initial quantization grid first.
 - `ramp_steps`: quantization is blended in linearly, w + r * (Q(w) - w) with r going 1/ramp..1.

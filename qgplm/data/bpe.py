@@ -22,7 +22,8 @@ EOS = "<|endoftext|>"
 BART_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 
 
-def train_bpe_tokenizer(train_text: str | Iterable[str], vocab_size: int, seq2seq: bool = False) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(train_text: str | Iterable[str], vocab_size: int,
+                        seq2seq: bool = False) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=seq2seq)
     tok.decoder = decoders.ByteLevel()

@@ -143,7 +143,8 @@ class PersonaChatDataModule(ExampleDataModule):
         return self.turns[split]
 
     def protocol(self) -> dict[str, Any]:
-        cands = {s: sum(len(t["candidates"]) for t in v) / max(1, len(v)) for s, v in self.turns.items() if s != "train"}
+        cands = {s: sum(len(t["candidates"]) for t in v) / max(1, len(v))
+                 for s, v in self.turns.items() if s != "train"}
         return {
             "metric": "accuracy (%) = gold candidate (the last) has the highest mean token log-likelihood given "
                       "persona + history; PPL of the gold reply tokens (validation / model selection)",

@@ -173,7 +173,8 @@ def export_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *
                                  f"tie their quantizers before exporting")
             continue
         done[key] = (codes, step)
-        bits_by_type["embedding" if (isinstance(mod, QuantEmbedding) or mod.weight is _in_emb(model)) else "weight"].add(q.bits)
+        is_embedding = isinstance(mod, QuantEmbedding) or mod.weight is _in_emb(model)
+        bits_by_type["embedding" if is_embedding else "weight"].add(q.bits)
         methods.add(_method(q))
         tensors[f"{key}.codes"] = pack_codes(codes, q.bits)
         tensors[f"{key}.scale"] = step

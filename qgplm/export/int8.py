@@ -1,8 +1,9 @@
 """int8 inference: integer codes in memory, 8-bit activations quantized on the fly, int32 matmuls.
 
 Activations are quantized with exactly the student's rule (dynamic per-tensor min-max, asymmetric
-with a zero point, or symmetric, the range over real tokens only: qgplm.quant.token_mask), then multiplied with the int8 weight codes by one of two CPU
-integer kernels, picked by measurement (README, `experiments/bench_export.py --kernels`):
+with a zero point, or symmetric, the range over real tokens only: qgplm.quant.token_mask), then
+multiplied with the int8 weight codes by one of two CPU integer kernels, picked by measurement
+(README, `experiments/bench_export.py --kernels`):
 
 - "onednn" (default for a layer that owns its codes): `torch.ops.onednn.qlinear_pointwise`, the
   oneDNN u8 x s8 -> s32 kernel PyTorch's x86 inductor quantization lowers to. It takes plain

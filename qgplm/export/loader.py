@@ -220,7 +220,8 @@ def load_quantized(export_dir: str | Path, mode: str = "dequantize", **kernel_op
     return model
 
 
-def _install_quant_layers(model: nn.Module, manifest: dict[str, Any], codes_of: dict[str, tuple[Tensor, Tensor]]) -> None:
+def _install_quant_layers(model: nn.Module, manifest: dict[str, Any],
+                          codes_of: dict[str, tuple[Tensor, Tensor]]) -> None:
     """Wrap the layers the student quantized, with its activation quantizers (exact forward)."""
     quantizers: dict[str, WeightQuantizer] = {}
     built: dict[int, nn.Module] = {}

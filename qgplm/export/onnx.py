@@ -61,7 +61,8 @@ def _onnx():
     try:
         import onnx
     except ImportError:
-        raise QgplmError("format=onnx needs the onnx package: pip install onnx onnxruntime (make install does it)") from None
+        raise QgplmError("format=onnx needs the onnx package: pip install onnx onnxruntime "
+                         "(make install does it)") from None
     return onnx
 
 
@@ -371,7 +372,7 @@ def _gpt2(g: _Graph, config: Any, kv_cache: bool = False) -> tuple[list, list]:
             scaling /= float(i + 1)
         if kv_cache:
             a, present = g.attention(q, k, v, mask, heads, hd, scaling, f"{p}.attn", past=past_names[i])
-            for src, dst in zip(present, (f"present.{i}.key", f"present.{i}.value")):
+            for src, dst in zip(present, (f"present.{i}.key", f"present.{i}.value"), strict=True):
                 g.nodes.append(helper.make_node("Identity", [src], [dst], name=dst))
             presents += [f"present.{i}.key", f"present.{i}.value"]
         else:

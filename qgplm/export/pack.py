@@ -67,7 +67,7 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _byte_table(bits: int) -> Tensor:
     """[256, 8 // bits] int8: the codes packed in each possible byte (2, 4 and 8 bits)."""
     lo, _ = code_range(bits)

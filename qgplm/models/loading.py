@@ -46,7 +46,8 @@ def _check_local_model_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise QgplmError(f"{path} has no config.json: pass a folder written by save_pretrained")
     if not any((path / f).is_file() for f in WEIGHT_FILES):
-        raise QgplmError(f"{path} has no weights ({' or '.join(WEIGHT_FILES[:2])}): save the model with save_pretrained")
+        raise QgplmError(f"{path} has no weights ({' or '.join(WEIGHT_FILES[:2])}): "
+                         "save the model with save_pretrained")
 
 
 def _resolve(name: str, what: str, key: str) -> tuple[str, bool]:
@@ -79,7 +80,8 @@ def load_tokenizer(name_or_path: str, key: str = "model.tokenizer", bare_bpe_cla
                              f"(the folder needs tokenizer.json or vocab.json + merges.txt)") from None
         raise _offline_error("tokenizer", name_or_path, key) from None
     if len(tok) == 0:
-        raise QgplmError(f"tokenizer at {name_or_path} is empty: the folder needs tokenizer.json or vocab.json + merges.txt")
+        raise QgplmError(f"tokenizer at {name_or_path} is empty: "
+                         "the folder needs tokenizer.json or vocab.json + merges.txt")
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

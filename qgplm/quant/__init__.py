@@ -1,5 +1,6 @@
 """Quantization: quantizers, quantized layers and the `quantize_model` entry point."""
 
+from qgplm.quant import baselines  # noqa: F401  (registers pact, lsq, laq, twn, minmax, quantgpt_pact_grad)
 from qgplm.quant.api import (
     initialize_quantizers,
     quantization_disabled,
@@ -20,7 +21,6 @@ from qgplm.quant.quantizers import (
     register_weight_quantizer,
 )
 from qgplm.quant.size import SizeReport, model_size
-from qgplm.quant import baselines  # noqa: F401,E402  (registers pact, lsq, laq, twn, minmax, quantgpt_pact_grad)
 
 __all__ = [
     "WEIGHT_QUANTIZERS", "ActivationQuantizer", "DynamicScaleQuantizer", "QuantConfig", "QuantConv1D",

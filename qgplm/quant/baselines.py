@@ -38,7 +38,7 @@ Project defaults (the paper leaves them open, docs/method.md; they are construct
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

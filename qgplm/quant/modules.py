@@ -26,7 +26,7 @@ class QuantLinear(nn.Linear):
     act_quantizer: ActivationQuantizer | None
 
     @classmethod
-    def from_float(cls, mod: nn.Linear, wq: WeightQuantizer, aq: ActivationQuantizer | None) -> "QuantLinear":
+    def from_float(cls, mod: nn.Linear, wq: WeightQuantizer, aq: ActivationQuantizer | None) -> QuantLinear:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = mod.in_features, mod.out_features
@@ -50,7 +50,7 @@ class QuantConv1D(Conv1D):
     act_quantizer: ActivationQuantizer | None
 
     @classmethod
-    def from_float(cls, mod: Conv1D, wq: WeightQuantizer, aq: ActivationQuantizer | None) -> "QuantConv1D":
+    def from_float(cls, mod: Conv1D, wq: WeightQuantizer, aq: ActivationQuantizer | None) -> QuantConv1D:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.nf, new.nx = mod.nf, mod.nx
@@ -80,7 +80,7 @@ class QuantEmbedding(nn.Embedding):
     weight_quantizer: WeightQuantizer
 
     @classmethod
-    def from_float(cls, mod: nn.Embedding, wq: WeightQuantizer) -> "QuantEmbedding":
+    def from_float(cls, mod: nn.Embedding, wq: WeightQuantizer) -> QuantEmbedding:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",

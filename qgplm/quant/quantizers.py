@@ -14,7 +14,8 @@ method implements (QuantGPT here, the baselines of issue #3 later):
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from qgplm.quant.functional import (
 )
 from qgplm.quant.token_mask import activation_mask
 
-WEIGHT_QUANTIZERS: dict[str, type["WeightQuantizer"]] = {}
+WEIGHT_QUANTIZERS: dict[str, type[WeightQuantizer]] = {}
 
 
 def register_weight_quantizer(name: str) -> Callable[[type], type]:
