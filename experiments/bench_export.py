@@ -8,8 +8,9 @@ Each (model, mode) runs in its own subprocess, so resident memory (RSS) is not s
 - load s: from_pretrained (FP32) or qgplm.load_quantized (packed), from a warm page cache;
 - resident weights MiB: resident set after loading and one 1-token forward (which touches every
   weight: FP32 from_pretrained memory-maps the file) minus before loading (after all imports,
-  onnxruntime's included), freed heap returned to the system first (malloc_trim): the weights as
-  they sit in RAM, whoever holds them (torch tensors or onnxruntime's packed kernels);
+  onnxruntime's included, and after every mode's kernels ran once on a tiny layer, so that library
+  code pages are in the baseline), freed heap returned to the system first (malloc_trim): the
+  weights as they sit in RAM, whoever holds them (torch tensors or onnxruntime's packed kernels);
 - RSS MiB: the same after the forward and generate runs (adds activations, KV cache, logits);
 - weights MiB: bytes of the tensors the model holds (parameters + buffers, shared ones once);
 - fwd tok/s: one forward of a batch of 1 x --seq tokens (BART: same length encoder and decoder);
@@ -77,6 +78,22 @@ def _timeit(fn, repeat: int) -> tuple[float, float]:
     return best
 
 
+def _warm_kernels(threads: int) -> None:
+    """Run every mode's kernels once on a tiny layer before the baseline RSS, in every mode: the
+    libraries' code pages (onnxruntime's MLAS, oneDNN) are then in the baseline, not counted as
+    weights."""
+    from qgplm.export.int8 import Int8Linear
+    from qgplm.export.lowbit import LowBitLinear, _SessionFactory
+    from qgplm.quant import ActivationQuantizer
+
+    codes, step, x = torch.randint(-1, 2, (64, 64), dtype=torch.int8), torch.tensor(0.01), torch.randn(2, 64)
+    with torch.inference_mode():
+        torch.nn.functional.linear(x, codes.float())
+        Int8Linear(codes, step, None, ActivationQuantizer(8))(x)
+        Int8Linear(codes, step, None, ActivationQuantizer(8), "int_mm")(x)
+        LowBitLinear(codes, step, 2, None, _SessionFactory(threads))(x)
+
+
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     import onnxruntime  # noqa: F401 - imported before the baseline RSS in every mode
@@ -85,6 +102,7 @@ def worker(args: argparse.Namespace) -> None:
     import qgplm.export.loader as loader
     import qgplm.export.lowbit  # noqa: F401
 
+    _warm_kernels(args.threads)
     base = rss()
     t = time.perf_counter()
     if args.mode == "fp32":

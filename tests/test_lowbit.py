@@ -189,3 +189,15 @@ def test_cli_generate_lowbit(tmp_path):
     proc = _py(["qgplm.generate", f"dir={tmp_path / 'e'}", "prompt=the", "mode=int8", "block_size=64"])
     assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "only applies to mode=lowbit" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bart_embeddings_share_one_packed_table(tmp_path):
+    """shared / encoder.embed_tokens / decoder.embed_tokens hold the same codes: one table in memory."""
+    s = student("bart", 2)
+    export_model(s, tmp_path / "e")
+    m = load_quantized(tmp_path / "e", mode="lowbit")
+    tables = {m.model.shared.packed.data_ptr(), m.model.encoder.embed_tokens.packed.data_ptr(),
+              m.model.decoder.embed_tokens.packed.data_ptr()}
+    assert len(tables) == 1
+    a, b = logits(m, "bart", IDS), logits(s, "bart", IDS)
+    assert (a - b).abs().max() < 0.03 * b.abs().max()

@@ -217,14 +217,16 @@ class LowBitEmbedding(nn.Module):
     unpacked and scaled as (u - zero) * step, the same float product as the dequantized table."""
 
     def __init__(self, codes: Tensor, step: Tensor, bits: int, padding_idx: int | None,
-                 embed_scale: float | Tensor | None):
+                 embed_scale: float | Tensor | None, packed: Tensor | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = codes.shape
         self.bits = kernel_bits(bits)
         self.padding_idx = padding_idx
         per = 8 // self.bits
-        width = -(-self.embedding_dim // per) * per
-        self.register_buffer("packed", torch.from_numpy(pack_rows(codes, self.bits, width)).view(codes.shape[0], -1))
+        if packed is None:  # else: the table of another module with the same codes (BART's three)
+            width = -(-self.embedding_dim // per) * per
+            packed = torch.from_numpy(pack_rows(codes, self.bits, width)).view(codes.shape[0], -1)
+        self.register_buffer("packed", packed)
         self.register_buffer("step", step.float())  # () or [vocab, 1]
         self.register_buffer("shifts", torch.arange(per, dtype=torch.uint8) * self.bits, persistent=False)
         self.embed_scale = embed_scale
@@ -259,6 +261,7 @@ def convert_lowbit(model: nn.Module, codes_of: dict[str, tuple[Tensor, Tensor]],
         raise QgplmError(f"block_size={block_size} is not valid: use a power of 2 >= 16 (64 is the fast default)")
     factory = _SessionFactory(torch.get_num_threads() if threads is None else threads)
     built: dict[int, nn.Module] = {}
+    tables: dict[str, Tensor] = {}  # one packed table per export key, shared by every embedding using it
     swaps = []
     for name, mod in model.named_modules(remove_duplicate=False):
         if not isinstance(mod, (QuantLinear, QuantConv1D, QuantEmbedding)):
@@ -269,7 +272,9 @@ def convert_lowbit(model: nn.Module, codes_of: dict[str, tuple[Tensor, Tensor]],
         if id(mod) not in built:
             codes, step = codes_of[key]
             if isinstance(mod, QuantEmbedding):
-                built[id(mod)] = LowBitEmbedding(codes, step, bits_of[key], mod.padding_idx, mod.embed_scale)
+                emb = LowBitEmbedding(codes, step, bits_of[key], mod.padding_idx, mod.embed_scale, tables.get(key))
+                tables[key] = emb.packed
+                built[id(mod)] = emb
             else:
                 built[id(mod)] = LowBitLinear(codes, step, bits_of[key], mod.bias, factory, block_size,
                                               accuracy_level)
