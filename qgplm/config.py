@@ -87,7 +87,7 @@ class DistillConfig:
     negatives: str = "teacher"  # ablations: student (its own detached states), random (vocab embeddings)
     ce_weight: float = 0.0
     contrast_encoder: bool = False  # seq2seq: also contrast the encoder's last layer (own memory bank)
-    # PAPER.md's optional head on the contrastive representations: none (default) | linear (a
+    # the method's optional head (docs/method.md) on the contrastive representations: none (default) | linear (a
     # hidden x hidden nn.Linear on the student's side, identity init, trained with the student)
     projection: str = "none"
 

@@ -264,7 +264,7 @@ def test_memory_bank_queue_joins_micro_batches_of_different_lengths():
 
 
 def test_contrastive_projection_head_trains_and_is_checkpointed(tiny_cfg, tmp_path):
-    """method.distill.projection=linear (PAPER.md's optional head, off by default): a linear map of
+    """method.distill.projection=linear (the method's optional head (docs/method.md), off by default): a linear map of
     the student's contrastive representations, trained with the student and saved in its
     checkpoint; not part of the student model (the export and the evaluation never see it)."""
     run, metrics = _run(tiny_cfg("method.distill.projection=linear", "stage=pipeline", "generate_samples=0"))
