@@ -35,6 +35,13 @@ def build(name: str) -> torch.nn.Module:
     return BartForConditionalGeneration(cfg)
 
 
+def save_fp32(model: torch.nn.Module, out: Path) -> int:
+    """Save the float model with `save_pretrained` into `out`; the size of its weights file, the
+    FP32 side of every ratio."""
+    model.save_pretrained(out)
+    return (out / WEIGHTS).stat().st_size
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 8])
@@ -44,8 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             model = build(name).eval()
-            model.save_pretrained(Path(tmp) / f"{name}-fp32")
-            fp32 = (Path(tmp) / f"{name}-fp32" / WEIGHTS).stat().st_size
+            fp32 = save_fp32(model, Path(tmp) / f"{name}-fp32")
             print(f"== {name}: FP32 {WEIGHTS}: {fp32 / MIB:.1f} MiB")
             for bits in args.bits:
                 qc = QuantConfig(weight_bits=bits, embedding_bits=bits, quantizer_kwargs={"gamma_init": "fixed"})

@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from size_export import MIB, build
+from size_export import MIB, build, save_fp32
 
 from qgplm.export import export_model
-from qgplm.export.format import WEIGHTS
 from qgplm.export.onnx import ONNX_FILE, export_onnx
 from qgplm.quant import QuantConfig
 
@@ -48,8 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             model = build(name).eval()
-            model.save_pretrained(Path(tmp) / f"{name}-fp32")
-            fp32 = (Path(tmp) / f"{name}-fp32" / WEIGHTS).stat().st_size
+            fp32 = save_fp32(model, Path(tmp) / f"{name}-fp32")
             for compact in (False, True) if args.compact else (False,):
                 opts = {"position_bits": 8, "fp16": True} if compact else {}
                 packed = export_model(model, Path(tmp) / f"{name}-{compact}-packed", quant_config=qc, **opts)
