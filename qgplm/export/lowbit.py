@@ -17,7 +17,7 @@ the kernel's dequantized weight (u - zp) * scale equals the student's codes * st
 
 Activations: the kernel quantizes each row's input to int8 per block of `block_size` inputs
 (symmetric, its own scale), not with the student's per-tensor min-max; the cost of that
-difference is measured by `experiments/bench_lowbit.py` (perplexity and ROUGE).
+difference is measured by `experiments/bench_lowbit_quality.py` (perplexity and ROUGE).
 
 Memory: each layer is one small onnxruntime session whose initializers are memory-mapped from a
 private temporary file (so they are not copied into the process), then repacked once by MLAS into
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +84,10 @@ def pack_rows(codes: Tensor, bits: int, block_size: int) -> np.ndarray:
     return out.numpy()
 
 
-def unpack_rows(packed: np.ndarray, bits: int, k: int) -> Tensor:
-    """Inverse of pack_rows: signed int16 codes [N, K] (used to check exports and by the tests)."""
-    p = torch.from_numpy(np.ascontiguousarray(packed))
+def unpack_rows(packed: np.ndarray | Tensor, bits: int, k: int) -> Tensor:
+    """Inverse of pack_rows: signed int16 codes [N, K] from packed rows [N, ...] (MatMulNBits' B, or
+    rows of LowBitEmbedding's table)."""
+    p = packed if isinstance(packed, Tensor) else torch.from_numpy(np.ascontiguousarray(packed))
     per = 8 // bits
     shifts = torch.arange(per, dtype=torch.uint8) * bits
     u = (p.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
@@ -228,14 +228,13 @@ class LowBitEmbedding(nn.Module):
             packed = torch.from_numpy(pack_rows(codes, self.bits, width)).view(codes.shape[0], -1)
         self.register_buffer("packed", packed)
         self.register_buffer("step", step.float())  # () or [vocab, 1]
-        self.register_buffer("shifts", torch.arange(per, dtype=torch.uint8) * self.bits, persistent=False)
         self.embed_scale = embed_scale
 
     def _rows(self, ids: Tensor) -> Tensor:
+        """The codes of the looked-up rows, as float (exact integers)."""
         rows = F.embedding(ids, self.packed)
-        u = (rows.unsqueeze(-1) >> self.shifts) & (2 ** self.bits - 1)
-        u = u.flatten(-2)[..., :self.embedding_dim]
-        return u.to(torch.float32).sub_(2 ** (self.bits - 1))
+        codes = unpack_rows(rows.reshape(-1, rows.shape[-1]), self.bits, self.embedding_dim)
+        return codes.view(*ids.shape, self.embedding_dim).to(torch.float32)
 
     @property
     def weight(self) -> Tensor:
@@ -281,5 +280,6 @@ def convert_lowbit(model: nn.Module, codes_of: dict[str, tuple[Tensor, Tensor]],
         swaps.append((name, built[id(mod)]))
     for name, new in swaps:
         model.set_submodule(name, new, strict=True)
-    weakref.finalize(model, factory.dir.cleanup)
+    # the factory's temporary directory is removed by TemporaryDirectory's own finalizer once the
+    # last LowBitLinear holding the factory is gone
     return model
