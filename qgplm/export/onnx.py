@@ -99,7 +99,7 @@ class _Graph:
     """Nodes and initializers of one model, with the export's tensors looked up by state-dict key."""
 
     def __init__(self, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], block_size: int,
-                 accuracy_level: int):
+                 accuracy_level: int, packed_arrays: dict[str, tuple] | None = None):
         from onnx import helper, numpy_helper
 
         from qgplm.export.loader import decode
@@ -119,6 +119,9 @@ class _Graph:
         self.act = {name: e["act"] for name, e in manifest["modules"].items() if e["act"] is not None}
         self.attention_act = manifest.get("attention_act")
         self._packed: dict[str, dict[str, Any]] = {}
+        # key -> (B, scales, n, k, bits, blocks, step): shared by the graphs of one export, so the
+        # KV-cache graph does not decode and repack every weight again
+        self._arrays = {} if packed_arrays is None else packed_arrays
         self._fp: dict[tuple[str, bool], str] = {}
         self._count = 0
 
@@ -174,17 +177,18 @@ class _Graph:
 
     def packed(self, key: str) -> dict[str, Any]:
         """MatMulNBits' B [N, blocks, block_size * bits / 8] and scales [N * blocks] of a packed tensor."""
-        if key not in self._packed:
+        if key not in self._arrays:
             entry = self.manifest["packed"][key]
             codes, step = self.decode(self.tensors, key, entry)
             n, k = codes.shape
             bits = kernel_bits(entry["bits"])
             blocks = -(-k // self.block_size)
-            b = pack_rows(codes, bits, self.block_size)
-            s = block_scales(step, n, blocks)
+            self._arrays[key] = (pack_rows(codes, bits, self.block_size), block_scales(step, n, blocks),
+                                 n, k, bits, blocks, step.float().numpy().reshape(-1))
+        if key not in self._packed:
+            b, s, n, k, bits, blocks, step = self._arrays[key]
             self._packed[key] = {"B": self.init(f"{key}.B", b), "scales": self.init(f"{key}.scales", s),
-                                 "n": n, "k": k, "bits": bits, "blocks": blocks,
-                                 "step": step.float().numpy().reshape(-1)}
+                                 "n": n, "k": k, "bits": bits, "blocks": blocks, "step": step}
         return self._packed[key]
 
     # ------------------------------------------------------------ layers
@@ -494,8 +498,10 @@ def _from_dir(export_dir: Path, out: Path, block_size: int, accuracy_level: int)
             "quantizer": ",".join(manifest["quantizer"]), "block_size": str(block_size),
             "accuracy_level": str(accuracy_level)}
 
+    packed_arrays: dict[str, tuple] = {}
+
     def build(kv_cache: bool) -> Any:
-        g = _Graph(manifest, tensors, block_size, accuracy_level)
+        g = _Graph(manifest, tensors, block_size, accuracy_level, packed_arrays)
         kw = {"kv_cache": True} if kv_cache else {}
         inputs, outputs = BUILDERS[manifest["model_class"]](g, config, **kw)
         graph = helper.make_graph(g.nodes, manifest["model_class"], inputs, outputs, list(g.inits.values()))
