@@ -1,4 +1,4 @@
-"""CPU inference benchmark: FP32 vs packed export (dequantize, int8 and lowbit modes).
+"""CPU inference benchmark: FP32 vs packed export (dequantize, int8 and lowbit modes) vs llama.cpp (gguf).
 
     PYTHONPATH=. python experiments/bench_export.py [--models gpt2 bart] [--threads 2]
 
@@ -12,6 +12,12 @@ Each (model, mode) runs in its own subprocess, so resident memory (RSS) is not s
   code pages are in the baseline), freed heap returned to the system first (malloc_trim): the
   weights as they sit in RAM, whoever holds them (torch tensors or onnxruntime's packed kernels);
 - RSS MiB: the same after the forward and generate runs (adds activations, KV cache, logits);
+- gguf (GPT-2 only: llama.cpp has no BART): the export written with format=gguf, run by llama.cpp
+  through llama-cpp-python (qgplm.export.gguf.LlamaCppLM, token ids in and out, greedy, KV cache).
+  llama.cpp memory-maps model.gguf and computes on it in place, so its resident weights are the
+  resident pages of that mapping (/proc/self/smaps); the process growth after loading and one
+  token ("RSS 1st token") also holds the KV cache and compute buffer llama.cpp reserves for its
+  context (n_ctx = 256 cells at least, n_ubatch = --seq);
 - weights MiB: bytes of the tensors the model holds (parameters + buffers, shared ones once);
 - fwd tok/s: one forward of a batch of 1 x --seq tokens (BART: same length encoder and decoder);
 - gen tok/s: greedy HF generate of --new tokens after a --prompt token prompt (KV cache on), best of --repeat;
@@ -78,6 +84,49 @@ def _timeit(fn, repeat: int) -> tuple[float, float]:
     return best
 
 
+def mapped_rss(path: str) -> int:
+    """Resident bytes of this process's memory maps of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
+                inside = len(head) >= 6 and head[5] == path
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1]) * 1024
+    return total
+
+
+def gguf_worker(args: argparse.Namespace) -> None:
+    """The gguf mode's measurements: llama.cpp through llama-cpp-python, same figures as worker()."""
+    import numpy as np
+
+    from qgplm.export.gguf import LlamaCppLM, gguf_path
+
+    path = str(gguf_path(args.dir).resolve())
+    n_ctx = max(args.seq, args.prompt + args.new)
+    warm = LlamaCppLM(args.dir, n_ctx=n_ctx, threads=args.threads)  # library code pages into the baseline
+    warm.logits([5])
+    warm.close()
+    del warm
+    base = rss()
+    t = time.perf_counter()
+    lm = LlamaCppLM(args.dir, n_ctx=n_ctx, threads=args.threads)
+    load_s = time.perf_counter() - t
+    vocab = lm.llm.n_vocab()
+    rng = np.random.default_rng(0)
+    lm.logits([int(rng.integers(3, vocab - 1))])
+    rss_load, weights = rss() - base, mapped_rss(path)
+    seq = rng.integers(3, vocab - 1, args.seq).tolist()
+    prompt = rng.integers(3, vocab - 1, args.prompt).tolist()
+    fwd = _timeit(lambda: lm.logits(seq), args.repeat)
+    g = _timeit(lambda: lm.greedy(prompt, args.new), args.repeat)
+    print(json.dumps({"load_s": load_s, "rss_weights_mib": weights / MIB, "rss_1tok_mib": rss_load / MIB,
+                      "rss_mib": (rss() - base) / MIB, "weights_mib": Path(path).stat().st_size / MIB,
+                      "fwd_tok_s": args.seq / fwd[0], "gen_tok_s": args.new / g[0],
+                      "gen_cpu_ms_tok": 1e3 * g[1] / args.new}))
+
+
 def _warm_kernels(threads: int) -> None:
     """Run every mode's kernels once on a tiny layer before the baseline RSS, in every mode: the
     libraries' code pages (onnxruntime's MLAS, oneDNN) are then in the baseline, not counted as
@@ -96,6 +145,8 @@ def _warm_kernels(threads: int) -> None:
 
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    if args.mode == "gguf":
+        return gguf_worker(args)
     import onnxruntime  # noqa: F401 - imported before the baseline RSS in every mode
     import transformers  # noqa: F401
 
@@ -129,7 +180,8 @@ def worker(args: argparse.Namespace) -> None:
     # after running: from_pretrained memory-maps safetensors, so FP32 weights become resident
     # only when first used; this is the steady-state inference footprint
     rss_run = rss() - base
-    print(json.dumps({"load_s": load_s, "rss_weights_mib": rss_load / MIB, "rss_mib": rss_run / MIB,
+    print(json.dumps({"load_s": load_s, "rss_weights_mib": rss_load / MIB, "rss_1tok_mib": rss_load / MIB,
+                      "rss_mib": rss_run / MIB,
                       "weights_mib": held_bytes(model) / MIB, "fwd_tok_s": args.seq / fwd[0],
                       "gen_tok_s": args.new / g[0], "gen_cpu_ms_tok": 1e3 * g[1] / args.new}))
 
@@ -195,8 +247,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["gpt2", "bart"])
     ap.add_argument("--modes", nargs="+", default=["fp32", "dequantize", "int8", "int8_compact", "lowbit",
-                                                   "lowbit_compact"],
-                    help="*_compact: that mode on an export with position_bits=8 fp16=true")
+                                                   "lowbit_compact", "gguf"],
+                    help="*_compact: that mode on an export with position_bits=8 fp16=true; gguf: GPT-2 only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=16)
@@ -215,6 +267,7 @@ def main() -> None:
     from size_export import build
 
     from qgplm.export import export_model
+    from qgplm.export.gguf import export_gguf
     from qgplm.quant import QuantConfig
 
     rows = []
@@ -228,8 +281,13 @@ def main() -> None:
                 export_model(model, Path(tmp) / f"{name}-w2e2c", position_bits=8, fp16=True, quant_config=QuantConfig(
                     weight_bits=2, embedding_bits=2, quantizer_kwargs={"gamma_init": "fixed"}))
             del model
+            if "gguf" in args.modes and name == "gpt2":
+                export_gguf(Path(tmp) / f"{name}-w2e2", Path(tmp) / f"{name}-gguf")
             for mode in args.modes:
-                d = Path(tmp) / (f"{name}-fp32" if mode == "fp32" else
+                if mode == "gguf" and name != "gpt2":
+                    print(name, mode, "skipped: llama.cpp has no", name)
+                    continue
+                d = Path(tmp) / (f"{name}-fp32" if mode == "fp32" else f"{name}-gguf" if mode == "gguf" else
                                  f"{name}-w2e2c" if mode.endswith("_compact") else f"{name}-w2e2")
                 cmd = [sys.executable, __file__, "--worker", "--model", name, "--mode", mode.removesuffix("_compact"),
                        "--dir", str(d), "--threads", str(args.threads), "--seq", str(args.seq),
@@ -241,14 +299,16 @@ def main() -> None:
                 rows.append((name, mode, r))
                 print(name, mode, r, flush=True)
     print(f"\nthreads={args.threads}, forward 1x{args.seq} tokens, generate {args.new} tokens after {args.prompt}")
-    print("| model | mode | load s | resident weights MiB | vs FP32 | RSS after runs MiB | torch tensors MiB "
-          "| fwd tok/s | fwd speed-up | gen tok/s | gen CPU ms/tok | gen speed-up vs FP32 (wall) | vs int8 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | mode | load s | resident weights MiB | vs FP32 | RSS 1st token MiB | RSS after runs MiB "
+          "| weights held MiB | fwd tok/s | fwd speed-up | gen tok/s | gen CPU ms/tok | gen speed-up vs FP32 (wall) "
+          "| vs int8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, mode, r in rows:
         ref = next((x for n, m, x in rows if n == name and m == "fp32"), r)
         i8 = next((x for n, m, x in rows if n == name and m == "int8"), r)
         print(f"| {name} | {mode} | {r['load_s']:.2f} | {r['rss_weights_mib']:.1f} | "
-              f"{ref['rss_weights_mib'] / r['rss_weights_mib']:.2f}x | {r['rss_mib']:.0f} | {r['weights_mib']:.1f} | "
+              f"{ref['rss_weights_mib'] / r['rss_weights_mib']:.2f}x | {r['rss_1tok_mib']:.1f} | {r['rss_mib']:.0f} | "
+              f"{r['weights_mib']:.1f} | "
               f"{r['fwd_tok_s']:.0f} | {r['fwd_tok_s'] / ref['fwd_tok_s']:.2f}x | {r['gen_tok_s']:.1f} | "
               f"{r['gen_cpu_ms_tok']:.0f} | {r['gen_tok_s'] / ref['gen_tok_s']:.2f}x | "
               f"{r['gen_tok_s'] / i8['gen_tok_s']:.2f}x |")

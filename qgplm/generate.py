@@ -1,9 +1,11 @@
-"""`python -m qgplm.generate dir=<export> prompt="..." [mode=lowbit|int8|dequantize] [max_new_tokens=32]`
+"""`python -m qgplm.generate dir=<export> prompt="..." [mode=lowbit|int8|dequantize|gguf] [max_new_tokens=32]`
 
 Loads a packed export (qgplm.load_quantized) and prints a greedy continuation of the prompt
 (causal LM, e.g. GPT-2) or the generated output sequence, i.e. the summary (seq2seq, e.g. BART),
 with Hugging Face `generate`. mode=lowbit keeps the weights at their bit-width and runs the linear
-layers on onnxruntime's MatMulNBits kernel (block_size= sets its block, 64 by default).
+layers on onnxruntime's MatMulNBits kernel (block_size= sets its block, 64 by default). mode=gguf
+runs the model.gguf of a `python -m qgplm.export ... format=gguf` dir on llama.cpp (GPT-2), with
+the dir's own tokenizer, greedy and KV-cached.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from qgplm.errors import QgplmError
 from qgplm.export.cli import parse_kv, run_main
 
-USAGE = ('python -m qgplm.generate dir=<export dir> prompt="..." [mode=dequantize|int8|lowbit] '
+USAGE = ('python -m qgplm.generate dir=<export dir> prompt="..." [mode=dequantize|int8|lowbit|gguf] '
          '[max_new_tokens=32] [threads=N] [block_size=64]')
 SPEC = {"dir": (str, ...), "prompt": (str, ...), "mode": (str, "dequantize"), "max_new_tokens": (int, 32),
         "threads": (int, 0), "block_size": (int, 0)}
@@ -31,10 +33,39 @@ def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def generate_gguf(export_dir: str, prompt: str, max_new_tokens: int, threads: int) -> str:
+    """Greedy continuation on llama.cpp of a format=gguf dir (its tokenizer files sit beside model.gguf)."""
+    from transformers import AutoConfig
+
+    from qgplm.export.gguf import LlamaCppLM, gguf_path
+    from qgplm.models.loading import load_tokenizer
+
+    gguf_path(export_dir)
+    tokenizer = load_tokenizer(export_dir, key="dir")
+    ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise QgplmError("prompt is empty after tokenization: pass a non-empty prompt=")
+    limit = AutoConfig.from_pretrained(export_dir, local_files_only=True).n_positions
+    if len(ids) + max_new_tokens > limit:
+        raise QgplmError(f"{len(ids)} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's "
+                         f"{limit} positions: shorten the prompt or lower max_new_tokens")
+    lm = LlamaCppLM(export_dir, n_ctx=len(ids) + max_new_tokens, threads=threads or None)
+    try:
+        new = lm.greedy(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    finally:
+        lm.close()
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
 def main(argv: list[str]) -> int:
     args = parse_kv(argv, SPEC, USAGE)
     if args["threads"] > 0:
         torch.set_num_threads(args["threads"])
+    if args["mode"] == "gguf":
+        if args["block_size"]:
+            raise QgplmError("block_size= only applies to mode=lowbit (got mode=gguf)")
+        print(generate_gguf(args["dir"], args["prompt"], args["max_new_tokens"], args["threads"]))
+        return 0
     from qgplm.export.loader import load_export_tokenizer, load_quantized
 
     options = {"block_size": args["block_size"]} if args["block_size"] else {}

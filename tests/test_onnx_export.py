@@ -235,7 +235,7 @@ def test_cli_format_onnx(tmp_path):
 
     from qgplm.export.__main__ import main
 
-    with pytest.raises(QgplmError, match="format='gguf' is not valid: choose one of qgplm, onnx"):
-        main([f"model={hf}", f"out={tmp_path / 'x'}", "format=gguf"])
+    with pytest.raises(QgplmError, match="format='tflite' is not valid: choose one of qgplm, onnx, gguf"):
+        main([f"model={hf}", f"out={tmp_path / 'x'}", "format=tflite"])
     with pytest.raises(QgplmError, match="block_size= only applies to format=onnx"):
         main([f"model={hf}", f"out={tmp_path / 'x'}", "block_size=32"])

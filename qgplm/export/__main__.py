@@ -1,9 +1,10 @@
-"""`python -m qgplm.export ckpt=<run dir or .ckpt> out=<dir> [position_bits=8] [fp16=true] [format=onnx]`
+"""`python -m qgplm.export ckpt=<run dir or .ckpt> out=<dir> [position_bits=8] [fp16=true] [format=onnx|gguf]`
 
 Writes the trained student of a run as a packed export (see qgplm.export) and prints its size
 breakdown. `model=<saved HF model dir>` instead of ckpt= quantizes a float model post-training
 (weight_bits=, embedding_bits=, quantizer= choose how). `format=onnx` writes a standalone ONNX
-model instead (export/onnx.py: GPT-2 and BART; block_size= of its MatMulNBits layers).
+model instead (export/onnx.py: GPT-2 and BART; block_size= of its MatMulNBits layers), `format=gguf`
+a llama.cpp GGUF file (export/gguf.py: GPT-2 only, 2-bit codes as TQ2_0).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from qgplm.errors import QgplmError
 from qgplm.export.cli import parse_kv, run_main
 
 USAGE = ("python -m qgplm.export ckpt=<run dir or .ckpt> out=<dir> [position_bits=8] [fp16=true] "
-         "[format=qgplm|onnx]")
-FORMATS = ("qgplm", "onnx")
+         "[format=qgplm|onnx|gguf]")
+FORMATS = ("qgplm", "onnx", "gguf")
 SPEC = {"ckpt": (str, None), "model": (str, None), "kind": (str, "causal"), "out": (str, ...),
         "weight_bits": ("opt_int", 2), "embedding_bits": ("opt_int", 2), "quantizer": (str, "quantgpt"),
         "position_bits": ("opt_int", None), "fp16": (bool, False), "format": (str, "qgplm"),
@@ -46,6 +47,10 @@ def main(argv: list[str]) -> int:
 
         report = export_onnx(model, args["out"], tokenizer, block_size=args["block_size"] or DEFAULT_BLOCK,
                              **options)
+    elif args["format"] == "gguf":
+        from qgplm.export.gguf import export_gguf
+
+        report = export_gguf(model, args["out"], tokenizer, **options)
     else:
         report = export_model(model, args["out"], tokenizer, **options)
     print(f"exported to {report.out_dir}")
