@@ -1,6 +1,6 @@
 """CPU inference benchmark: FP32 vs packed export (dequantize, int8 and lowbit modes) vs llama.cpp (gguf).
 
-    PYTHONPATH=. python experiments/bench_export.py [--models gpt2 bart] [--threads 2]
+    PYTHONPATH=. python experiments/bench_export.py [--models gpt2 bart] [--run <run dir> ...] [--threads 2]
 
 Full-size random-init GPT-2 small and BART-base (shape of bart-base); the packed model is a W2E2A8
 post-training export (random weights: only speed and memory are measured here, not quality).
@@ -243,9 +243,50 @@ def _median(fn, n: int = 50) -> float:
     return sorted(ts)[n // 2]
 
 
+def random_init_dirs(name: str, tmp: Path, modes: list[str]) -> tuple[str, dict[str, Path]]:
+    """(kind, mode -> dir) of a full-size random-init model and its W2E2A8 post-training exports."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from size_export import build
+
+    from qgplm.export import export_model
+    from qgplm.export.gguf import export_gguf
+    from qgplm.quant import QuantConfig
+
+    quant = QuantConfig(weight_bits=2, embedding_bits=2, quantizer_kwargs={"gamma_init": "fixed"})
+    model = build(name).eval()
+    model.save_pretrained(tmp / f"{name}-fp32")
+    export_model(model, tmp / f"{name}-w2e2", quant_config=quant)
+    if any(m.endswith("_compact") for m in modes):
+        export_model(model, tmp / f"{name}-w2e2c", position_bits=8, fp16=True, quant_config=quant)
+    dirs = {m: tmp / (f"{name}-w2e2c" if m.endswith("_compact") else f"{name}-w2e2") for m in modes}
+    dirs["fp32"] = tmp / f"{name}-fp32"
+    dirs.pop("gguf", None)
+    if "gguf" in modes and name == "gpt2":
+        export_gguf(tmp / f"{name}-w2e2", tmp / f"{name}-gguf")
+        dirs["gguf"] = tmp / f"{name}-gguf"
+    return name, dirs
+
+
+def trained_dirs(run: Path, tmp: Path, modes: list[str]) -> tuple[str, dict[str, Path]]:
+    """(kind, mode -> dir) of a trained run: its FP32 teacher (same shape as the student) and its export."""
+    from transformers import AutoConfig
+
+    from qgplm.export.gguf import export_gguf
+
+    seq2seq = AutoConfig.from_pretrained(run / "export").is_encoder_decoder
+    dirs = {m: run / "export" for m in modes if not m.endswith("_compact") and m != "gguf"}
+    dirs["fp32"] = run / "teacher"
+    if "gguf" in modes and not seq2seq:
+        export_gguf(run / "export", tmp / f"{run.name}-gguf")
+        dirs["gguf"] = tmp / f"{run.name}-gguf"
+    return ("bart" if seq2seq else "gpt2"), dirs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=["gpt2", "bart"])
+    ap.add_argument("--models", nargs="*", default=["gpt2", "bart"], help="full-size random-init shapes")
+    ap.add_argument("--run", nargs="*", type=Path, default=[],
+                    help="trained run dirs (teacher/ as FP32, export/ as the student)")
     ap.add_argument("--modes", nargs="+", default=["fp32", "dequantize", "int8", "int8_compact", "lowbit",
                                                    "lowbit_compact", "gguf"],
                     help="*_compact: that mode on an export with position_bits=8 fp16=true; gguf: GPT-2 only")
@@ -263,34 +304,17 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from size_export import build
-
-    from qgplm.export import export_model
-    from qgplm.export.gguf import export_gguf
-    from qgplm.quant import QuantConfig
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            model = build(name).eval()
-            model.save_pretrained(Path(tmp) / f"{name}-fp32")
-            export_model(model, Path(tmp) / f"{name}-w2e2", quant_config=QuantConfig(
-                weight_bits=2, embedding_bits=2, quantizer_kwargs={"gamma_init": "fixed"}))
-            if any(m.endswith("_compact") for m in args.modes):
-                export_model(model, Path(tmp) / f"{name}-w2e2c", position_bits=8, fp16=True, quant_config=QuantConfig(
-                    weight_bits=2, embedding_bits=2, quantizer_kwargs={"gamma_init": "fixed"}))
-            del model
-            if "gguf" in args.modes and name == "gpt2":
-                export_gguf(Path(tmp) / f"{name}-w2e2", Path(tmp) / f"{name}-gguf")
+        targets = [(name, random_init_dirs(name, Path(tmp), args.modes)) for name in args.models]
+        targets += [(f"{run.name} (trained)", trained_dirs(run, Path(tmp), args.modes)) for run in args.run]
+        for name, (kind, dirs) in targets:
             for mode in args.modes:
-                if mode == "gguf" and name != "gpt2":
-                    print(name, mode, "skipped: llama.cpp has no", name)
+                if mode not in dirs:
+                    print(name, mode, "skipped: llama.cpp runs GPT-2 only")
                     continue
-                d = Path(tmp) / (f"{name}-fp32" if mode == "fp32" else f"{name}-gguf" if mode == "gguf" else
-                                 f"{name}-w2e2c" if mode.endswith("_compact") else f"{name}-w2e2")
-                cmd = [sys.executable, __file__, "--worker", "--model", name, "--mode", mode.removesuffix("_compact"),
-                       "--dir", str(d), "--threads", str(args.threads), "--seq", str(args.seq),
+                cmd = [sys.executable, __file__, "--worker", "--model", kind, "--mode", mode.removesuffix("_compact"),
+                       "--dir", str(dirs[mode]), "--threads", str(args.threads), "--seq", str(args.seq),
                        "--prompt", str(args.prompt), "--new", str(args.new), "--repeat", str(args.repeat)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
                 if proc.returncode != 0:

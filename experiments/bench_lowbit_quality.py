@@ -1,6 +1,7 @@
 """Quality of the inference modes on a trained student: test PPL (and ROUGE for summarization)
 of the run's own export, loaded as fake-quant (`dequantize`, logits identical to the student),
-`int8` and `lowbit`, with the run's own task, data and protocol.
+`int8` and `lowbit`, and (GPT-2 runs) its `format=gguf` file on llama.cpp (`gguf`), with the run's
+own task, data and protocol.
 
     PYTHONPATH=. python experiments/bench_lowbit_quality.py <run dir> [<run dir> ...] [--modes ...]
 
@@ -33,12 +34,30 @@ def run_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_hydra(cfg)
 
 
-def evaluate(run_dir: Path, modes: list[str]) -> list[tuple[str, dict[str, float], float]]:
+def load(run_dir: Path, mode: str, tmp: Path, threads: int) -> torch.nn.Module:
+    """The run's export in one inference mode; gguf: written to `tmp` and run on llama.cpp."""
+    if mode != "gguf":
+        return load_quantized(run_dir / "export", mode)
+    from transformers import AutoConfig
+
+    from qgplm.export.gguf import LlamaCppCausalLM, export_gguf
+
+    export_gguf(run_dir / "export", tmp / "gguf")
+    return LlamaCppCausalLM(tmp / "gguf", AutoConfig.from_pretrained(run_dir / "export"), threads=threads)
+
+
+def evaluate(run_dir: Path, modes: list[str], threads: int = 2) -> list[tuple[str, dict[str, float], float]]:
+    import tempfile
+
     cfg = run_config(run_dir)
     tokenizer, dm = prepare_data(cfg)
     rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="qgplm-quality-"))
     for mode in modes:
-        model = load_quantized(run_dir / "export", mode)
+        if mode == "gguf" and cfg.model.kind != "causal":
+            print(f"{run_dir.name}: gguf skipped (llama.cpp runs GPT-2 only)")
+            continue
+        model = load(run_dir, mode, tmp, threads)
         evaluator = make_evaluator(cfg, tokenizer, dm)
         trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False)
@@ -51,14 +70,14 @@ def evaluate(run_dir: Path, modes: list[str]) -> list[tuple[str, dict[str, float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--modes", nargs="+", default=["dequantize", "int8", "lowbit"])
+    ap.add_argument("--modes", nargs="+", default=["dequantize", "int8", "lowbit", "gguf"])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = []
     for run in args.runs:
-        rows = evaluate(run, args.modes)
-        ref = dict(rows[0][1])
+        rows = evaluate(run, args.modes, args.threads)
+        ref = dict(next((r for m, r, _ in rows if m == "dequantize"), rows[0][1]))
         for mode, res, secs in rows:
             cells = []
             for key, value in res.items():

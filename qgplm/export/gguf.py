@@ -430,7 +430,7 @@ class LlamaCppCausalLM(torch.nn.Module):
                 raise QgplmError("llama.cpp rows must be right-padded (or unpadded): left padding shifts positions")
             if n:
                 out[i, :n] = torch.from_numpy(self.lm.logits(row[:n]))
-        return SimpleNamespace(logits=out)
+        return SimpleNamespace(logits=out, loss=None, hidden_states=None)
 
 
 __all__ = ["GGUF_FILE", "GGUFReport", "LlamaCppCausalLM", "LlamaCppLM", "SUPPORTED", "check_supported",
