@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 from qgplm.config import RunConfig
 from qgplm.export import load_quantized
 from qgplm.module import LMModule
-from qgplm.pipeline import make_evaluator, prepare_data
+from qgplm.pipeline import prepare_data
+from qgplm.tasks import build_task
 
 
 def run_config(run_dir: Path) -> RunConfig:
@@ -58,7 +59,7 @@ def evaluate(run_dir: Path, modes: list[str], threads: int = 2) -> list[tuple[st
             print(f"{run_dir.name}: gguf skipped (llama.cpp runs GPT-2 only)")
             continue
         model = load(run_dir, mode, tmp, threads)
-        evaluator = make_evaluator(cfg, tokenizer, dm)
+        evaluator = build_task(cfg.task).evaluator(tokenizer, dm)
         trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False)
         t = time.perf_counter()

@@ -1,7 +1,8 @@
 """Typed run configuration, built and validated once from the composed Hydra config.
 
 Hydra composes `conf/` into a DictConfig; `RunConfig.from_hydra(cfg)` turns the parts qgplm
-owns (model, bits, method, task, teacher/student schedules) into dataclasses, rejecting unknown
+owns (model, bits, method, task, teacher/student schedules) into dataclasses (the task's is the
+`Config` of the task class that `task._target_` names, qgplm.tasks), rejecting unknown
 keys, wrong types and out-of-range values with one-line messages that name the key and the
 allowed values. Everything downstream receives these objects, never the raw DictConfig.
 The `trainer`, `logger` and `callbacks` groups stay DictConfigs: they are Lightning objects
@@ -12,23 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from qgplm.checks import at_least as _at_least
+from qgplm.checks import choice as _choice
+from qgplm.checks import positive as _positive
 from qgplm.errors import QgplmError
 from qgplm.quant.config import QuantConfig, QuantRecipe
+from qgplm.tasks.base import TaskConfig, task_class
+from qgplm.tasks.saved import with_target
 
 STAGES = ("teacher", "quantize", "pipeline")
 MODEL_KINDS = ("causal", "seq2seq")
-# task.source -> what kind of task it is (and so which datamodule / evaluation / model kind)
-TASK_KINDS = {"builtin": "lm", "wikitext2": "lm", "ptb": "lm", "wikitext103": "lm",
-              "xsum": "summarization", "cnndm": "summarization", "personachat": "next_utterance"}
-TASK_SOURCES = tuple(TASK_KINDS)
-MODEL_KIND_FOR_TASK = {"lm": "causal", "summarization": "seq2seq", "next_utterance": "causal"}
-ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 NEGATIVES = ("teacher", "student", "random")
 PROJECTIONS = ("none", "linear")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -161,89 +160,6 @@ class MethodConfig(QuantRecipe):
 
 
 @dataclass
-class GenerationConfig:
-    """Beam search of the summarization evaluation (HF `generate`); defaults: BART's XSum recipe."""
-
-    num_beams: int = 6
-    max_length: int = 62
-    min_length: int = 11
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 3
-
-    def validate(self) -> None:
-        _positive("task.generation.num_beams", self.num_beams)
-        _positive("task.generation.max_length", self.max_length)
-        if not 0 <= self.min_length <= self.max_length:
-            raise QgplmError(f"task.generation.min_length must be in 0..max_length ({self.max_length}), "
-                             f"got {self.min_length}")
-        _at_least("task.generation.no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
-        _finite("task.generation.length_penalty", self.length_penalty)
-
-
-@dataclass
-class TaskConfig:
-    """Data and evaluation protocol. `data_dir=None` means the hub (or the builtin generator)."""
-
-    name: str
-    source: str = "builtin"
-    data_dir: str | None = None
-    files: dict[str, str] = field(default_factory=dict)  # split -> file name inside data_dir
-    hub_path: str | None = None
-    hub_name: str | None = None
-    block_size: int = 64
-    eval_stride: int | None = None  # None: block_size - 1 (consecutive windows share one token)
-    batch_size: int = 16
-    eval_batch_size: int = 32
-    num_workers: int = 0
-    corpus_seed: int = 0
-    bpe_vocab_size: int | None = None  # train a byte-level BPE of this size on the train split
-    max_train_tokens: int | None = None
-    max_eval_tokens: int | None = None
-    # --- example-based tasks (summarization, next-utterance prediction)
-    offline_dir: str | None = None  # data_dir=null and no hub: read this local sample instead
-    valid_size: int | None = None  # a local sample without splits: examples held out for validation
-    test_size: int | None = None  # ... and for test (the rest trains)
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None  # cap on validation and test examples
-    max_source_length: int = 512  # summarization: document tokens (truncated)
-    max_target_length: int = 64  # summarization: summary tokens (truncated)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    rouge_keys: list[str] = field(default_factory=lambda: ["rouge1", "rouge2", "rougeL"])
-    max_history: int = 2  # next_utterance: previous turns kept = 2 * max_history + 1
-    num_candidates: int | None = None  # next_utterance: candidates scored per turn (the last ones; null: all)
-
-    @property
-    def kind(self) -> str:
-        """lm | summarization | next_utterance, from task.source."""
-        return TASK_KINDS[self.source]
-
-    def validate(self) -> None:
-        _choice("task.source", self.source, TASK_SOURCES)
-        for key in ("block_size", "batch_size", "eval_batch_size", "max_source_length", "max_target_length"):
-            _positive(f"task.{key}", getattr(self, key))
-        for key in ("valid_size", "test_size", "max_train_examples", "max_eval_examples", "num_candidates"):
-            v = getattr(self, key)
-            if v is not None and v < 1:
-                raise QgplmError(f"task.{key} must be >= 1 or null, got {v}")
-        for key in ("bpe_vocab_size", "max_train_tokens", "max_eval_tokens"):
-            v = getattr(self, key)
-            if v is not None and v < 1:
-                raise QgplmError(f"task.{key} must be >= 1 or null, got {v}")
-        _at_least("task.max_history", self.max_history, 0)
-        _at_least("task.num_workers", self.num_workers, 0)
-        _at_least("task.corpus_seed", self.corpus_seed, 0)
-        if self.num_candidates == 1:
-            raise QgplmError("task.num_candidates=1 leaves nothing to rank: use >= 2 or null (all)")
-        for k in self.rouge_keys:
-            _choice("task.rouge_keys entry", k, ROUGE_KEYS)
-        self.generation.validate()
-        if self.eval_stride is not None and not 0 < self.eval_stride < self.block_size:
-            # consecutive windows must share a token: a window's first token is context only
-            raise QgplmError(f"task.eval_stride must be in 1..block_size - 1 ({self.block_size - 1}), got "
-                             f"{self.eval_stride}: lower it or leave it null (block_size - 1)")
-
-
-@dataclass
 class OptimConfig:
     lr: float = 1e-3
     scale_lr: float | None = None  # quantizer scales; None: = lr
@@ -299,8 +215,8 @@ class RunConfig:
         if self.stage == "quantize" and not self.teacher_path:
             raise QgplmError("stage=quantize needs a teacher: pass teacher_path=<run dir or saved model dir>")
         self.model.validate()
-        want = MODEL_KIND_FOR_TASK[TASK_KINDS.get(self.task.source, "lm")]
-        if self.task.source in TASK_KINDS and self.model.kind != want:
+        want = task_class(self.task._target_).model_kind
+        if self.model.kind != want:
             hint = "model=tiny_bart, bart or seq2seq_lm" if want == "seq2seq" else "model=tiny_gpt2, gpt2 or causal_lm"
             raise QgplmError(f"task={self.task.name} needs a {want} model but model={self.model.name} has "
                              f"model.kind={self.model.kind}: use {hint} (or model.kind={want} for a {want} checkpoint)")
@@ -349,6 +265,10 @@ class RunConfig:
             data = dict(cfg)
         owned = {f.name for f in dataclasses.fields(cls)}
         data = {k: v for k, v in data.items() if k in owned}
+        if "task" in data:  # its dataclass is the one of the task class task._target_ names
+            task = with_target(data["task"])
+            target = task.get("_target_") if isinstance(task, dict) else None
+            data["task"] = _build(task_class(target).Config, task, "task")
         run = _build(cls, data, "")
         run.validate()
         if isinstance(cfg, DictConfig) and isinstance(cfg.get("trainer"), DictConfig):
@@ -405,27 +325,6 @@ def validate_trainer(trainer: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- conversion helpers
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise QgplmError(f"{key}={value!r} is not valid: choose one of {', '.join(map(str, allowed))}")
-
-
-def _positive(key: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
-        raise QgplmError(f"{key} must be a positive number, got {value!r}: set {key} to a number > 0")
-
-
-def _at_least(key: str, value: Any, low: float) -> None:
-    """A finite number >= low (ints stay ints: the dataclass types already checked them)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value < float("inf"):
-        raise QgplmError(f"{key} must be >= {low}, got {value!r}: set {key} to a number >= {low}")
-
-
-def _finite(key: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise QgplmError(f"{key} must be a finite number, got {value!r}: set {key}=<number>")
-
-
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise QgplmError(f"{prefix or 'config'} must be a mapping, got {data!r}")
@@ -456,7 +355,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         return _coerce(non_none[0], value, key)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return value if isinstance(value, tp) else _build(tp, value, key)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise QgplmError(f"{key} must be a mapping, got {value!r}")

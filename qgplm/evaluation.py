@@ -13,15 +13,17 @@ An evaluator is `reset()` at the start of a test loop, `update(model, batch)`-ed
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qgplm.config import GenerationConfig
 from qgplm.data.lm import IGNORE_INDEX
 from qgplm.errors import QgplmError
+
+if TYPE_CHECKING:
+    from qgplm.tasks.summarization import GenerationConfig
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 

@@ -1,7 +1,7 @@
 """Hydra callbacks: refuse an unusable run directory before Hydra writes anything into it.
 
 Hydra creates the run dir and writes `.hydra/` and `run.log` before the task runs, so the
-"never overwrite an earlier run" check of `qgplm.pipeline.check_fresh_run_dir` must also run
+"never overwrite an earlier run" check of `qgplm.rundir.check_fresh_run_dir` must also run
 here, at `on_run_start` / `on_multirun_start`, or an earlier run's `.hydra/config.yaml` would be
 replaced before qgplm refuses the directory. Hydra turns exceptions raised in callbacks into
 warnings and carries on, so the guard ends the process itself (one `error:` line, exit 2).
@@ -32,7 +32,7 @@ def check_writable_dir(path: Path, key: str) -> None:
 
 
 def check_fresh_dir(path: Path) -> None:
-    from qgplm.pipeline import check_fresh_run_dir
+    from qgplm.rundir import check_fresh_run_dir
 
     if path.is_dir():
         check_fresh_run_dir(path)

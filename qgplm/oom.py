@@ -28,8 +28,9 @@ def in_evaluation(exc: BaseException) -> bool:
 def out_of_memory_error(exc: BaseException, task: Any) -> QgplmError:
     key = "task.eval_batch_size" if in_evaluation(exc) else "task.batch_size"
     size = task.eval_batch_size if key == "task.eval_batch_size" else task.batch_size
+    lengths = "".join(f"{k}={n} or " for k, n in task.sequence_lengths()[:1])  # the task's longest sequences
     return QgplmError(f"out of GPU memory with {key}={size}: lower it, e.g. {key}={max(1, size // 2)} "
-                      f"(or task.block_size={task.block_size} or the model size)")
+                      f"(or {lengths}the model size)")
 
 
 def explain_out_of_memory(fn: F) -> F:

@@ -1,7 +1,10 @@
 """The stages of a run: train the FP teacher, then QAT of the quantized student from it.
 
-`run_stages` is what `qgplm.run` calls once the config is validated. Everything lands in the
-run directory:
+`run_stages` is what `qgplm.run` calls once the config is validated; it only orchestrates named
+steps (open the run dir, check the model fits, prepare data, teacher step, student step, the
+task's report, metrics.json). Everything task-specific comes from the run's `qgplm.tasks.Task`
+(data, tokenizer, datamodule, evaluator, report); run-dir paths from `qgplm.rundir`.
+Everything lands in the run directory:
     teacher/                  the FP teacher as a HF model + tokenizer (stage teacher/pipeline)
     checkpoints/teacher/      Lightning checkpoints of the teacher stage (best.ckpt, last.ckpt)
     checkpoints/student/      ... of the QAT stage (student, quantizer scales, memory bank)
@@ -17,6 +20,7 @@ import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +39,6 @@ from qgplm.callbacks import (
     ScaleWarmupCallback,
 )
 from qgplm.config import RunConfig, StageConfig
-from qgplm.data.lm import LMDataModule
-from qgplm.data.sources import load_texts
 from qgplm.distributed import global_rank, is_launched_rank
 from qgplm.errors import QgplmError
 from qgplm.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
@@ -46,24 +48,10 @@ from qgplm.module import DistillModule, LMModule, TeacherModule
 from qgplm.oom import explain_out_of_memory
 from qgplm.quant import model_size, quantize_model
 from qgplm.resume import ResumePoint, resume_point, run_identity
+from qgplm.rundir import TEACHER_METRICS, check_fresh_run_dir, teacher_dir
+from qgplm.tasks import Task, build_task
 
 log = logging.getLogger("qgplm")
-
-
-def teacher_dir(path: str) -> Path:
-    """A saved HF model dir, or a run dir holding one under teacher/."""
-    p = Path(path).expanduser()
-    if (p / "teacher" / "config.json").is_file():
-        return p / "teacher"
-    if not p.exists():
-        raise QgplmError(f"teacher_path={path} does not exist: pass a run dir of stage=teacher or a saved model dir")
-    if p.is_file():
-        raise QgplmError(f"teacher_path={path} is a file: pass the run dir of a stage=teacher or pipeline run "
-                         f"(or its teacher/ folder)")
-    if not (p / "config.json").is_file() and ((p / "metrics.json").is_file() or (p / "checkpoints").is_dir()):
-        raise QgplmError(f"teacher_path={path} is a run dir without a saved teacher/ (a stage=quantize run?): pass "
-                         f"the run dir of the stage=teacher or pipeline run that trained the teacher")
-    return p
 
 
 def _bare_bpe_class(cfg: RunConfig) -> type:
@@ -73,26 +61,15 @@ def _bare_bpe_class(cfg: RunConfig) -> type:
     return BartTokenizerFast if cfg.model.kind == "seq2seq" else GPT2TokenizerFast
 
 
-def resolve_tokenizer(cfg: RunConfig, texts: dict[str, Any] | None) -> Any:
-    """The teacher's tokenizer (stage=quantize), else one built from the task's training text
-    (builtin task, or task.bpe_vocab_size), else model.tokenizer / model.name_or_path."""
+def resolve_tokenizer(cfg: RunConfig, task: Task, data: Any) -> Any:
+    """The teacher's tokenizer (stage=quantize: the student must read ids as the teacher did), else
+    the task's own (trained on its data), else model.tokenizer / model.name_or_path."""
     bare = _bare_bpe_class(cfg)
     if cfg.stage == "quantize":
         return load_tokenizer(str(teacher_dir(cfg.teacher_path)), key="teacher_path", bare_bpe_class=bare)
-    if cfg.task.kind == "summarization" and cfg.task.bpe_vocab_size:
-        from qgplm.data.bpe import train_bpe_tokenizer
-
-        return train_bpe_tokenizer(texts["train"], cfg.task.bpe_vocab_size, seq2seq=True)
-    if texts is None:  # other example-based tasks use the model's tokenizer
-        pass
-    elif cfg.task.source == "builtin":
-        from qgplm.data.builtin import build_tokenizer
-
-        return build_tokenizer(texts["train"])
-    elif cfg.task.bpe_vocab_size:
-        from qgplm.data.bpe import train_bpe_tokenizer
-
-        return train_bpe_tokenizer(texts["train"], cfg.task.bpe_vocab_size)
+    own = task.own_tokenizer(data)
+    if own is not None:
+        return own
     if cfg.model.tokenizer:
         return load_tokenizer(cfg.model.tokenizer, key="model.tokenizer", bare_bpe_class=bare)
     if cfg.model.name_or_path is None:
@@ -100,38 +77,12 @@ def resolve_tokenizer(cfg: RunConfig, texts: dict[str, Any] | None) -> Any:
     return load_tokenizer(cfg.model.name_or_path, key="model.name_or_path", bare_bpe_class=bare)
 
 
-def prepare_data(cfg: RunConfig) -> tuple[Any, Any]:
-    """(tokenizer, datamodule) for the task's kind: LM streams, summarization pairs or dialogs."""
-    kind = cfg.task.kind
-    if kind == "summarization":
-        from qgplm.data.seq2seq import Seq2SeqDataModule, load_examples
-
-        examples, source = load_examples(cfg.task)
-        train_text = [t for e in examples["train"] for t in (e["document"], e["summary"])]
-        tokenizer = resolve_tokenizer(cfg, {"train": train_text})
-        return tokenizer, Seq2SeqDataModule(cfg.task, tokenizer, examples, source, seed=cfg.seed)
-    if kind == "next_utterance":
-        from qgplm.data.personachat import PersonaChatDataModule, load_dialogs
-
-        dialogs = load_dialogs(cfg.task)
-        train_text = [t + "\n" for d in dialogs["train"] for t in
-                      (*d["personality"], *(x for u in d["utterances"] for x in (*u["history"], u["candidates"][-1])))]
-        tokenizer = resolve_tokenizer(cfg, {"train": train_text})
-        return tokenizer, PersonaChatDataModule(cfg.task, tokenizer, dialogs, seed=cfg.seed)
-    texts = load_texts(cfg.task)
-    tokenizer = resolve_tokenizer(cfg, texts)
-    return tokenizer, LMDataModule(cfg.task, tokenizer, texts, seed=cfg.seed)
-
-
-def make_evaluator(cfg: RunConfig, tokenizer: Any, dm: Any) -> Any:
-    """The task's test-time metric beyond PPL (None for language modelling)."""
-    from qgplm.evaluation import RankingEvaluator, SummaryEvaluator
-
-    if cfg.task.kind == "summarization":
-        return SummaryEvaluator(tokenizer, cfg.task.generation, cfg.task.rouge_keys, dm.examples["test"])
-    if cfg.task.kind == "next_utterance":
-        return RankingEvaluator()
-    return None
+def prepare_data(cfg: RunConfig, task: Task | None = None) -> tuple[Any, Any]:
+    """(tokenizer, datamodule) of the run's task."""
+    task = task or build_task(cfg.task)
+    data = task.load()
+    tokenizer = resolve_tokenizer(cfg, task, data)
+    return tokenizer, task.datamodule(tokenizer, data, cfg.seed)
 
 
 class StageRunner:
@@ -238,26 +189,6 @@ def _best_score(trainer: pl.Trainer) -> float | None:
     return None if score is None else float(score)
 
 
-SAMPLE_PROMPT_TOKENS, SAMPLE_NEW_TOKENS = 12, 16  # generate_samples: prompt and continuation lengths
-
-
-def sample_generations(model: torch.nn.Module, tokenizer: Any, dm: LMDataModule, n: int,
-                       prompt_tokens: int = SAMPLE_PROMPT_TOKENS,
-                       new_tokens: int = SAMPLE_NEW_TOKENS) -> list[dict[str, str]]:
-    """Greedy continuations (HF generate) of `n` prompts spread evenly over the test stream."""
-    out = []
-    ids = dm.ids["test"]
-    model.eval()
-    for i in range(n):
-        start = i * max(0, ids.numel() - prompt_tokens) // n
-        prompt = ids[start : start + prompt_tokens].unsqueeze(0).to(model.device)
-        with torch.no_grad():
-            gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        out.append({"prompt": tokenizer.decode(prompt[0]), "continuation": tokenizer.decode(gen[0, prompt_tokens:])})
-    return out
-
-
 def save_records(evaluator: Any, path: Path) -> list[dict[str, str]]:
     """Write the evaluator's per-example outputs (generated summaries) as JSON lines."""
     records = evaluator.records() if evaluator is not None else []
@@ -275,17 +206,6 @@ def export_student(student: torch.nn.Module, tokenizer: Any, out: Path) -> dict[
     except QgplmError as e:
         log.warning("export of the student skipped: %s", e)
         return {"error": str(e)}
-
-
-RESULT_ENTRIES = ("metrics.json", "checkpoints", "teacher")
-
-
-def check_fresh_run_dir(out: Path) -> None:
-    """Never write over an earlier run's results."""
-    taken = [name for name in RESULT_ENTRIES if (out / name).exists()]
-    if taken:
-        raise QgplmError(f"run dir {out} already holds a run ({', '.join(taken)}): choose a new hydra.run.dir "
-                         f"(or leave it unset for a fresh timestamped one)")
 
 
 def architecture(cfg: RunConfig, out: Path, resume: ResumePoint | None) -> Any:
@@ -314,7 +234,7 @@ def architecture(cfg: RunConfig, out: Path, resume: ResumePoint | None) -> Any:
         return None
 
 
-def check_model_fits(cfg: RunConfig, hf_config: Any) -> None:
+def check_model_fits(cfg: RunConfig, task: Task, hf_config: Any) -> None:
     """Every setting that indexes into the model (a hidden layer, positions) against its config:
     at start-up, so that nothing fails after a stage has trained."""
     if hf_config is None:
@@ -330,28 +250,52 @@ def check_model_fits(cfg: RunConfig, hf_config: Any) -> None:
                              f"0..{layers}): set method.distill.layer to an index in {-(layers + 1)}..{layers} "
                              f"(-1: the last layer, the default)")
     positions = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
-    if not isinstance(positions, int):
-        return
-    t = cfg.task
-    if t.kind == "summarization":
-        lengths = [("task.max_source_length", t.max_source_length), ("task.max_target_length", t.max_target_length),
-                   ("task.generation.max_length", t.generation.max_length)]
-    else:
-        lengths = [("task.block_size", t.block_size)]
-    for key, n in lengths:
-        if n > positions:
-            raise QgplmError(f"{key}={n} exceeds the model's {positions} positions: set {key}<={positions}")
-    need = SAMPLE_PROMPT_TOKENS + SAMPLE_NEW_TOKENS
-    if t.kind == "lm" and cfg.generate_samples > 0 and need > positions:
-        raise QgplmError(f"generate_samples={cfg.generate_samples} needs {need} positions "
-                         f"({SAMPLE_PROMPT_TOKENS}-token prompts + {SAMPLE_NEW_TOKENS} new tokens) "
-                         f"but the model has {positions}: set generate_samples=0")
+    if isinstance(positions, int):
+        task.check_positions(positions, cfg.generate_samples)
+
+
+@dataclass
+class Run:
+    """What the steps of `run_stages` share: the validated config, the task and its data, where
+    results go, and what the stages have reported so far."""
+
+    cfg: RunConfig
+    task: Task
+    out: Path
+    resume: ResumePoint | None
+    runner: StageRunner
+    tokenizer: Any
+    dm: Any
+    metrics: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # evaluator outputs per model
+    samples: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # the task's generations per model
 
 
 @explain_out_of_memory
 def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig | None,
                callbacks_cfg: DictConfig | None) -> dict[str, Any]:
+    """Teacher stage, then (stage=quantize/pipeline) the student stage; metrics.json at the end."""
     t_start = time.time()
+    task = build_task(cfg.task)
+    out, resume = open_run_dir(cfg)
+    check_model_fits(cfg, task, architecture(cfg, out, resume))  # before any data is read or anything trains
+    pl.seed_everything(cfg.seed, workers=True)
+    tokenizer, dm = prepare_data(cfg, task)
+    run = Run(cfg, task, out, resume, StageRunner(cfg, trainer_cfg, logger_cfg, callbacks_cfg, out=out), tokenizer, dm)
+    run.metrics = start_metrics(cfg, dm, resume)
+    teacher = teacher_step(run)
+    if cfg.stage in ("quantize", "pipeline"):
+        student_step(run, teacher)
+    run.metrics.update(task.report(run.samples, run.records, cfg.generate_samples))
+    run.metrics["wall_time_s"]["total"] = time.time() - t_start
+    if global_rank() == 0:
+        atomic_write_json(out / "metrics.json", run.metrics)
+    return run.metrics
+
+
+def open_run_dir(cfg: RunConfig) -> tuple[Path, ResumePoint | None]:
+    """The run dir (a resumed run's own, else output_dir, which must not hold an earlier run) and
+    the resume point, if any."""
     resume = resume_point(cfg)
     out = resume.run_dir if resume else Path(cfg.output_dir)
     if resume is None:
@@ -359,10 +303,11 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
             check_fresh_run_dir(out)
     else:
         log.info("resuming the %s stage of %s from %s", resume.stage, out, resume.ckpt)
-    check_model_fits(cfg, architecture(cfg, out, resume))  # before any data is read or anything trains
-    pl.seed_everything(cfg.seed, workers=True)
-    tokenizer, dm = prepare_data(cfg)
-    runner = StageRunner(cfg, trainer_cfg, logger_cfg, callbacks_cfg, out=out)
+    return out, resume
+
+
+def start_metrics(cfg: RunConfig, dm: Any, resume: ResumePoint | None) -> dict[str, Any]:
+    """The head of metrics.json: what ran (config), how it is measured (protocol)."""
     metrics: dict[str, Any] = {
         "config": {"stage": cfg.stage, "model": cfg.model.name, "task": cfg.task.name, "method": cfg.method.name,
                    "bits": cfg.quant.tag, "seed": cfg.seed, "quantizer": cfg.method.quantizer,
@@ -373,74 +318,80 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
     }
     if resume is not None:
         metrics["resumed_from"] = str(resume.ckpt)
-    t0 = time.time()
-    evaluator = make_evaluator(cfg, tokenizer, dm)
-    teacher, metrics["teacher"] = _teacher_stage(cfg, runner, tokenizer, dm, out, resume, evaluator)
-    metrics["wall_time_s"]["teacher"] = time.time() - t0
-    summaries = {"teacher": save_records(evaluator, out / "summaries_teacher.jsonl")}
-
-    if cfg.stage in ("quantize", "pipeline"):
-        t0 = time.time()
-        evaluator = make_evaluator(cfg, tokenizer, dm)
-        student_ckpt = resume.ckpt if resume is not None and resume.stage == "student" else None
-        module, student_test, student_val, trainer = train_student(runner, teacher, dm, evaluator, student_ckpt)
-        size = model_size(module.student)
-        metrics["student"] = {"test_ppl": student_test.pop("ppl"), "best_val_ppl": student_val, **student_test}
-        metrics["ppl_ratio"] = metrics["student"]["test_ppl"] / metrics["teacher"]["test_ppl"]
-        metrics["world_size"] = trainer.world_size
-        bank = next((cb for cb in trainer.callbacks if isinstance(cb, MemoryBankCallback)), None)
-        if bank is not None and bank.rank_checksums:
-            metrics["memory_bank_checksums"] = bank.rank_checksums  # one row per rank, all equal
-        metrics["size"] = size.as_dict()
-        metrics["wall_time_s"]["student"] = time.time() - t0
-        summaries["student"] = save_records(evaluator, out / "summaries_student.jsonl")
-        if global_rank() == 0:
-            metrics["export"] = export_student(module.student, tokenizer, out / "export")
-        if cfg.generate_samples > 0 and cfg.task.kind == "lm":
-            metrics["samples"] = {
-                "teacher": sample_generations(teacher, tokenizer, dm, cfg.generate_samples),
-                "student": sample_generations(module.student, tokenizer, dm, cfg.generate_samples),
-            }
-        samples = [{"model": role, **s} for role, rows in metrics.get("samples", {}).items() for s in rows]
-        samples += [{"model": role, **r} for role, rows in summaries.items() for r in rows[: cfg.generate_samples]]
-        runner.log_final(trainer, {"test/ppl_final": metrics["student"]["test_ppl"],
-                                   "test/ppl_ratio": metrics["ppl_ratio"],
-                                   **{f"test/{k}_final": v for k, v in student_test.items()},
-                                   "size/fp32_mib": size.fp32_mib, "size/quantized_mib": size.quantized_mib,
-                                   "size/compression": size.compression}, samples)
-    if cfg.generate_samples > 0 and cfg.task.kind == "summarization":
-        who = "student" if "student" in summaries else "teacher"
-        metrics["summaries"] = {who: summaries[who][: cfg.generate_samples]}
-        for r in metrics["summaries"][who]:
-            log.info("%s summary of %s: %s | reference: %s", who, r["id"], r["summary"], r["reference"])
-    metrics["wall_time_s"]["total"] = time.time() - t_start
-    if global_rank() == 0:
-        atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 
-TEACHER_METRICS = "teacher_metrics.json"
+def teacher_step(run: Run) -> torch.nn.Module:
+    """The FP teacher, trained or loaded, with its figures and evaluator records in `run`."""
+    t0 = time.time()
+    evaluator = run.task.evaluator(run.tokenizer, run.dm)
+    teacher, run.metrics["teacher"] = _teacher_stage(run, evaluator)
+    run.metrics["wall_time_s"]["teacher"] = time.time() - t0
+    run.records["teacher"] = save_records(evaluator, run.out / "summaries_teacher.jsonl")
+    return teacher
 
 
-def _teacher_stage(cfg: RunConfig, runner: StageRunner, tokenizer: Any, dm: Any, out: Path,
-                   resume: ResumePoint | None, evaluator: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+def student_step(run: Run, teacher: torch.nn.Module) -> None:
+    """QAT of the student from `teacher`: its figures, size, export and samples into `run`."""
+    cfg, m = run.cfg, run.metrics
+    t0 = time.time()
+    evaluator = run.task.evaluator(run.tokenizer, run.dm)
+    student_ckpt = run.resume.ckpt if run.resume is not None and run.resume.stage == "student" else None
+    module, test, best_val, trainer = train_student(run.runner, teacher, run.dm, evaluator, student_ckpt)
+    size = model_size(module.student)
+    m["student"] = {"test_ppl": test.pop("ppl"), "best_val_ppl": best_val, **test}
+    m["ppl_ratio"] = m["student"]["test_ppl"] / m["teacher"]["test_ppl"]
+    m["world_size"] = trainer.world_size
+    checksums = bank_checksums(trainer)
+    if checksums:
+        m["memory_bank_checksums"] = checksums
+    m["size"] = size.as_dict()
+    m["wall_time_s"]["student"] = time.time() - t0
+    run.records["student"] = save_records(evaluator, run.out / "summaries_student.jsonl")
+    if global_rank() == 0:
+        m["export"] = export_student(module.student, run.tokenizer, run.out / "export")
+    run.samples = run.task.samples({"teacher": teacher, "student": module.student}, run.tokenizer, run.dm,
+                                   cfg.generate_samples)
+    run.runner.log_final(trainer, {"test/ppl_final": m["student"]["test_ppl"], "test/ppl_ratio": m["ppl_ratio"],
+                                   **{f"test/{k}_final": v for k, v in test.items()},
+                                   "size/fp32_mib": size.fp32_mib, "size/quantized_mib": size.quantized_mib,
+                                   "size/compression": size.compression},
+                         samples_table(run.samples, run.records, cfg.generate_samples))
+
+
+def bank_checksums(trainer: pl.Trainer) -> list[Any] | None:
+    """The memory bank's checksum on every rank (all equal when DDP keeps the banks in step)."""
+    bank = next((cb for cb in trainer.callbacks if isinstance(cb, MemoryBankCallback)), None)
+    return bank.rank_checksums if bank is not None and bank.rank_checksums else None
+
+
+def samples_table(samples: dict[str, list[dict[str, str]]], records: dict[str, list[dict[str, str]]],
+                  n: int) -> list[dict[str, str]]:
+    """Rows of the W&B samples table: the task's generations, then the first `n` evaluator records,
+    each tagged with the model it came from."""
+    rows = [{"model": role, **s} for role, items in samples.items() for s in items]
+    return rows + [{"model": role, **r} for role, items in records.items() for r in items[:n]]
+
+
+def _teacher_stage(run: Run, evaluator: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The FP teacher and its figures: loaded (stage=quantize, or a run resumed after its teacher
     stage finished) or trained (and saved, with its figures, for a later resume)."""
-    max_positions = getattr(dm, "max_positions", cfg.task.block_size)
+    cfg, task, tokenizer, out, resume = run.cfg, run.task, run.tokenizer, run.out, run.resume
     loaded = cfg.stage == "quantize" or (resume is not None and resume.stage == "student")
     if loaded:
         path = teacher_dir(cfg.teacher_path) if cfg.stage == "quantize" else out / "teacher"
         teacher = load_pretrained(str(path), cfg.model.kind, key="teacher_path")
-        check_compatible(teacher, tokenizer, max_positions)
-        check_model_fits(cfg, teacher.config)
+        check_compatible(teacher, tokenizer, task.max_positions)
+        check_model_fits(cfg, task, teacher.config)
         saved = out / TEACHER_METRICS
         if cfg.stage == "pipeline" and saved.is_file():
             return teacher, json.loads(saved.read_text())
-        test, best_val = evaluate_only(runner, teacher, dm, evaluator), None
+        test, best_val = evaluate_only(run.runner, teacher, run.dm, evaluator), None
     else:
-        teacher = build_model(cfg.model, tokenizer, max_positions)
-        check_model_fits(cfg, teacher.config)  # a hub model's config is known only now, still before training
-        test, best_val = train_teacher(runner, teacher, dm, evaluator, resume.ckpt if resume is not None else None)
+        teacher = build_model(cfg.model, tokenizer, task.max_positions)
+        check_model_fits(cfg, task, teacher.config)  # a hub model's config is known only now, still before training
+        test, best_val = train_teacher(run.runner, teacher, run.dm, evaluator,
+                                       resume.ckpt if resume is not None else None)
     figures = {"test_ppl": test.pop("ppl"), "best_val_ppl": best_val,
                "params": sum(p.numel() for p in teacher.parameters()), **test}
     if not loaded and global_rank() == 0:

@@ -1,4 +1,4 @@
-"""Issue #4: BART (seq2seq) summarization and GPT-2 Persona-Chat, offline, on tiny sizes."""
+"""BART (seq2seq) summarization and GPT-2 Persona-Chat, offline, on tiny sizes."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from qgplm.config import RunConfig, TaskConfig
+from qgplm.config import RunConfig
 from qgplm.errors import QgplmError
 from qgplm.pipeline import prepare_data, run_stages
 from qgplm.run import quote_int_group_overrides
+from qgplm.tasks.persona_chat import PersonaChatTaskConfig
+from qgplm.tasks.summarization import SummarizationTaskConfig
 from tests.conftest import CONF, ROOT, SHARED_DATA, run_cli
 
 FIXTURE = ROOT / "tests" / "fixtures" / "personachat"
@@ -161,7 +163,7 @@ def test_local_jsonl_errors_are_one_line(tmp_path):
     from qgplm.data.seq2seq import load_examples
 
     (tmp_path / "a.jsonl").write_text('{"document": "x"}\n')
-    task = TaskConfig(name="xsum", source="xsum", data_dir=str(tmp_path), valid_size=1, test_size=1)
+    task = SummarizationTaskConfig(name="xsum", data_dir=str(tmp_path), valid_size=1, test_size=1)
     with pytest.raises(QgplmError, match="needs the keys document and summary"):
         load_examples(task)
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"document": f"d{i}", "summary": "s"}) + "\n"
@@ -170,18 +172,18 @@ def test_local_jsonl_errors_are_one_line(tmp_path):
     with pytest.raises(QgplmError, match="leaves no training data"):
         load_examples(task)
     with pytest.raises(QgplmError, match="holds no \\*.jsonl"):
-        load_examples(TaskConfig(name="xsum", source="xsum", data_dir=str(tmp_path / "..")))
+        load_examples(SummarizationTaskConfig(name="xsum", data_dir=str(tmp_path / "..")))
 
 
 def test_personachat_needs_data_dir_and_valid_format(tmp_path):
     from qgplm.data.personachat import load_dialogs
 
     with pytest.raises(QgplmError, match="pass task.data_dir"):
-        load_dialogs(TaskConfig(name="personachat", source="personachat", valid_size=1))
+        load_dialogs(PersonaChatTaskConfig(name="personachat", valid_size=1))
     (tmp_path / "personachat_self_original.json").write_text(json.dumps({"train": [{"personality": []}],
                                                                           "valid": []}))
     with pytest.raises(QgplmError, match="needs personality and utterances"):
-        load_dialogs(TaskConfig(name="personachat", source="personachat", data_dir=str(tmp_path), valid_size=1))
+        load_dialogs(PersonaChatTaskConfig(name="personachat", data_dir=str(tmp_path), valid_size=1))
 
 
 def test_personachat_eval_rows_have_gold_last_and_reply_only_labels(tmp_path):

@@ -26,14 +26,16 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qgplm.config import TaskConfig
 from qgplm.data.examples import ExampleDataModule
 from qgplm.data.lm import IGNORE_INDEX
 from qgplm.errors import QgplmError
+
+if TYPE_CHECKING:
+    from qgplm.tasks.persona_chat import PersonaChatTaskConfig as TaskConfig
 
 DEFAULT_FILE = "personachat_self_original.json"
 
@@ -69,15 +71,12 @@ def load_dialogs(task: TaskConfig) -> dict[str, list[dict[str, Any]]]:
 
 
 class PersonaChatDataModule(ExampleDataModule):
-    kind = "next_utterance"
-
     def __init__(self, task: TaskConfig, tokenizer: Any, dialogs: dict[str, list[dict[str, Any]]], seed: int = 0):
         super().__init__()
         self.task, self.tok, self.seed = task, tokenizer, seed
         if tokenizer.eos_token_id is None:
             raise QgplmError("task=personachat needs a tokenizer with an eos token (used as the turn separator)")
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        self.max_positions = task.block_size
         self.turns = {s: self._turns(d, s) for s, d in dialogs.items()}
         for split, turns in self.turns.items():
             if not turns:

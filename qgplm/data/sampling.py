@@ -7,8 +7,9 @@ so the order is a pure function of the epoch, and `resume_at(k)` skips the `k` s
 interrupted run already trained on. The order is the one `DataLoader(shuffle=True,
 generator=torch.Generator().manual_seed(seed))` produces (one int64 draw for the iterator's
 base seed, a permutation, and RandomSampler's second permutation for the remainder, per epoch),
-so runs from before this sampler are reproduced. With `num_replicas > 1` each rank takes its
-strided share of the same permutation (what `DistributedSampler` does), so it also replaces that one.
+so an uninterrupted run trains on exactly the batches a plain shuffled loader with that seed
+gives. With `num_replicas > 1` each rank takes its strided share of the same permutation (what
+`DistributedSampler` does), so it also replaces that one.
 """
 
 from __future__ import annotations

@@ -30,21 +30,21 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qgplm.config import TaskConfig
 from qgplm.data.examples import ExampleDataModule
 from qgplm.data.lm import IGNORE_INDEX
 from qgplm.errors import QgplmError
 from qgplm.hub import hub_reachable
 
+if TYPE_CHECKING:
+    from qgplm.tasks.summarization import SummarizationTaskConfig as TaskConfig
+
 log = logging.getLogger("qgplm")
 SPLITS = ("train", "valid", "test")
 Example = dict[str, str]  # id, document, summary
-# hub columns -> (document, summary); HF split names
-HUB_COLUMNS = {"xsum": ("document", "summary"), "cnndm": ("article", "highlights")}
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 URL_LISTS = {"train": "all_train.txt", "valid": "all_val.txt", "test": "all_test.txt"}
 
@@ -170,7 +170,7 @@ def _read_hub(task: TaskConfig) -> dict[str, list[Example]]:
     except ImportError:
         raise QgplmError("hub data sets need the `datasets` package: pip install 'qgplm[hub]' "
                          "(or pass task.data_dir=<local folder>)") from None
-    doc_col, sum_col = HUB_COLUMNS[task.source]
+    doc_col, sum_col = task.document_column, task.summary_column
     ds = datasets.load_dataset(task.hub_path, task.hub_name)
     return {split: [{"id": str(r.get("id", i)), "document": r[doc_col], "summary": r[sum_col]}
                     for i, r in enumerate(ds[HUB_SPLITS[split]])] for split in SPLITS}
@@ -197,15 +197,12 @@ class Seq2SeqDataModule(ExampleDataModule):
     """Summarization batches: train shuffled; valid/test in order, each row carrying its `index`
     into `self.examples[split]` (to attach generated summaries to their references)."""
 
-    kind = "summarization"
-
     def __init__(self, task: TaskConfig, tokenizer: Any, examples: dict[str, list[Example]], source: str = "",
                  seed: int = 0):
         super().__init__()
         self.task, self.tokenizer, self.seed, self.source = task, tokenizer, seed, source
         self.examples = examples
         self.collate = Seq2SeqCollator(tokenizer, task.max_source_length, task.max_target_length)
-        self.max_positions = max(task.max_source_length, task.max_target_length)
 
     def rows(self, split: str) -> list[dict[str, Any]]:
         return [{**ex, "index": i} for i, ex in enumerate(self.examples[split])]

@@ -1,6 +1,6 @@
-"""Raw text of a language-modelling task, from local files, the hub, or the builtin generator.
+"""Raw text of a language-modelling task, from local files or the hub.
 
-Every source returns {"train", "valid", "test"} -> str. Local files are read as UTF-8 with
+Both return {"train", "valid", "test"} -> str. Local files are read as UTF-8 with
 their lines kept (newlines included); hub data sets are joined line by line the same way, so
 the perplexity protocol is the same wherever the text comes from.
 """
@@ -8,43 +8,35 @@ the perplexity protocol is the same wherever the text comes from.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from qgplm.config import TaskConfig
 from qgplm.errors import QgplmError
 from qgplm.hub import hub_reachable
 
+if TYPE_CHECKING:
+    from qgplm.tasks.lm import LMTaskConfig
+
 SPLITS = ("train", "valid", "test")
-
-# File names of the standard releases (task.files overrides).
-DEFAULT_FILES = {
-    "wikitext2": {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"},
-    "wikitext103": {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"},
-    "ptb": {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"},
-}
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
-HUB_TEXT_COLUMN = {"wikitext2": "text", "wikitext103": "text", "ptb": "sentence"}
 
 
-def load_texts(task: TaskConfig) -> dict[str, str]:
-    """The three splits of `task` as text."""
-    if task.source == "builtin":
-        from qgplm.data.builtin import generate_corpus
-
-        return generate_corpus(seed=task.corpus_seed)
+def load_texts(task: LMTaskConfig) -> dict[str, str]:
+    """The three splits of `task` as text: `task.data_dir` + `task.files`, else the hub."""
     if task.data_dir is not None:
         return _read_local(task)
     return _read_hub(task)
 
 
-def _read_local(task: TaskConfig) -> dict[str, str]:
+def _read_local(task: LMTaskConfig) -> dict[str, str]:
     root = Path(task.data_dir).expanduser()
     if not root.is_dir():
         raise QgplmError(f"task.data_dir={task.data_dir} is not a directory: point it at the folder "
                          f"holding the {task.name} files")
-    files = {**DEFAULT_FILES.get(task.source, {}), **task.files}
     out = {}
     for split in SPLITS:
-        path = root / files[split]
+        if split not in task.files:
+            raise QgplmError(f"no file name for the {split} split of {task.name}: set task.files.{split}=<file name>")
+        path = root / task.files[split]
         if not path.is_file():
             raise QgplmError(f"missing {split} file {path}: set task.files.{split}=<file name> or fix task.data_dir")
         try:
@@ -57,7 +49,7 @@ def _read_local(task: TaskConfig) -> dict[str, str]:
     return out
 
 
-def _read_hub(task: TaskConfig) -> dict[str, str]:
+def _read_hub(task: LMTaskConfig) -> dict[str, str]:
     if not task.hub_path:
         raise QgplmError(f"task {task.name} has no hub data set: pass task.data_dir=<folder with its files>")
     if not hub_reachable():
@@ -69,8 +61,7 @@ def _read_hub(task: TaskConfig) -> dict[str, str]:
         raise QgplmError("hub data sets need the `datasets` package: pip install 'qgplm[hub]' "
                          "(or pass task.data_dir=<local folder>)") from None
     ds = datasets.load_dataset(task.hub_path, task.hub_name)
-    column = HUB_TEXT_COLUMN.get(task.source, "text")
-    return {split: "".join(_with_newline(t) for t in ds[HUB_SPLITS[split]][column]) for split in SPLITS}
+    return {split: "".join(_with_newline(t) for t in ds[HUB_SPLITS[split]][task.text_column]) for split in SPLITS}
 
 
 def _with_newline(line: str) -> str:

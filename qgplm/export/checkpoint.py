@@ -48,8 +48,8 @@ def load_student(ckpt: str) -> tuple[nn.Module, Any]:
 
     from qgplm.config import RunConfig
     from qgplm.models import load_pretrained, load_tokenizer
-    from qgplm.pipeline import teacher_dir
     from qgplm.quant import quantize_model
+    from qgplm.rundir import teacher_dir
 
     run_dir, ckpt_file = resolve_checkpoint(ckpt)
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
