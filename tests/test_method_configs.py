@@ -35,3 +35,21 @@ def test_every_method_file_is_recorded():
 def test_method_composes_to_the_recorded_values_at_every_bit_width(method):
     for bits in BITS:
         assert _composed(method, bits) == RECORDED[f"{method}/{bits}"], f"method={method} bits={bits}"
+
+
+def test_shared_method_block_is_the_dataclass_defaults():
+    """conf/method/base/common.yaml spells out MethodConfig's defaults (every key a method file may
+    override), so a key left out of a method file means the same in YAML and in Python."""
+    import dataclasses
+
+    from qgplm.config import MethodConfig
+
+    shared = OmegaConf.to_container(OmegaConf.load(CONF / "method" / "base" / "common.yaml"))
+    defaults = dataclasses.asdict(MethodConfig(name="x"))
+    assert shared, "empty shared block"
+    for key, value in shared.items():
+        if isinstance(value, dict) and key != "quantizer_kwargs":
+            for sub, v in value.items():
+                assert defaults[key][sub] == v, f"{key}.{sub}"
+        else:
+            assert defaults[key] == value, key
