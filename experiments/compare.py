@@ -126,7 +126,7 @@ def supported_bits(method: str) -> tuple[int, ...]:
     """The weight bit-widths the quantizer of conf/method/<method>.yaml accepts."""
     from hydra import compose, initialize_config_dir
 
-    from qgplm.quant import WEIGHT_QUANTIZERS
+    from qgplm.quant import quantizer_kind
 
     known = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
     if method not in known:
@@ -134,7 +134,7 @@ def supported_bits(method: str) -> tuple[int, ...]:
                  f"choose from {', '.join(known)}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         quantizer = compose(config_name="run", overrides=[f"method={method}"]).method.quantizer
-    return tuple(getattr(WEIGHT_QUANTIZERS[quantizer], "supported_bits", range(1, 33)))
+    return quantizer_kind(quantizer).supported_bits
 
 
 def method_sweeps(methods: str, bits: str, seeds: str | None, default_methods: bool) -> list[tuple[str, list[str]]]:

@@ -144,10 +144,9 @@ class MethodConfig(QuantRecipe):
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
     def validate(self) -> None:
-        from qgplm.quant import WEIGHT_QUANTIZERS
+        from qgplm.quant import quantizer_kind
 
-        _choice("method.quantizer", self.quantizer, tuple(sorted(WEIGHT_QUANTIZERS)))
-        options = quantizer_options(WEIGHT_QUANTIZERS[self.quantizer])
+        options = quantizer_options(quantizer_kind(self.quantizer).factory)
         unknown = sorted(set(self.quantizer_kwargs) - set(options))
         if unknown:
             raise QgplmError(f"method.quantizer_kwargs.{unknown[0]} is not an option of quantizer {self.quantizer}: "
@@ -231,9 +230,10 @@ class RunConfig:
         _at_least("generate_samples", self.generate_samples, 0)
 
     def _check_bits_supported(self) -> None:
-        from qgplm.quant import WEIGHT_QUANTIZERS
+        from qgplm.quant import quantizer_kind
 
-        supported = WEIGHT_QUANTIZERS[self.method.quantizer].supported_bits
+        kind = quantizer_kind(self.method.quantizer)
+        supported = kind.supported_bits
         for key in ("weight", "embedding"):
             b = getattr(self.bits, key)
             if b is not None and b not in supported:
@@ -245,7 +245,7 @@ class RunConfig:
         bits = self.bits.weight or self.bits.embedding
         if bits is not None:  # option values (grid=..., gamma_init=...) checked now, not after the teacher trained
             try:
-                WEIGHT_QUANTIZERS[self.method.quantizer](bits, **self.method.quantizer_kwargs)
+                kind.factory(bits, **self.method.quantizer_kwargs)
             except (ValueError, TypeError) as e:
                 raise QgplmError(f"method.quantizer_kwargs of quantizer {self.method.quantizer}: {e}: "
                                  f"fix the value in conf/method/{self.method.name}.yaml or on the command line") from e

@@ -32,7 +32,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from qgplm.callbacks import (
     KillAtStepCallback,
-    LAQCurvatureCallback,
     MemoryBankCallback,
     QuantStatsCallback,
     RNGStateCallback,
@@ -46,7 +45,7 @@ from qgplm.loggers import build_loggers, finish_loggers, wandb_runs
 from qgplm.models import build_model, check_compatible, load_pretrained, load_tokenizer, save_model
 from qgplm.module import DistillModule, LMModule, TeacherModule
 from qgplm.oom import explain_out_of_memory
-from qgplm.quant import model_size, quantize_model
+from qgplm.quant import model_size, quantize_model, quantizer_kind
 from qgplm.resume import ResumePoint, resume_point, run_identity
 from qgplm.rundir import TEACHER_METRICS, check_fresh_run_dir, teacher_dir
 from qgplm.tasks import Task, build_task
@@ -174,8 +173,7 @@ def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: Any, evalua
     extra: list[pl.Callback] = [ScaleWarmupCallback(cfg.method.warmup.hold_steps, cfg.method.warmup.ramp_steps)]
     if cfg.method.distill.uses_contrastive:
         extra.append(MemoryBankCallback(cfg.method.distill.momentum, encoder=cfg.method.distill.contrast_encoder))
-    if cfg.method.quantizer == "laq":
-        extra.append(LAQCurvatureCallback())  # D = sqrt(Adam's second moment) for LAQ's alpha
+    extra += quantizer_kind(cfg.method.quantizer).callbacks()  # what the quantizer kind needs (LAQ: its curvature)
     trainer = runner.trainer("student", cfg.student, extra)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     test = runner.test(trainer, module, dm, fitted=True)

@@ -125,6 +125,8 @@ CASES = [
     ("bad-quantizer-option-value", ["method=quantgpt_full_grid", "method.quantizer_kwargs.grid=asym"],
      ["method.quantizer_kwargs of quantizer quantgpt: grid must be 'symmetric' or 'full', got 'asym'",
       "conf/method/quantgpt_full_grid.yaml"], True),
+    ("quantizer-path-not-importable", ["method.quantizer=my_pkg.quant.MyQuantizer"],
+     ["method.quantizer=my_pkg.quant.MyQuantizer: cannot import my_pkg.quant", "PYTHONPATH"], True),
     ("unparsable-override", ["bits=["], ["cannot parse the command line", "key=value"], True),
     ("unknown-stage", ["stage=train"], ["stage='train' is not valid: choose one of teacher, quantize, pipeline"], True),
     # ---- issue 14: a config group given something other than an option name (crashed inside Hydra)
@@ -253,19 +255,8 @@ def _write_data(dst: Path, lines: int = 400) -> None:
         (dst / f"wiki.{split}.tokens").write_text("".join(head), encoding="utf-8")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Earlier results (a teacher run, a student run, an existing run dir and sweep) and bad inputs."""
-    tmp = tmp_path_factory.mktemp("world")
-    w = {"tmp": str(tmp), "shared": str(SHARED_DATA), "data": str(tmp / "data")}
-    proc = run_cli([*TINY, "stage=teacher", f"hydra.run.dir={tmp / 'teacher_run'}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_cli([*TINY, "stage=quantize", f"teacher_path={tmp / 'teacher_run'}",
-                    f"hydra.run.dir={tmp / 'student_run'}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    w["teacher_run"], w["student_run"] = str(tmp / "teacher_run"), str(tmp / "student_run")
-    w["teacher_ckpt"] = str(tmp / "teacher_run" / "checkpoints" / "teacher" / "last.ckpt")
-    w["student_ckpt"] = str(tmp / "student_run" / "checkpoints" / "student" / "last.ckpt")
+def _broken_models(tmp: Path, w: dict) -> None:
+    """Cut weight files and checkpoints, a tokenizer that does not fit, folders missing files."""
     # a teacher whose weights file is cut in half, and a cut student checkpoint
     shutil.copytree(tmp / "teacher_run" / "teacher", tmp / "trunc_teacher")
     weights = tmp / "trunc_teacher" / "model.safetensors"
@@ -288,8 +279,10 @@ def world(tmp_path_factory):
     _tiny().config.save_pretrained(tmp / "config_only_model")
     (tmp / "bad_tok").mkdir()
     (tmp / "bad_tok" / "vocab.json").write_text("{}")
-    # data folders: small and good, then one defect each
-    d = tmp / "data"
+
+
+def _bad_data_dirs(d: Path) -> None:
+    """Data folders: small and good, then one defect each."""
     _write_data(d / "small")
     for name in ("no_test", "empty", "short", "binary"):
         shutil.copytree(d / "small", d / name)
@@ -310,7 +303,10 @@ def world(tmp_path_factory):
     (d / "persona_no_gold").mkdir()
     (d / "persona_no_gold" / "personachat_self_original.json").write_text(
         json.dumps({"train": [dialog] * 5 + [broken], "valid": [dialog] * 3}))
-    # an earlier run dir and an earlier sweep, a regular file, a read-only dir
+
+
+def _earlier_runs(tmp: Path, w: dict) -> tuple[Path, Path]:
+    """An earlier run dir and an earlier sweep, a regular file, a read-only dir."""
     existing = tmp / "existing_run"
     (existing / ".hydra").mkdir(parents=True)
     (existing / ".hydra" / "config.yaml").write_text("earlier: config\n")
@@ -326,9 +322,28 @@ def world(tmp_path_factory):
     ro.mkdir()
     ro.chmod(0o555)
     w["read_only"] = str(ro)
+    return existing, sweep
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Earlier results (a teacher run, a student run, an existing run dir and sweep) and bad inputs."""
+    tmp = tmp_path_factory.mktemp("world")
+    w = {"tmp": str(tmp), "shared": str(SHARED_DATA), "data": str(tmp / "data")}
+    proc = run_cli([*TINY, "stage=teacher", f"hydra.run.dir={tmp / 'teacher_run'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli([*TINY, "stage=quantize", f"teacher_path={tmp / 'teacher_run'}",
+                    f"hydra.run.dir={tmp / 'student_run'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w["teacher_run"], w["student_run"] = str(tmp / "teacher_run"), str(tmp / "student_run")
+    w["teacher_ckpt"] = str(tmp / "teacher_run" / "checkpoints" / "teacher" / "last.ckpt")
+    w["student_ckpt"] = str(tmp / "student_run" / "checkpoints" / "student" / "last.ckpt")
+    _broken_models(tmp, w)
+    _bad_data_dirs(tmp / "data")
+    existing, sweep = _earlier_runs(tmp, w)
     w["_protected"] = [tmp / "teacher_run", tmp / "student_run", existing, sweep, tmp / "trunc_teacher"]
     yield w
-    ro.chmod(0o755)
+    Path(w["read_only"]).chmod(0o755)
 
 
 def _one_error_line(proc) -> str:

@@ -1,7 +1,7 @@
-"""Packed export of quantized models and their loading for inference (issue #5).
+"""Packed export of quantized models and their loading for inference.
 
     export_model(model, out_dir, tokenizer)   -> ExportReport   (exporter.py)
-    load_quantized(dir, mode="dequantize"|"int8") -> HF model   (loader.py)
+    load_quantized(dir, mode="dequantize"|"int8"|"lowbit") -> HF model   (loader.py)
     python -m qgplm.export ckpt=<run dir or .ckpt> out=<dir>     (__main__.py)
 """
 

@@ -14,7 +14,7 @@ output bit for bit, which is what makes the loaded model's logits identical to t
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from qgplm.quant.api import IdentityQuantizer, initialize_quantizers, oriented_w
 from qgplm.quant.config import QuantConfig
 from qgplm.quant.modules import QUANT_MODULES, QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
+from qgplm.quant.registry import kind_of
 
 MIB = 2**20
 
@@ -82,8 +83,9 @@ def _alias_groups(model: nn.Module) -> tuple[dict[str, list[str]], dict[str, Ten
     return {g[0]: g for g in groups.values()}, {groups[sk][0]: t for sk, t in tensors.items()}
 
 
-def _method(q: WeightQuantizer) -> str:
-    return getattr(q, "source_method", None) or q.method
+def _scheme(q: WeightQuantizer) -> str:
+    """The quantizer kind a packed tensor records: a reloaded export's stored quantizer keeps its student's."""
+    return getattr(q, "source_scheme", None) or q.scheme
 
 
 @torch.no_grad()
@@ -94,10 +96,14 @@ def _quantizer_codes(name: str, mod: nn.Module) -> tuple[Tensor, Tensor]:
                          f"the scale warm-up has finished")
     if not bool(q.initialized):
         raise QgplmError(f"{name}: quantizer scale was never initialised: call initialize_quantizers(model) first")
+    kind = kind_of(q)
+    if kind is not None and kind.export == "none":
+        raise QgplmError(f"{name}: quantizer {kind.name!r} has no integer codes, so it cannot be exported in "
+                         f"packed form: keep the Lightning checkpoint instead")
     w = oriented_weight(mod).detach()
     codes, step = q.codes(w)
     if not torch.equal(codes * step, q(w)):
-        raise QgplmError(f"{name}: quantizer {_method(q)!r} codes() * step differs from its forward: the export "
+        raise QgplmError(f"{name}: quantizer {_scheme(q)!r} codes() * step differs from its forward: the export "
                          f"would not reproduce the student; fix that quantizer's codes()")
     return codes, step.detach().to(torch.float32).contiguous()
 
@@ -122,6 +128,121 @@ def _prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     return model
 
 
+@dataclass
+class _Contents:
+    """What an export writes, gathered step by step: the safetensors entries, the manifest's
+    per-tensor and per-module records, and the byte counts of the report."""
+
+    groups: dict[str, list[str]]  # first state-dict key -> every key sharing its storage
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    packed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fp: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bits: dict[str, set[int]] = field(default_factory=lambda: {"weight": set(), "embedding": set()})
+    schemes: set[str] = field(default_factory=set)
+    codes_bytes: int = 0
+    scales_bytes: int = 0
+    fp_bytes: int = 0
+    fp32_bytes: int = 0
+
+    def add_packed(self, key: str, codes: Tensor, step: Tensor, bits: int, **record: Any) -> None:
+        self.tensors[f"{key}.codes"] = pack_codes(codes, bits)
+        self.tensors[f"{key}.scale"] = step
+        self.packed[key] = {"bits": bits, "shape": list(codes.shape), **record, "aliases": self.groups[key]}
+        self.codes_bytes += packed_nbytes(codes.numel(), bits)
+        self.scales_bytes += step.numel() * 4
+
+
+def _exports_codes(q: WeightQuantizer) -> bool:
+    """Whether a layer's weight is stored as codes: an FP weight (IdentityQuantizer, 32 bits) is not."""
+    return not isinstance(q, IdentityQuantizer) and q.bits <= 8
+
+
+def _pack_quantized_layers(model: nn.Module, key_of: dict[tuple, str], out: _Contents) -> None:
+    """Record every quantized layer's structure and pack each quantized weight once (tied layers
+    must agree on its codes)."""
+    done: dict[str, tuple[Tensor, Tensor]] = {}
+    in_emb = _in_emb(model)
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if not isinstance(mod, QUANT_MODULES):
+            continue
+        key = key_of.get(_storage_key(mod.weight.detach()))
+        if key is None:
+            raise QgplmError(f"{name}.weight is not in the model's state dict: cannot export this model")
+        aq, q = getattr(mod, "act_quantizer", None), mod.weight_quantizer
+        quantized = _exports_codes(q)
+        out.modules[name] = {"type": _module_type(mod), "weight": key if quantized else None,
+                             "act": None if aq is None else {"bits": aq.bits, "symmetric": aq.symmetric}}
+        if not quantized:
+            continue
+        codes, step = _quantizer_codes(name, mod)
+        if key in done:
+            if not (torch.equal(done[key][0], codes) and torch.equal(done[key][1], step)):
+                raise QgplmError(f"{name} shares its weight with another layer but quantizes it differently: "
+                                 f"tie their quantizers before exporting")
+            continue
+        done[key] = (codes, step)
+        out.bits["embedding" if isinstance(mod, QuantEmbedding) or mod.weight is in_emb else "weight"].add(q.bits)
+        out.schemes.add(_scheme(q))
+        # "method" is the scheme's on-disk key (format version 1 and the exports already written use it)
+        out.add_packed(key, codes, step, q.bits, transposed=isinstance(mod, QuantConv1D), method=_scheme(q),
+                       per_row=bool(q.per_row))
+
+
+def _store_other_tensors(unique: dict[str, Tensor], positions: set[str], fp16: bool, out: _Contents) -> None:
+    """Every tensor not packed yet: position tables as 8-bit per-row codes (`positions`), the rest
+    in floating point (1-D ones in fp16 with `fp16`); counts the FP32 reference size of all."""
+    from qgplm.quant.baselines import minmax_codes
+
+    for key, t in unique.items():
+        out.fp32_bytes += t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size()
+        if key in out.packed:
+            continue
+        t = t.detach()
+        if key in positions:
+            codes, step = minmax_codes(t.float(), 8, per_row=True)
+            out.add_packed(key, codes, step.float().contiguous(), 8, transposed=False, method="minmax", per_row=True)
+            continue
+        stored = t.half() if (fp16 and t.is_floating_point() and t.dim() <= 1) else t
+        out.tensors[key] = stored.contiguous().clone()
+        out.fp[key] = {"dtype": str(t.dtype).removeprefix("torch."), "aliases": out.groups[key]}
+        out.fp_bytes += stored.numel() * stored.element_size()
+
+
+def _write_files(model: nn.Module, out_dir: Path, tensors: dict[str, Tensor], tokenizer: Any) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "qgplm-export"})
+    model.config.save_pretrained(out_dir)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        gen.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def _manifest(model: nn.Module, contents: _Contents, report: ExportReport, options: dict[str, Any],
+              tokenizer: Any) -> dict[str, Any]:
+    attn = [m.attn_act_quantizer for m in model.modules() if hasattr(m, "attn_act_quantizer")]
+    return {
+        "model_class": type(model).__name__,
+        "kind": "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal",
+        "quantizer": sorted(contents.schemes),
+        "bits": {k: sorted(v) for k, v in contents.bits.items()},
+        "options": options,
+        "packed": contents.packed, "fp": contents.fp, "modules": contents.modules,
+        "attention_act": {"bits": attn[0].bits, "symmetric": attn[0].symmetric} if attn else None,
+        "size": {k: v for k, v in report.as_dict().items() if k != "out_dir"},
+        "tokenizer": tokenizer is not None,
+    }
+
+
+def _empty_out_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise QgplmError(f"export dir {out} is not empty: choose a new out=<dir>")
+    return out
+
+
 def export_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *, weight_bits: int | None = 2,
                  embedding_bits: int | None = 2, activation_bits: int | None = 8, quantizer: str = "quantgpt",
                  per_row: bool = False, quant_config: QuantConfig | None = None, position_bits: int | None = None,
@@ -137,98 +258,20 @@ def export_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *
     """
     if position_bits not in (None, 8):
         raise QgplmError(f"position_bits={position_bits}: use 8 or None (FP32)")
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise QgplmError(f"export dir {out} is not empty: choose a new out=<dir>")
+    out = _empty_out_dir(out_dir)
     config = quant_config or QuantConfig(weight_bits=weight_bits, embedding_bits=embedding_bits,
                                          activation_bits=activation_bits, quantizer=quantizer, per_row=per_row)
     model = _prepare(model, config)
     groups, unique = _alias_groups(model)
     key_of = {_storage_key(t): k for k, t in unique.items()}
-
-    tensors: dict[str, Tensor] = {}
-    packed: dict[str, dict[str, Any]] = {}
-    modules: dict[str, dict[str, Any]] = {}
-    done: dict[str, tuple[Tensor, Tensor]] = {}
-    codes_bytes = scales_bytes = fp_bytes = 0
-    bits_by_type: dict[str, set[int]] = {"weight": set(), "embedding": set()}
-    methods: set[str] = set()
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if not isinstance(mod, QUANT_MODULES):
-            continue
-        key = key_of.get(_storage_key(mod.weight.detach()))
-        if key is None:
-            raise QgplmError(f"{name}.weight is not in the model's state dict: cannot export this model")
-        aq = getattr(mod, "act_quantizer", None)
-        q = mod.weight_quantizer
-        quantized = not isinstance(q, IdentityQuantizer) and q.bits <= 8
-        modules[name] = {"type": _module_type(mod), "weight": key if quantized else None,
-                         "act": None if aq is None else {"bits": aq.bits, "symmetric": aq.symmetric}}
-        if not quantized:
-            continue
-        codes, step = _quantizer_codes(name, mod)
-        if key in done:
-            if not (torch.equal(done[key][0], codes) and torch.equal(done[key][1], step)):
-                raise QgplmError(f"{name} shares its weight with another layer but quantizes it differently: "
-                                 f"tie their quantizers before exporting")
-            continue
-        done[key] = (codes, step)
-        is_embedding = isinstance(mod, QuantEmbedding) or mod.weight is _in_emb(model)
-        bits_by_type["embedding" if is_embedding else "weight"].add(q.bits)
-        methods.add(_method(q))
-        tensors[f"{key}.codes"] = pack_codes(codes, q.bits)
-        tensors[f"{key}.scale"] = step
-        packed[key] = {"bits": q.bits, "shape": list(codes.shape), "transposed": isinstance(mod, QuantConv1D),
-                       "method": _method(q), "per_row": bool(q.per_row), "aliases": groups[key]}
-        codes_bytes += packed_nbytes(codes.numel(), q.bits)
-        scales_bytes += step.numel() * 4
-
-    positions = _position_keys(model, key_of) if position_bits else set()
-    fp: dict[str, dict[str, Any]] = {}
-    fp32_bytes = 0
-    for key, t in unique.items():
-        fp32_bytes += t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size()
-        if key in packed:
-            continue
-        t = t.detach()
-        if key in positions:
-            from qgplm.quant.baselines import minmax_codes
-
-            codes, step = minmax_codes(t.float(), 8, per_row=True)
-            tensors[f"{key}.codes"] = pack_codes(codes, 8)
-            tensors[f"{key}.scale"] = step.float().contiguous()
-            packed[key] = {"bits": 8, "shape": list(codes.shape), "transposed": False, "method": "minmax",
-                           "per_row": True, "aliases": groups[key]}
-            codes_bytes += codes.numel()
-            scales_bytes += step.numel() * 4
-            continue
-        stored = t.half() if (fp16 and t.is_floating_point() and t.dim() <= 1) else t
-        tensors[key] = stored.contiguous().clone()
-        fp[key] = {"dtype": str(t.dtype).removeprefix("torch."), "aliases": groups[key]}
-        fp_bytes += stored.numel() * stored.element_size()
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "qgplm-export"})
-    model.config.save_pretrained(out)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and getattr(model, "can_generate", lambda: False)():
-        gen.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    report = ExportReport(str(out), codes_bytes, scales_bytes, fp_bytes, (out / WEIGHTS).stat().st_size, fp32_bytes)
-    attn = [m.attn_act_quantizer for m in model.modules() if hasattr(m, "attn_act_quantizer")]
-    manifest = {
-        "model_class": type(model).__name__,
-        "kind": "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal",
-        "quantizer": sorted(methods),
-        "bits": {k: sorted(v) for k, v in bits_by_type.items()},
-        "options": {"position_bits": position_bits, "fp16": fp16},
-        "packed": packed, "fp": fp, "modules": modules,
-        "attention_act": {"bits": attn[0].bits, "symmetric": attn[0].symmetric} if attn else None,
-        "size": {k: v for k, v in report.as_dict().items() if k != "out_dir"},
-        "tokenizer": tokenizer is not None,
-    }
-    write_manifest(out, manifest)
+    contents = _Contents(groups)
+    _pack_quantized_layers(model, key_of, contents)
+    _store_other_tensors(unique, _position_keys(model, key_of) if position_bits else set(), fp16, contents)
+    _write_files(model, out, contents.tensors, tokenizer)
+    report = ExportReport(str(out), contents.codes_bytes, contents.scales_bytes, contents.fp_bytes,
+                          (out / WEIGHTS).stat().st_size, contents.fp32_bytes)
+    options = {"position_bits": position_bits, "fp16": fp16}
+    write_manifest(out, _manifest(model, contents, report, options, tokenizer))
     return report
 
 

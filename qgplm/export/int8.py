@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qgplm.quant.functional import minmax_activation_codes
-from qgplm.quant.modules import QuantConv1D, QuantEmbedding, QuantLinear
+from qgplm.quant.modules import QUANT_MODULES, QuantEmbedding
 from qgplm.quant.quantizers import ActivationQuantizer
 from qgplm.quant.token_mask import activation_mask
+from qgplm.quant.walk import swap_modules
 
 
 def onednn_available() -> bool:
@@ -148,23 +149,17 @@ def convert_int8(model: nn.Module, codes_of: dict[str, tuple[Tensor, Tensor]], k
         key = getattr(getattr(mod, "weight_quantizer", None), "export_key", None)
         if key is not None:
             users.setdefault(key, set()).add(id(mod))
-    built: dict[int, nn.Module] = {}
-    swaps = []
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if not isinstance(mod, (QuantLinear, QuantConv1D, QuantEmbedding)):
-            continue
+
+    def int8_layer(name: str, mod: nn.Module) -> nn.Module | None:
         key = getattr(mod.weight_quantizer, "export_key", None)
         aq = getattr(mod, "act_quantizer", None)
         if key is None or (not isinstance(mod, QuantEmbedding) and aq is None):
-            continue  # FP weight or no 8-bit input: the layer stays as loaded
-        if id(mod) not in built:
-            codes, step = codes_of[key]
-            if isinstance(mod, QuantEmbedding):
-                built[id(mod)] = Int8Embedding(codes, step, mod.padding_idx, mod.embed_scale)
-            else:
-                shared = len(users[key]) > 1
-                built[id(mod)] = Int8Linear(codes, step, mod.bias, aq, "int_mm" if shared else kernel)
-        swaps.append((name, built[id(mod)]))
-    for name, new in swaps:
-        model.set_submodule(name, new, strict=True)
+            return None  # FP weight or no 8-bit input: the layer stays as loaded
+        codes, step = codes_of[key]
+        if isinstance(mod, QuantEmbedding):
+            return Int8Embedding(codes, step, mod.padding_idx, mod.embed_scale)
+        shared = len(users[key]) > 1
+        return Int8Linear(codes, step, mod.bias, aq, "int_mm" if shared else kernel)
+
+    swap_modules(model, lambda name, mod: isinstance(mod, QUANT_MODULES), int8_layer)
     return model

@@ -32,11 +32,11 @@ import qgplm.quant.attention  # noqa: F401  (registers the quantized attention i
 from qgplm.errors import QgplmError
 from qgplm.export.format import WEIGHTS, read_manifest, verify_checksums
 from qgplm.export.pack import unpack_codes
-from qgplm.quant.api import IdentityQuantizer, _quantize_attention
-from qgplm.quant.config import QuantConfig
+from qgplm.quant.api import IdentityQuantizer, quantize_attention_inputs
 from qgplm.quant.modules import QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
 from qgplm.quant.token_mask import install_token_mask_hooks
+from qgplm.quant.walk import swap_modules
 
 MODES = ("dequantize", "int8", "lowbit")
 
@@ -50,11 +50,11 @@ class StoredScaleQuantizer(WeightQuantizer):
     Inference only: it has no learnable scale.
     """
 
-    method = "stored"
+    scheme = "stored"
 
-    def __init__(self, bits: int, step: Tensor, source_method: str):
+    def __init__(self, bits: int, step: Tensor, source_scheme: str):
         super().__init__(bits, num_rows=step.shape[0] if step.dim() > 0 else None)
-        self.source_method = source_method
+        self.source_scheme = source_scheme  # the student's quantizer kind, written again on re-export
         self.register_buffer("step", step.clone(), persistent=False)
         self.initialized.fill_(True)
 
@@ -150,37 +150,29 @@ def _lowbit_keys(manifest: dict[str, Any]) -> set[str]:
     return {e["weight"] for e in manifest["modules"].values() if e["weight"] is not None}
 
 
-def load_quantized(export_dir: str | Path, mode: str = "dequantize", **kernel_options: Any) -> nn.Module:
-    """A ready HF model (eval mode; `generate` works) from a qgplm export directory.
-
-    kernel_options (mode="lowbit" only): block_size, accuracy_level, threads (lowbit.convert_lowbit).
-    """
-    if mode not in MODES:
-        raise QgplmError(f"mode={mode!r} is not valid: choose one of {', '.join(MODES)}")
-    export_dir, manifest = read_manifest(export_dir)
-    verify_checksums(export_dir, manifest)
-    tensors = _read_tensors(export_dir)
-    model = _build_empty(export_dir, manifest)
-
-    state: dict[str, Tensor] = {}
-    codes_of: dict[str, tuple[Tensor, Tensor]] = {}
-    if kernel_options and mode != "lowbit":
-        raise QgplmError(f"{', '.join(kernel_options)} only apply to mode=lowbit")
-    tables = _int8_lookup_tables(model, manifest) if mode in ("int8", "lowbit") else {}
+def _kernel_held_keys(mode: str, manifest: dict[str, Any], tables: dict[str, str]) -> set[str]:
+    """Packed tensors whose float weights `mode` never needs (its kernels hold the codes)."""
     if mode == "int8":
-        skip = _int8_keys(manifest) | set(tables.values())
-    elif mode == "lowbit":
+        return _int8_keys(manifest) | set(tables.values())
+    if mode == "lowbit":
         from qgplm.export.lowbit import _ort
 
         _ort()  # a missing onnxruntime is one line, before anything is built
-        skip = _lowbit_keys(manifest) | set(tables.values())
-    else:
-        skip = set()
+        return _lowbit_keys(manifest) | set(tables.values())
+    return set()
+
+
+def _state_dict_of(tensors: dict[str, Tensor], manifest: dict[str, Any], skip: set[str],
+                   ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """(the model's state dict, every alias filled, {packed key: (codes, step)}): packed weights
+    dequantized, except `skip`ped ones, which get a placeholder without memory."""
+    state: dict[str, Tensor] = {}
+    codes_of: dict[str, tuple[Tensor, Tensor]] = {}
     for key, entry in manifest["packed"].items():
         codes, step = decode(tensors, key, entry)
         codes_of[key] = (codes, step)
         shape = entry["shape"][::-1] if entry["transposed"] else entry["shape"]
-        if key in skip:  # placeholder without memory: the layer is replaced by an int8 one below
+        if key in skip:  # the layer is replaced by a kernel one after loading
             w = torch.zeros((), dtype=step.dtype).expand(shape)
         else:
             w = dequantize(codes, step)
@@ -194,6 +186,41 @@ def load_quantized(export_dir: str | Path, mode: str = "dequantize", **kernel_op
         t = tensors[key].to(getattr(torch, entry["dtype"]))
         for alias in entry["aliases"]:
             state[alias] = t
+    return state, codes_of
+
+
+def _convert_to_kernels(model: nn.Module, mode: str, manifest: dict[str, Any],
+                        codes_of: dict[str, tuple[Tensor, Tensor]], tables: dict[str, str],
+                        kernel_options: dict[str, Any]) -> None:
+    from qgplm.export.int8 import Int8Embedding, convert_int8
+
+    if mode == "int8":
+        convert_int8(model, codes_of)
+    else:
+        from qgplm.export.lowbit import convert_lowbit
+
+        bits_of = {key: entry["bits"] for key, entry in manifest["packed"].items()}
+        convert_lowbit(model, codes_of, bits_of, **kernel_options)
+    for name, key in tables.items():
+        model.set_submodule(name, Int8Embedding(*codes_of[key], model.get_submodule(name).padding_idx, None),
+                            strict=True)
+
+
+def load_quantized(export_dir: str | Path, mode: str = "dequantize", **kernel_options: Any) -> nn.Module:
+    """A ready HF model (eval mode; `generate` works) from a qgplm export directory.
+
+    kernel_options (mode="lowbit" only): block_size, accuracy_level, threads (lowbit.convert_lowbit).
+    """
+    if mode not in MODES:
+        raise QgplmError(f"mode={mode!r} is not valid: choose one of {', '.join(MODES)}")
+    export_dir, manifest = read_manifest(export_dir)
+    verify_checksums(export_dir, manifest)
+    tensors = _read_tensors(export_dir)
+    model = _build_empty(export_dir, manifest)
+    if kernel_options and mode != "lowbit":
+        raise QgplmError(f"{', '.join(kernel_options)} only apply to mode=lowbit")
+    tables = _int8_lookup_tables(model, manifest) if mode in ("int8", "lowbit") else {}
+    state, codes_of = _state_dict_of(tensors, manifest, _kernel_held_keys(mode, manifest, tables))
     try:
         # assign: the model's parameters become these tensors (no copy into the empty ones)
         model.load_state_dict(state, strict=True, assign=True)
@@ -205,57 +232,41 @@ def load_quantized(export_dir: str | Path, mode: str = "dequantize", **kernel_op
     install_token_mask_hooks(model)
     model.eval()
     if mode in ("int8", "lowbit"):
-        from qgplm.export.int8 import Int8Embedding, convert_int8
-
-        if mode == "int8":
-            convert_int8(model, codes_of)
-        else:
-            from qgplm.export.lowbit import convert_lowbit
-
-            bits_of = {key: entry["bits"] for key, entry in manifest["packed"].items()}
-            convert_lowbit(model, codes_of, bits_of, **kernel_options)
-        for name, key in tables.items():
-            model.set_submodule(name, Int8Embedding(*codes_of[key], model.get_submodule(name).padding_idx, None),
-                                strict=True)
+        _convert_to_kernels(model, mode, manifest, codes_of, tables, kernel_options)
     return model
 
 
 def _install_quant_layers(model: nn.Module, manifest: dict[str, Any],
                           codes_of: dict[str, tuple[Tensor, Tensor]]) -> None:
     """Wrap the layers the student quantized, with its activation quantizers (exact forward)."""
-    quantizers: dict[str, WeightQuantizer] = {}
-    built: dict[int, nn.Module] = {}
-    swaps = []
-    for name, entry in manifest["modules"].items():
-        mod = model.get_submodule(name)
-        if id(mod) in built:
-            swaps.append((name, built[id(mod)]))
-            continue
-        key = entry["weight"]
+    quantizers: dict[str, WeightQuantizer] = {}  # one per packed tensor: tied layers share it, as in the student
+
+    def weight_quantizer(key: str | None) -> WeightQuantizer:
         if key is None:
-            wq: WeightQuantizer = IdentityQuantizer()
+            wq = IdentityQuantizer()
             wq.initialized.fill_(True)
-        else:
-            if key not in quantizers:
-                p = manifest["packed"][key]
-                quantizers[key] = StoredScaleQuantizer(p["bits"], codes_of[key][1], p["method"])
-                quantizers[key].export_key = key
-            wq = quantizers[key]
-        act = entry["act"]
+            return wq
+        if key not in quantizers:
+            p = manifest["packed"][key]
+            # the manifest's "method" is the quantizer's scheme (an on-disk name, fixed by format version 1)
+            quantizers[key] = StoredScaleQuantizer(p["bits"], codes_of[key][1], p["method"])
+            quantizers[key].export_key = key
+        return quantizers[key]
+
+    def rebuild(name: str, mod: nn.Module) -> nn.Module:
+        entry = manifest["modules"][name]
+        wq, act = weight_quantizer(entry["weight"]), entry["act"]
         aq = None if act is None else ActivationQuantizer(act["bits"], symmetric=act["symmetric"])
         if entry["type"] == "embedding":
-            new = QuantEmbedding.from_float(mod, wq)
-        elif entry["type"] == "conv1d":
-            new = QuantConv1D.from_float(mod, wq, aq)
-        else:
-            new = QuantLinear.from_float(mod, wq, aq)
-        built[id(mod)] = new
-        swaps.append((name, new))
-    for name, new in swaps:
-        model.set_submodule(name, new, strict=True)
+            return QuantEmbedding.from_float(mod, wq)
+        if entry["type"] == "conv1d":
+            return QuantConv1D.from_float(mod, wq, aq)
+        return QuantLinear.from_float(mod, wq, aq)
+
+    swap_modules(model, lambda name, mod: name in manifest["modules"], rebuild)
     attn = manifest.get("attention_act")
     if attn:
-        _quantize_attention(model, QuantConfig(activation_bits=attn["bits"], activation_symmetric=attn["symmetric"]))
+        quantize_attention_inputs(model, attn["bits"], attn["symmetric"])
 
 
 def load_export_tokenizer(export_dir: str | Path) -> Any:

@@ -254,32 +254,26 @@ def convert_lowbit(model: nn.Module, codes_of: dict[str, tuple[Tensor, Tensor]],
                    threads: int | None = None) -> nn.Module:
     """Replace the loaded quantized layers by low-bit ones in place: every quantized linear layer
     (and a tied LM head) runs on MatMulNBits, every quantized embedding keeps packed codes."""
-    from qgplm.quant.modules import QuantConv1D, QuantEmbedding, QuantLinear
+    from qgplm.quant.modules import QUANT_MODULES, QuantEmbedding
+    from qgplm.quant.walk import swap_modules
 
     if block_size < 16 or block_size & (block_size - 1):
         raise QgplmError(f"block_size={block_size} is not valid: use a power of 2 >= 16 (64 is the fast default)")
     factory = _SessionFactory(torch.get_num_threads() if threads is None else threads)
-    built: dict[int, nn.Module] = {}
     tables: dict[str, Tensor] = {}  # one packed table per export key, shared by every embedding using it
-    swaps = []
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if not isinstance(mod, (QuantLinear, QuantConv1D, QuantEmbedding)):
-            continue
+
+    def lowbit_layer(name: str, mod: nn.Module) -> nn.Module | None:
         key = getattr(mod.weight_quantizer, "export_key", None)
         if key is None:
-            continue  # FP weight: the layer stays as loaded
-        if id(mod) not in built:
-            codes, step = codes_of[key]
-            if isinstance(mod, QuantEmbedding):
-                emb = LowBitEmbedding(codes, step, bits_of[key], mod.padding_idx, mod.embed_scale, tables.get(key))
-                tables[key] = emb.packed
-                built[id(mod)] = emb
-            else:
-                built[id(mod)] = LowBitLinear(codes, step, bits_of[key], mod.bias, factory, block_size,
-                                              accuracy_level)
-        swaps.append((name, built[id(mod)]))
-    for name, new in swaps:
-        model.set_submodule(name, new, strict=True)
+            return None  # FP weight: the layer stays as loaded
+        codes, step = codes_of[key]
+        if isinstance(mod, QuantEmbedding):
+            emb = LowBitEmbedding(codes, step, bits_of[key], mod.padding_idx, mod.embed_scale, tables.get(key))
+            tables[key] = emb.packed
+            return emb
+        return LowBitLinear(codes, step, bits_of[key], mod.bias, factory, block_size, accuracy_level)
+
+    swap_modules(model, lambda name, mod: isinstance(mod, QUANT_MODULES), lowbit_layer)
     # the factory's temporary directory is removed by TemporaryDirectory's own finalizer once the
     # last LowBitLinear holding the factory is gone
     return model

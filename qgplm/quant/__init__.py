@@ -13,18 +13,22 @@ from qgplm.quant.api import (
 )
 from qgplm.quant.config import QuantConfig
 from qgplm.quant.modules import QuantConv1D, QuantEmbedding, QuantLinear
-from qgplm.quant.quantizers import (
+from qgplm.quant.quantizers import ActivationQuantizer, DynamicScaleQuantizer, WeightQuantizer
+from qgplm.quant.registry import (
+    QUANTIZER_KINDS,
     WEIGHT_QUANTIZERS,
-    ActivationQuantizer,
-    DynamicScaleQuantizer,
-    WeightQuantizer,
+    QuantizerKind,
+    kind_of,
+    quantizer_kind,
     register_weight_quantizer,
 )
 from qgplm.quant.size import SizeReport, model_size
+from qgplm.quant.walk import swap_modules
 
 __all__ = [
-    "WEIGHT_QUANTIZERS", "ActivationQuantizer", "DynamicScaleQuantizer", "QuantConfig", "QuantConv1D",
-    "QuantEmbedding", "QuantLinear", "SizeReport", "WeightQuantizer", "initialize_quantizers",
-    "model_size", "quantization_disabled", "quantize_", "quantize_model", "quantized_modules",
-    "register_weight_quantizer", "scale_parameters", "set_quantization_enabled", "weight_quantizers",
+    "QUANTIZER_KINDS", "WEIGHT_QUANTIZERS", "ActivationQuantizer", "DynamicScaleQuantizer", "QuantConfig",
+    "QuantConv1D", "QuantEmbedding", "QuantLinear", "QuantizerKind", "SizeReport", "WeightQuantizer",
+    "initialize_quantizers", "kind_of", "model_size", "quantization_disabled", "quantize_", "quantize_model",
+    "quantized_modules", "quantizer_kind", "register_weight_quantizer", "scale_parameters",
+    "set_quantization_enabled", "swap_modules", "weight_quantizers",
 ]

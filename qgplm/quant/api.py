@@ -25,14 +25,16 @@ from transformers.pytorch_utils import Conv1D
 from qgplm.errors import QgplmError
 from qgplm.quant.config import QuantConfig
 from qgplm.quant.modules import QUANT_MODULES, QuantConv1D, QuantEmbedding, QuantLinear
-from qgplm.quant.quantizers import WEIGHT_QUANTIZERS, ActivationQuantizer, WeightQuantizer
+from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
+from qgplm.quant.registry import quantizer_kind
 from qgplm.quant.token_mask import install_token_mask_hooks
+from qgplm.quant.walk import swap_modules
 
 
 class IdentityQuantizer(WeightQuantizer):
     """Keeps a weight in full precision inside a quantized layer (weights FP, activations quantized)."""
 
-    method = "identity"
+    scheme = "identity"
 
     def __init__(self):
         super().__init__(bits=32)
@@ -53,12 +55,7 @@ def _selected(name: str, config: QuantConfig) -> bool:
 def _make_weight_quantizer(config: QuantConfig, bits: int | None, weight_rows: int) -> WeightQuantizer:
     if bits is None:
         return IdentityQuantizer()
-    try:
-        cls = WEIGHT_QUANTIZERS[config.quantizer]
-    except KeyError:
-        raise QgplmError(
-            f"unknown quantizer {config.quantizer!r}: choose one of {sorted(WEIGHT_QUANTIZERS)}"
-        ) from None
+    cls = quantizer_kind(config.quantizer).factory
     return cls(bits, num_rows=weight_rows if config.per_row else None, **config.quantizer_kwargs)
 
 
@@ -84,6 +81,47 @@ def _token_embedding_weights(model: nn.Module) -> set[int]:
     return out
 
 
+class _QuantizedLayerFactory:
+    """The replace function of `quantize_model`: a quantized layer for each float layer it is offered.
+
+    Token-embedding tables get `embedding_bits` with one quantizer per distinct weight Parameter,
+    built on first use: modules sharing a table (BART's shared / encoder / decoder embed_tokens)
+    and an LM head tied to it share that quantizer, hence one learnt scale, whichever the walk
+    meets first; an untied head gets `embedding_bits` of its own; every other Linear / Conv1D
+    gets `weight_bits`."""
+
+    def __init__(self, model: nn.Module, config: QuantConfig):
+        self.config = config
+        self.token_weights = _token_embedding_weights(model)
+        get_out = getattr(model, "get_output_embeddings", None)
+        self.head = get_out() if get_out else None
+        self.table_quantizers: dict[int, WeightQuantizer] = {}
+
+    def table_quantizer(self, weight: Tensor, rows: int) -> WeightQuantizer:
+        wq = self.table_quantizers.get(id(weight))
+        if wq is None:
+            wq = self.table_quantizers[id(weight)] = _make_weight_quantizer(self.config, self.config.embedding_bits,
+                                                                            rows)
+        return wq
+
+    def __call__(self, name: str, mod: nn.Module) -> nn.Module | None:
+        config = self.config
+        if isinstance(mod, nn.Embedding) and id(mod.weight) in self.token_weights:
+            if config.embedding_bits is None:
+                return None
+            return QuantEmbedding.from_float(mod, self.table_quantizer(mod.weight, mod.num_embeddings))
+        if mod is self.head and isinstance(mod, nn.Linear):
+            wq = self.table_quantizer(mod.weight, mod.out_features)
+            return QuantLinear.from_float(mod, wq, _make_act_quantizer(config))
+        if isinstance(mod, nn.Linear):
+            wq = _make_weight_quantizer(config, config.weight_bits, mod.out_features)
+            return QuantLinear.from_float(mod, wq, _make_act_quantizer(config))
+        if isinstance(mod, Conv1D):
+            wq = _make_weight_quantizer(config, config.weight_bits, mod.nf)
+            return QuantConv1D.from_float(mod, wq, _make_act_quantizer(config))
+        return None
+
+
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Swap quantizable layers of `model` in place and return it (torchao's `quantize_` style).
 
@@ -93,57 +131,16 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         raise QgplmError("model is already quantized: call quantize_model once, on a float model")
     if config.is_full_precision:
         return model
-    token_weights = _token_embedding_weights(model)
-    get_out = getattr(model, "get_output_embeddings", None)
-    out_emb = get_out() if get_out else None
-
-    # One quantizer per token-embedding *Parameter*: modules sharing a table (BART's shared /
-    # encoder / decoder embed_tokens, and a tied LM head) share its quantizer, so one gamma.
-    emb_quantizers: dict[int, WeightQuantizer] = {}
-    swaps: list[tuple[str, nn.Module]] = []
-    built: dict[int, nn.Module] = {}  # a module reachable under several names is swapped once
-    head_name: str | None = None
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if not name or not _selected(name, config):
-            continue
-        if id(mod) in built:
-            swaps.append((name, built[id(mod)]))
-            continue
-        n_before = len(swaps)
-        if isinstance(mod, nn.Embedding) and id(mod.weight) in token_weights:
-            if config.embedding_bits is None:
-                continue
-            wq = emb_quantizers.get(id(mod.weight))
-            if wq is None:
-                wq = emb_quantizers[id(mod.weight)] = _make_weight_quantizer(
-                    config, config.embedding_bits, mod.num_embeddings)
-            swaps.append((name, QuantEmbedding.from_float(mod, wq)))
-        elif mod is out_emb and isinstance(mod, nn.Linear):
-            head_name = name  # handled below, once the embedding quantizers exist
-        elif isinstance(mod, nn.Linear):
-            wq = _make_weight_quantizer(config, config.weight_bits, mod.out_features)
-            swaps.append((name, QuantLinear.from_float(mod, wq, _make_act_quantizer(config))))
-        elif isinstance(mod, Conv1D):
-            wq = _make_weight_quantizer(config, config.weight_bits, mod.nf)
-            swaps.append((name, QuantConv1D.from_float(mod, wq, _make_act_quantizer(config))))
-        if len(swaps) > n_before:
-            built[id(mod)] = swaps[-1][1]
-    if head_name is not None:
-        head = out_emb
-        # tied: the head computes with the same quantized table; untied: embedding_bits of its own
-        wq = emb_quantizers.get(id(head.weight)) or _make_weight_quantizer(
-            config, config.embedding_bits, head.out_features)
-        swaps.append((head_name, QuantLinear.from_float(head, wq, _make_act_quantizer(config))))
-    for name, new in swaps:
-        model.set_submodule(name, new, strict=True)
+    swap_modules(model, lambda name, mod: _selected(name, config), _QuantizedLayerFactory(model, config))
     if config.quantize_attention and config.activation_bits is not None:
-        _quantize_attention(model, config)
+        quantize_attention_inputs(model, config.activation_bits, config.activation_symmetric)
     if config.activation_bits is not None:
         install_token_mask_hooks(model)  # activation ranges over real tokens only
     return model
 
 
-def _quantize_attention(model: nn.Module, config: QuantConfig) -> None:
+def quantize_attention_inputs(model: nn.Module, bits: int, symmetric: bool) -> None:
+    """Give every attention module an 8-bit quantizer for its matmul inputs (qgplm.quant.attention)."""
     from qgplm.quant.attention import IMPLEMENTATION, is_attention_module
 
     modules = [m for m in model.modules() if is_attention_module(m)]
@@ -151,7 +148,7 @@ def _quantize_attention(model: nn.Module, config: QuantConfig) -> None:
         raise QgplmError(f"quantize_attention: no attention module found in {type(model).__name__}: "
                          f"set method.quantize_attention=false")
     for m in modules:
-        m.attn_act_quantizer = ActivationQuantizer(config.activation_bits, symmetric=config.activation_symmetric)
+        m.attn_act_quantizer = ActivationQuantizer(bits, symmetric=symmetric)
     model.set_attn_implementation(IMPLEMENTATION)
 
 

@@ -320,7 +320,14 @@ class STEClipQuantize(torch.autograd.Function):
         return grad_out * inside, None, None, None
 
 
-@register_weight_quantizer("laq")
+def _laq_callbacks() -> list:
+    """LAQ's alpha needs D = sqrt(Adam's second moment), read from the optimizer every step."""
+    from qgplm.callbacks.laq import LAQCurvatureCallback  # the callback imports this module
+
+    return [LAQCurvatureCallback()]
+
+
+@register_weight_quantizer("laq", callbacks=_laq_callbacks)
 class LAQQuantizer(WeightQuantizer):
     """Loss-aware quantization: alpha from the curvature-weighted alternating closed form.
 
@@ -334,7 +341,7 @@ class LAQQuantizer(WeightQuantizer):
     was modified in place since the last solve (its version counter: the optimizer step) or D was
     set again, so the two calls of a forward with a tied embedding / LM head (one quantizer, one
     Parameter) and the micro-batches of an accumulated step all use one alpha and one set of codes
-    (issue 14: they used to re-solve per call, two grids for one table). In eval mode alpha is
+    (solving per call would give one table two grids within a step). In eval mode alpha is
     frozen. Backward: STE to w inside [-alpha, alpha], 0 outside; alpha has no learnable parameter.
     """
 

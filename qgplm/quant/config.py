@@ -12,7 +12,8 @@ class QuantRecipe:
     """How to quantize, whatever the bit-widths: shared by `QuantConfig` and the `method=` config
     group (`qgplm.config.MethodConfig`), so a method declares exactly the knobs `quantize_model` has.
 
-    quantizer: registered weight quantizer name (`qgplm.quant.WEIGHT_QUANTIZERS`).
+    quantizer: a registered quantizer kind (`qgplm.quant.registry`), or the import path of a kind's
+        class defined outside qgplm.
     quantizer_kwargs: passed to the quantizer's constructor (e.g. gamma_init, detach_mean).
     per_row: one scale per output row instead of one per tensor.
     activation_symmetric: symmetric 8-bit activations (else asymmetric min-max with a zero point).

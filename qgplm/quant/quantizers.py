@@ -1,7 +1,7 @@
 """Quantizer modules: each holds the state of one quantized tensor (its learnable scale).
 
 A weight quantizer is a small nn.Module attached to a quantized layer. The interface every
-method implements (QuantGPT here, the baselines of issue #3 later):
+quantizer kind implements (QuantGPT here, the baselines in baselines.py, registered in registry.py):
 
 - `forward(w)`: the fake-quantized weight used in the forward pass (identity when disabled).
 - `initialize(w)`: set the scale from the weight it will quantize; called once at fit start by
@@ -14,7 +14,6 @@ method implements (QuantGPT here, the baselines of issue #3 later):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -25,27 +24,21 @@ from qgplm.quant.functional import (
     dynamic_scale_quantize,
     minmax_activation_quantize,
 )
+from qgplm.quant.registry import WEIGHT_QUANTIZERS, register_weight_quantizer
 from qgplm.quant.token_mask import activation_mask
 
-WEIGHT_QUANTIZERS: dict[str, type[WeightQuantizer]] = {}
-
-
-def register_weight_quantizer(name: str) -> Callable[[type], type]:
-    """Class decorator: make a quantizer available as `method.quantizer=<name>`."""
-
-    def wrap(cls: type) -> type:
-        cls.method = name
-        WEIGHT_QUANTIZERS[name] = cls
-        return cls
-
-    return wrap
+__all__ = ["WEIGHT_QUANTIZERS", "ActivationQuantizer", "DynamicScaleQuantizer", "WeightQuantizer",
+           "register_weight_quantizer"]
 
 
 class WeightQuantizer(nn.Module):
     """Base class: bit-width, on/off switch, ramp-in factor and the `initialized` flag."""
 
-    method: ClassVar[str] = "base"
-    # bit-widths the method can represent (checked once, at config validation)
+    # the kind's registered name (set by register_weight_quantizer): the rule it quantizes with,
+    # as the export manifest records it; distinct from the `method=` config group, which picks a
+    # whole recipe (quantizer + losses + warm-up)
+    scheme: ClassVar[str] = "base"
+    # bit-widths the kind can represent (checked once, at config validation)
     supported_bits: ClassVar[tuple[int, ...]] = tuple(range(2, 9))
 
     def __init__(self, bits: int, num_rows: int | None = None):
