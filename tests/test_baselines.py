@@ -644,7 +644,7 @@ def test_method_configs_compose_and_build(method, tmp_path):
         assert q.full_grid == (method == "quantgpt_full_grid")
 
 
-# ================================================================================ LAQ: one alpha per step (issue 14)
+# ================================================================================ LAQ: one alpha per step
 
 
 def _laq_tied_model():
@@ -712,7 +712,7 @@ def test_laq_alpha_solved_once_per_optimizer_step_under_gradient_accumulation():
 
 
 def test_pact_and_quantgpt_default_initial_grids_differ():
-    """What quant/baselines.py's docstring says (issue 14): PACT's initial alpha is QuantGPT's
+    """What quant/baselines.py's docstring says: PACT's initial alpha is QuantGPT's
     fallback 1.4 mean|w| at 2 bits, while QuantGPT's default (gamma_init=mse) gamma is about 1.53;
     only gamma_init=fixed gives QuantGPT PACT's grid."""
     def init_scales(quantizer, **kwargs):

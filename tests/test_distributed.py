@@ -7,7 +7,7 @@
   float summation order;
 - a Hydra multirun of DDP jobs gives every job its own finished run dir;
 - tasks whose batches are padded per batch (XSum with BART, Persona-Chat) run with the
-  contrastive loss on: the ranks' memory-bank updates have different lengths (issue #14).
+  contrastive loss on: the ranks' memory-bank updates have different lengths.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Bad input and failures end in one clear error naming the fix, and nothing earlier is lost.
 
-Unit checks of the model/tokenizer loaders first, then (issue #7) the table of user mistakes run
+Unit checks of the model/tokenizer loaders first, then the table of user mistakes run
 through the real command line, then failures injected in-process (NaN loss, negative gamma,
 out of GPU memory, full or read-only disk).
 """
@@ -90,7 +90,7 @@ def test_nan_loss_stops_with_step_and_term(tiny_cfg):
         module.training_step({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}, 0)
 
 
-# ====================================================================== issue #7: the user's mistakes
+# ====================================================================== the user's mistakes
 # Every case goes through the real command line (`python -m qgplm.run ...`, offline) and must end
 # with exit code 2, exactly one `error:` line on stderr that names the fix, no traceback, and every
 # file of the earlier runs (teacher run, student run, an existing run dir, a sweep) untouched.
@@ -129,7 +129,7 @@ CASES = [
      ["method.quantizer=my_pkg.quant.MyQuantizer: cannot import my_pkg.quant", "PYTHONPATH"], True),
     ("unparsable-override", ["bits=["], ["cannot parse the command line", "key=value"], True),
     ("unknown-stage", ["stage=train"], ["stage='train' is not valid: choose one of teacher, quantize, pipeline"], True),
-    # ---- issue 14: a config group given something other than an option name (crashed inside Hydra)
+    # ---- a config group given something other than an option name (crashed inside Hydra)
     ("bits-group-float", ["bits=3.5"], ["bits=3.5 is not an option: choose one of 2, 4, 8, fp", "bits.weight"], True),
     ("bits-group-float-integral", ["bits=2.0"], ["bits=2.0 is not an option: choose one of 2, 4, 8, fp"], True),
     ("model-group-number", ["model=1"], ["model=1 is not an option: choose one of bart, causal_lm, gpt2"], True),
@@ -139,7 +139,7 @@ CASES = [
     ("group-sweep-with-a-number", ["-m", "bits=fp,2.0"], ["bits=2.0 is not an option: choose one of 2, 4, 8, fp"],
      True),
     ("group-choice-of-numbers", ["-m", "bits=choice(2,4)"], ["is not a sweep of options", "-m bits=2,4"], True),
-    # ---- issue 14: numbers outside their range (trained without a word, or crashed in Lightning)
+    # ---- numbers outside their range (trained without a word, or crashed in Lightning)
     ("weight-decay-negative", ["teacher.optim.weight_decay=-0.1"],
      ["teacher.optim.weight_decay must be >= 0, got -0.1: set teacher.optim.weight_decay to a number >= 0"], True),
     ("scale-lr-zero", ["student.optim.scale_lr=0"], ["student.optim.scale_lr must be a positive number"], True),
@@ -159,7 +159,7 @@ CASES = [
     ("gradient-clip-negative", ["trainer.gradient_clip_val=-1"], ["trainer.gradient_clip_val must be >= 0 or null"],
      True),
     ("precision-unknown", ["trainer.precision=bogus"], ["trainer.precision='bogus' is not valid: choose one of"], True),
-    # ---- issue 14: indices into the model, checked before anything trains (crashed after the teacher trained)
+    # ---- indices into the model, checked before anything trains (crashed after the teacher trained)
     ("distill-layer-beyond-the-model", ["method.distill.layer=5"],
      ["method.distill.layer=5 is beyond the model's 1 layers", "index in -2..1"], True),
     ("distill-layer-beyond-the-teacher", ["stage=quantize", "teacher_path={teacher_run}", "method.distill.layer=-3"],

@@ -1,4 +1,4 @@
-"""Packed export (issue #5): bit packing, exactness of the loaded model, byte-identical re-export,
+"""Packed export: bit packing, exactness of the loaded model, byte-identical re-export,
 checksum refusal, int8 inference, CLI export + generate."""
 
 from __future__ import annotations

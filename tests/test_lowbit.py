@@ -1,4 +1,4 @@
-"""Low-bit inference (mode="lowbit", issue #13): MatMulNBits packing against hand-computed bytes,
+"""Low-bit inference (mode="lowbit"): MatMulNBits packing against hand-computed bytes,
 the runtime's weights equal the student's quantized weights, codes held at their bit-width, GPT-2
 and BART logits / perplexity / generation close to the fake-quant student, one-line errors."""
 

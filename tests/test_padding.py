@@ -1,4 +1,4 @@
-"""Issue #14.1: padding never changes a real token's output (activation ranges skip pad positions).
+"""Padding never changes a real token's output (activation ranges skip pad positions).
 
 Each case runs a model on a padded batch and on the same batch with 16 more pad positions (holding
 random token ids: what sits at a masked position must not matter either), and

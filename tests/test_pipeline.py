@@ -173,7 +173,7 @@ def test_quantize_attention_through_the_config(tiny_cfg):
 
 def test_memory_bank_updated_once_per_optimizer_step_with_gradient_accumulation(tiny_cfg, tmp_path):
     """trainer.accumulate_grad_batches=2: the bank moves after the optimizer step, not after every
-    micro-batch (issue 14). Both micro-batches of a step query the bank as it was at the step's
+    micro-batch. Both micro-batches of a step query the bank as it was at the step's
     start, and the step writes the updates of both at once, as one batch of twice the size would
     (a token in both micro-batches gets the mean of its queries)."""
     import copy
