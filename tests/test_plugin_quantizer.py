@@ -100,3 +100,17 @@ def test_only_laq_among_qgplm_kinds_brings_a_callback():
         types = [type(cb) for cb in QUANTIZER_KINDS[name].callbacks()]
         assert types == ([LAQCurvatureCallback] if name == "laq" else []), name
         assert QUANTIZER_KINDS[name].export == "codes"
+
+
+def test_plugin_task_and_plugin_quantizer_together(tmp_path):
+    """Both extension points at once, from the tests folder only: the toy task kind trained and
+    evaluated with the toy quantizer, through the command line (fast_dev_run)."""
+    proc = run_cli([SEARCH_PATH, "task=toy", "method=toy", "model.config.n_layer=1", "model.config.n_embd=32",
+                    "model.config.n_head=2", "model.config.n_positions=32", "logger=none", "generate_samples=0",
+                    "trainer.fast_dev_run=true", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["task"] == "toy" and metrics["config"]["method"] == "toy"
+    assert "next_token_accuracy" in metrics["student"] and metrics["counting"] == {"sentences_per_split": 200}
+    manifest = json.loads((tmp_path / "export" / "qgplm_export.json").read_text())
+    assert manifest["quantizer"] == ["toy"]
