@@ -173,7 +173,7 @@ def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: Any, evalua
     extra: list[pl.Callback] = [ScaleWarmupCallback(cfg.method.warmup.hold_steps, cfg.method.warmup.ramp_steps)]
     if cfg.method.distill.uses_contrastive:
         extra.append(MemoryBankCallback(cfg.method.distill.momentum, encoder=cfg.method.distill.contrast_encoder))
-    extra += quantizer_kind(cfg.method.quantizer).callbacks()  # what the quantizer kind needs (LAQ: its curvature)
+    extra += quantizer_kind(cfg.method.quantizer).make_callbacks()  # what the quantizer kind needs (LAQ: its curvature)
     trainer = runner.trainer("student", cfg.student, extra)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     test = runner.test(trainer, module, dm, fitted=True)

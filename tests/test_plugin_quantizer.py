@@ -97,7 +97,7 @@ def test_only_laq_among_qgplm_kinds_brings_a_callback():
     builtin = {"quantgpt", "pact", "lsq", "laq", "twn", "minmax", "quantgpt_pact_grad"}
     assert builtin <= set(QUANTIZER_KINDS)
     for name in builtin:
-        types = [type(cb) for cb in QUANTIZER_KINDS[name].callbacks()]
+        types = [type(cb) for cb in QUANTIZER_KINDS[name].make_callbacks()]
         assert types == ([LAQCurvatureCallback] if name == "laq" else []), name
         assert QUANTIZER_KINDS[name].export == "codes"
 

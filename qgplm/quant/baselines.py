@@ -320,14 +320,8 @@ class STEClipQuantize(torch.autograd.Function):
         return grad_out * inside, None, None, None
 
 
-def _laq_callbacks() -> list:
-    """LAQ's alpha needs D = sqrt(Adam's second moment), read from the optimizer every step."""
-    from qgplm.callbacks.laq import LAQCurvatureCallback  # the callback imports this module
-
-    return [LAQCurvatureCallback()]
-
-
-@register_weight_quantizer("laq", callbacks=_laq_callbacks)
+# LAQ's alpha needs D = sqrt(Adam's second moment), fed from the optimizer every step by its callback
+@register_weight_quantizer("laq", callbacks="qgplm.callbacks.laq.LAQCurvatureCallback")
 class LAQQuantizer(WeightQuantizer):
     """Loss-aware quantization: alpha from the curvature-weighted alternating closed form.
 

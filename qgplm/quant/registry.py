@@ -39,14 +39,24 @@ class QuantizerKind:
 
     factory: the quantizer class, called as factory(bits, num_rows=..., **method.quantizer_kwargs).
     callbacks: builds the extra Lightning callbacks training with this kind needs (LAQ: the
-        curvature feed from Adam's state); called once per student fit.
+        curvature feed from Adam's state); called once per student fit. Either a callable
+        returning a list, or the import path of a callable (a Callback class, say) made with no
+        arguments: the path keeps qgplm.quant from importing the Lightning layer above it.
     export: how a packed export treats its weights (EXPORT_HANDLING).
     """
 
     name: str
     factory: type[WeightQuantizer]
-    callbacks: Callable[[], list[Any]] = no_callbacks
+    callbacks: Callable[[], list[Any]] | str = no_callbacks
     export: str = "codes"
+
+    def make_callbacks(self) -> list[Any]:
+        """A fresh list of this kind's training callbacks."""
+        if not isinstance(self.callbacks, str):
+            return list(self.callbacks())
+        module, _, attr = self.callbacks.rpartition(".")
+        made = getattr(importlib.import_module(module), attr)()
+        return made if isinstance(made, list) else [made]
 
     @property
     def supported_bits(self) -> tuple[int, ...]:
@@ -58,7 +68,7 @@ QUANTIZER_KINDS: dict[str, QuantizerKind] = {}
 WEIGHT_QUANTIZERS: dict[str, type[WeightQuantizer]] = {}
 
 
-def register_weight_quantizer(name: str, *, callbacks: Callable[[], list[Any]] = no_callbacks,
+def register_weight_quantizer(name: str, *, callbacks: Callable[[], list[Any]] | str = no_callbacks,
                               export: str = "codes") -> Callable[[type], type]:
     """Class decorator: make a quantizer available as `method.quantizer=<name>`, with what it needs."""
     if export not in EXPORT_HANDLING:
