@@ -315,3 +315,15 @@ def test_cli_export_and_generate(tmp_path):
         main([f"dir={tmp_path / 'g'}", "prompt=Hello", "mode=gguf", "max_new_tokens=500"])
     with pytest.raises(QgplmError, match="block_size= only applies to mode=lowbit"):
         main([f"dir={tmp_path / 'g'}", "prompt=Hello", "mode=gguf", "block_size=32"])
+
+
+@pytest.mark.parametrize("module, call, match", [
+    ("gguf", lambda tmp: export_gguf(student(2), tmp / "g"), "format=gguf needs the gguf package.*format=onnx"),
+    ("llama_cpp", lambda tmp: LlamaCppLM(tmp), "needs llama-cpp-python.*mode=lowbit"),
+])
+def test_missing_runtime_is_one_line(tmp_path, monkeypatch, module, call, match):
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    with pytest.raises(QgplmError, match=match):
+        call(tmp_path)

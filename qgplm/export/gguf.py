@@ -45,7 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qgplm.errors import QgplmError
+from qgplm.errors import QgplmError, optional_module
+from qgplm.export.convert import empty_out_dir, via_packed_export
 from qgplm.export.format import MANIFEST, WEIGHTS, read_manifest, verify_checksums
 
 GGUF_FILE = "model.gguf"
@@ -55,21 +56,13 @@ MIB = 2**20
 
 
 def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise QgplmError("format=gguf needs the gguf package: pip install gguf (make install does it), "
-                         "or use format=onnx") from None
-    return gguf
+    return optional_module("gguf", "format=gguf needs the gguf package: pip install gguf (make install does "
+                                   "it), or use format=onnx")
 
 
 def _llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise QgplmError("running a GGUF file needs llama-cpp-python: pip install llama-cpp-python "
-                         "(make install does it), or use mode=lowbit") from None
-    return llama_cpp
+    return optional_module("llama_cpp", "running a GGUF file needs llama-cpp-python: pip install "
+                                        "llama-cpp-python (make install does it), or use mode=lowbit")
 
 
 def check_supported(model_class: str, config: Any = None) -> None:
@@ -290,24 +283,10 @@ def export_gguf(source: Any, out_dir: str | Path, tokenizer: Any = None, **expor
     """Write `<out_dir>/model.gguf` of `source`: a qgplm export directory, or a model (a trained
     student, or a float model quantized post-training with `export_kwargs` as in `export_model`),
     exported to the packed format first in a temporary directory."""
-    import tempfile
-
     _gguf()
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise QgplmError(f"export dir {out} is not empty: choose a new out=<dir>")
-    if isinstance(source, (str, Path)):
-        if tokenizer is not None or export_kwargs:
-            raise QgplmError("a qgplm export directory already holds its tokenizer and bit-widths: pass only the dir")
-        return _from_dir(Path(source), out)
-    check_supported(type(source).__name__, source.config)
-    if any(type(m).__name__.startswith(("LowBit", "Int8")) for m in source.modules()):
-        raise QgplmError("cannot export a model loaded in lowbit or int8 mode: pass its qgplm export directory")
-    from qgplm.export.exporter import export_model
-
-    with tempfile.TemporaryDirectory(prefix="qgplm-gguf-") as tmp:
-        export_model(source, Path(tmp) / "packed", tokenizer, **export_kwargs)
-        return _from_dir(Path(tmp) / "packed", out)
+    out = empty_out_dir(out_dir)
+    return via_packed_export(source, tokenizer, export_kwargs, lambda m: check_supported(type(m).__name__, m.config),
+                             lambda d: _from_dir(d, out), "qgplm-gguf-")
 
 
 def _from_dir(export_dir: Path, out: Path) -> GGUFReport:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qgplm.errors import QgplmError
+from qgplm.errors import QgplmError, optional_module
 
 KERNEL_BITS = (2, 4, 8)
 DEFAULT_BLOCK = 64
@@ -45,12 +45,8 @@ _ALIGN = 65536  # external-data offsets aligned to the page/allocation granulari
 
 
 def _ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise QgplmError("mode=lowbit needs onnxruntime: pip install onnxruntime (make install does it), "
-                         "or use mode=int8 / mode=dequantize") from None
-    return onnxruntime
+    return optional_module("onnxruntime", "mode=lowbit needs onnxruntime: pip install onnxruntime (make install "
+                                          "does it), or use mode=int8 / mode=dequantize")
 
 
 def kernel_bits(bits: int) -> int:

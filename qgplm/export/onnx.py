@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from qgplm.errors import QgplmError
+from qgplm.errors import QgplmError, optional_module
+from qgplm.export.convert import empty_out_dir, via_packed_export
 from qgplm.export.format import MANIFEST, WEIGHTS, read_manifest, verify_checksums
 from qgplm.export.lowbit import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK, block_scales, kernel_bits, pack_rows
 
@@ -58,12 +58,8 @@ MIB = 2**20
 
 
 def _onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise QgplmError("format=onnx needs the onnx package: pip install onnx onnxruntime "
-                         "(make install does it)") from None
-    return onnx
+    return optional_module("onnx", "format=onnx needs the onnx package: pip install onnx onnxruntime "
+                                   "(make install does it)")
 
 
 def check_supported(model_class: str) -> None:
@@ -463,23 +459,11 @@ def export_onnx(source: Any, out_dir: str | Path, tokenizer: Any = None, *, bloc
     student, or a float model quantized post-training with `export_kwargs` as in `export_model`),
     exported to the packed format first in a temporary directory."""
     _onnx()
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise QgplmError(f"export dir {out} is not empty: choose a new out=<dir>")
+    out = empty_out_dir(out_dir)
     if block_size < 16 or block_size & (block_size - 1):
         raise QgplmError(f"block_size={block_size} is not valid: use a power of 2 >= 16 (64 is the fast default)")
-    if isinstance(source, (str, Path)):
-        if tokenizer is not None or export_kwargs:
-            raise QgplmError("a qgplm export directory already holds its tokenizer and bit-widths: pass only the dir")
-        return _from_dir(Path(source), out, block_size, accuracy_level)
-    check_supported(type(source).__name__)
-    if any(type(m).__name__.startswith(("LowBit", "Int8")) for m in source.modules()):
-        raise QgplmError("cannot export a model loaded in lowbit or int8 mode: pass its qgplm export directory")
-    from qgplm.export.exporter import export_model
-
-    with tempfile.TemporaryDirectory(prefix="qgplm-onnx-") as tmp:
-        export_model(source, Path(tmp) / "packed", tokenizer, **export_kwargs)
-        return _from_dir(Path(tmp) / "packed", out, block_size, accuracy_level)
+    return via_packed_export(source, tokenizer, export_kwargs, lambda m: check_supported(type(m).__name__),
+                             lambda d: _from_dir(d, out, block_size, accuracy_level), "qgplm-onnx-")
 
 
 def _from_dir(export_dir: Path, out: Path, block_size: int, accuracy_level: int) -> OnnxReport:

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from qgplm.quant import WeightQuantizer, register_weight_quantizer
+from qgplm.quant.baselines import IdentitySTE
 from qgplm.quant.functional import levels
 
 
@@ -36,18 +37,6 @@ class ToyBatchCounter(Callback):
         self.batches = state_dict["batches"]
 
 
-class _CodesTimesStep(torch.autograd.Function):
-    """Forward: exactly codes * step (what the export stores); backward: identity to w."""
-
-    @staticmethod
-    def forward(ctx, w: Tensor, codes: Tensor, step: Tensor) -> Tensor:
-        return codes * step
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        return grad_out, None, None
-
-
 @register_weight_quantizer("toy", callbacks=lambda: [ToyBatchCounter()])
 class ToyQuantizer(WeightQuantizer):
     def __init__(self, bits: int, num_rows: int | None = None, scale: float = 2.0):
@@ -63,7 +52,7 @@ class ToyQuantizer(WeightQuantizer):
 
     def quantize(self, w: Tensor) -> Tensor:
         codes, step = self.codes(w.detach())
-        return _CodesTimesStep.apply(w, codes, step)
+        return IdentitySTE.apply(w, codes, step)  # forward exactly codes * step, as exported
 
     @torch.no_grad()
     def initialize(self, w: Tensor) -> None:

@@ -1,0 +1,38 @@
+"""The shared front of the runtime formats (format=onnx, format=gguf): each converts a packed qgplm
+export directory, so a model passed instead is exported to the packed format first, in a
+temporary directory, and the same checks guard every format."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qgplm.errors import QgplmError
+
+
+def empty_out_dir(out_dir: str | Path) -> Path:
+    """The output folder, refused if it already holds files (nothing of the user's is overwritten)."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise QgplmError(f"export dir {out} is not empty: choose a new out=<dir>")
+    return out
+
+
+def via_packed_export(source: Any, tokenizer: Any, export_kwargs: dict[str, Any], check_model: Callable[[Any], None],
+                      convert: Callable[[Path], Any], prefix: str) -> Any:
+    """convert(<packed export dir>) of `source`: a qgplm export directory, or a model (a trained
+    student, or a float model quantized post-training with `export_kwargs` as in `export_model`)."""
+    if isinstance(source, (str, Path)):
+        if tokenizer is not None or export_kwargs:
+            raise QgplmError("a qgplm export directory already holds its tokenizer and bit-widths: pass only the dir")
+        return convert(Path(source))
+    check_model(source)
+    if any(type(m).__name__.startswith(("LowBit", "Int8")) for m in source.modules()):
+        raise QgplmError("cannot export a model loaded in lowbit or int8 mode: pass its qgplm export directory")
+    from qgplm.export.exporter import export_model
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        export_model(source, Path(tmp) / "packed", tokenizer, **export_kwargs)
+        return convert(Path(tmp) / "packed")
