@@ -13,17 +13,36 @@ An evaluator is `reset()` at the start of a test loop, `update(model, batch)`-ed
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qgplm.checks import at_least, finite, positive
 from qgplm.data.lm import IGNORE_INDEX
 from qgplm.errors import QgplmError
 
-if TYPE_CHECKING:
-    from qgplm.tasks.summarization import GenerationConfig
+
+@dataclass
+class GenerationConfig:
+    """Beam search of the summarization evaluation (HF `generate`); defaults: BART's XSum recipe."""
+
+    num_beams: int = 6
+    max_length: int = 62
+    min_length: int = 11
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 3
+
+    def validate(self) -> None:
+        positive("task.generation.num_beams", self.num_beams)
+        positive("task.generation.max_length", self.max_length)
+        if not 0 <= self.min_length <= self.max_length:
+            raise QgplmError(f"task.generation.min_length must be in 0..max_length ({self.max_length}), "
+                             f"got {self.min_length}")
+        at_least("task.generation.no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        finite("task.generation.length_penalty", self.length_penalty)
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 

@@ -12,17 +12,15 @@ Protocol (also written into metrics.json by `protocol()`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qgplm.data.sampling import loader_options, resumable_loader
+from qgplm.data.settings import LMSettings
 from qgplm.errors import QgplmError
-
-if TYPE_CHECKING:
-    from qgplm.tasks.lm import LMTaskConfig
 
 IGNORE_INDEX = -100
 
@@ -79,7 +77,7 @@ class EvalWindows(Dataset):
 class LMDataModule(pl.LightningDataModule):
     """Blocks for training and strided windows for validation/test, from raw split texts."""
 
-    def __init__(self, task: LMTaskConfig, tokenizer: Any, texts: dict[str, str], seed: int = 0):
+    def __init__(self, task: LMSettings, tokenizer: Any, texts: dict[str, str], seed: int = 0):
         super().__init__()
         self.task, self.tokenizer, self.seed = task, tokenizer, seed
         self.ids: dict[str, torch.Tensor] = {}

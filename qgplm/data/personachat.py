@@ -26,21 +26,19 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from qgplm.data.examples import ExampleDataModule
 from qgplm.data.lm import IGNORE_INDEX
+from qgplm.data.settings import PersonaChatSettings
 from qgplm.errors import QgplmError
-
-if TYPE_CHECKING:
-    from qgplm.tasks.persona_chat import PersonaChatTaskConfig as TaskConfig
 
 DEFAULT_FILE = "personachat_self_original.json"
 
 
-def load_dialogs(task: TaskConfig) -> dict[str, list[dict[str, Any]]]:
+def load_dialogs(task: PersonaChatSettings) -> dict[str, list[dict[str, Any]]]:
     if task.data_dir is None:
         raise QgplmError(f"task={task.name} reads the ConvAI2 JSON ({DEFAULT_FILE}): pass task.data_dir=<folder "
                          f"holding it> (see README, Persona-Chat)")
@@ -71,7 +69,8 @@ def load_dialogs(task: TaskConfig) -> dict[str, list[dict[str, Any]]]:
 
 
 class PersonaChatDataModule(ExampleDataModule):
-    def __init__(self, task: TaskConfig, tokenizer: Any, dialogs: dict[str, list[dict[str, Any]]], seed: int = 0):
+    def __init__(self, task: PersonaChatSettings, tokenizer: Any, dialogs: dict[str, list[dict[str, Any]]],
+                 seed: int = 0):
         super().__init__()
         self.task, self.tok, self.seed = task, tokenizer, seed
         if tokenizer.eos_token_id is None:

@@ -30,17 +30,15 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from qgplm.data.examples import ExampleDataModule
 from qgplm.data.lm import IGNORE_INDEX
+from qgplm.data.settings import SummarizationSettings
 from qgplm.errors import QgplmError
 from qgplm.hub import hub_reachable
-
-if TYPE_CHECKING:
-    from qgplm.tasks.summarization import SummarizationTaskConfig as TaskConfig
 
 log = logging.getLogger("qgplm")
 SPLITS = ("train", "valid", "test")
@@ -50,7 +48,7 @@ URL_LISTS = {"train": "all_train.txt", "valid": "all_val.txt", "test": "all_test
 
 
 # ------------------------------------------------------------------------------ reading
-def load_examples(task: TaskConfig) -> tuple[dict[str, list[Example]], str]:
+def load_examples(task: SummarizationSettings) -> tuple[dict[str, list[Example]], str]:
     """The three splits of a summarization task, and a one-line description of where they came from."""
     if task.data_dir is not None:
         splits, how = read_local(task, Path(task.data_dir).expanduser(), "task.data_dir")
@@ -72,7 +70,7 @@ def load_examples(task: TaskConfig) -> tuple[dict[str, list[Example]], str]:
     return splits, how
 
 
-def read_local(task: TaskConfig, root: Path, key: str) -> tuple[dict[str, list[Example]], str]:
+def read_local(task: SummarizationSettings, root: Path, key: str) -> tuple[dict[str, list[Example]], str]:
     if not root.is_dir():
         raise QgplmError(f"{key}={root} is not a directory: point it at the folder holding the {task.name} files")
     if all(s in task.files for s in SPLITS):
@@ -151,7 +149,7 @@ def _official_cnndm_split(root: Path, stories: list[Path]) -> dict[str, list[Exa
     return out
 
 
-def split_examples(examples: list[Example], task: TaskConfig) -> dict[str, list[Example]]:
+def split_examples(examples: list[Example], task: SummarizationSettings) -> dict[str, list[Example]]:
     n_test, n_valid = task.test_size or 0, task.valid_size or 0
     if not n_test or not n_valid:
         raise QgplmError(f"a local {task.name} sample without splits needs task.valid_size and task.test_size "
@@ -164,7 +162,7 @@ def split_examples(examples: list[Example], task: TaskConfig) -> dict[str, list[
     return {"test": order[:n_test], "valid": order[n_test : n_test + n_valid], "train": order[n_test + n_valid :]}
 
 
-def _read_hub(task: TaskConfig) -> dict[str, list[Example]]:
+def _read_hub(task: SummarizationSettings) -> dict[str, list[Example]]:
     try:
         import datasets
     except ImportError:
@@ -197,8 +195,8 @@ class Seq2SeqDataModule(ExampleDataModule):
     """Summarization batches: train shuffled; valid/test in order, each row carrying its `index`
     into `self.examples[split]` (to attach generated summaries to their references)."""
 
-    def __init__(self, task: TaskConfig, tokenizer: Any, examples: dict[str, list[Example]], source: str = "",
-                 seed: int = 0):
+    def __init__(self, task: SummarizationSettings, tokenizer: Any, examples: dict[str, list[Example]],
+                 source: str = "", seed: int = 0):
         super().__init__()
         self.task, self.tokenizer, self.seed, self.source = task, tokenizer, seed, source
         self.examples = examples

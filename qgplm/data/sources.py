@@ -8,26 +8,23 @@ the perplexity protocol is the same wherever the text comes from.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from qgplm.data.settings import LMSettings
 from qgplm.errors import QgplmError
 from qgplm.hub import hub_reachable
-
-if TYPE_CHECKING:
-    from qgplm.tasks.lm import LMTaskConfig
 
 SPLITS = ("train", "valid", "test")
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 
 
-def load_texts(task: LMTaskConfig) -> dict[str, str]:
+def load_texts(task: LMSettings) -> dict[str, str]:
     """The three splits of `task` as text: `task.data_dir` + `task.files`, else the hub."""
     if task.data_dir is not None:
         return _read_local(task)
     return _read_hub(task)
 
 
-def _read_local(task: LMTaskConfig) -> dict[str, str]:
+def _read_local(task: LMSettings) -> dict[str, str]:
     root = Path(task.data_dir).expanduser()
     if not root.is_dir():
         raise QgplmError(f"task.data_dir={task.data_dir} is not a directory: point it at the folder "
@@ -49,7 +46,7 @@ def _read_local(task: LMTaskConfig) -> dict[str, str]:
     return out
 
 
-def _read_hub(task: LMTaskConfig) -> dict[str, str]:
+def _read_hub(task: LMSettings) -> dict[str, str]:
     if not task.hub_path:
         raise QgplmError(f"task {task.name} has no hub data set: pass task.data_dir=<folder with its files>")
     if not hub_reachable():

@@ -57,6 +57,16 @@ class TaskConfig:
         return []
 
 
+class BlockSized:
+    """Mixin of the task configs whose sequences are blocks of `block_size` tokens (language
+    modelling, next utterance): that one length must fit the model's positions."""
+
+    block_size: int
+
+    def sequence_lengths(self) -> list[tuple[str, int]]:
+        return [("task.block_size", self.block_size)]
+
+
 class TaskDataModule(Protocol):
     """What the pipeline needs of a task's datamodule besides Lightning's loaders."""
 

@@ -14,13 +14,13 @@ import torch
 from qgplm.checks import count_or_none, positive
 from qgplm.data.lm import LMDataModule
 from qgplm.errors import QgplmError
-from qgplm.tasks.base import Task, TaskConfig
+from qgplm.tasks.base import BlockSized, Task, TaskConfig
 
 SAMPLE_PROMPT_TOKENS, SAMPLE_NEW_TOKENS = 12, 16  # generate_samples: prompt and continuation lengths
 
 
 @dataclass
-class LMTaskConfig(TaskConfig):
+class LMTaskConfig(BlockSized, TaskConfig):
     """A language-modelling corpus: `data_dir` + `files` (split -> file), else the hub data set."""
 
     _target_: str = "qgplm.tasks.lm.LanguageModelling"
@@ -41,9 +41,6 @@ class LMTaskConfig(TaskConfig):
             # consecutive windows must share a token: a window's first token is context only
             raise QgplmError(f"task.eval_stride must be in 1..block_size - 1 ({self.block_size - 1}), got "
                              f"{self.eval_stride}: lower it or leave it null (block_size - 1)")
-
-    def sequence_lengths(self) -> list[tuple[str, int]]:
-        return [("task.block_size", self.block_size)]
 
 
 class LanguageModelling(Task):

@@ -12,13 +12,13 @@ from typing import Any
 from qgplm.checks import at_least, count_or_none, positive
 from qgplm.data.personachat import PersonaChatDataModule
 from qgplm.errors import QgplmError
-from qgplm.tasks.base import Task, TaskConfig
+from qgplm.tasks.base import BlockSized, Task, TaskConfig
 
 Dialogs = dict[str, list[dict[str, Any]]]
 
 
 @dataclass
-class PersonaChatTaskConfig(TaskConfig):
+class PersonaChatTaskConfig(BlockSized, TaskConfig):
     """Dialogs of the ConvAI2 JSON in `data_dir` (`files.json` for another file name)."""
 
     _target_: str = "qgplm.tasks.persona_chat.NextUtterance"
@@ -37,9 +37,6 @@ class PersonaChatTaskConfig(TaskConfig):
         at_least("task.max_history", self.max_history, 0)
         if self.num_candidates == 1:
             raise QgplmError("task.num_candidates=1 leaves nothing to rank: use >= 2 or null (all)")
-
-    def sequence_lengths(self) -> list[tuple[str, int]]:
-        return [("task.block_size", self.block_size)]
 
 
 class NextUtterance(Task):

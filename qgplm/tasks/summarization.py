@@ -10,33 +10,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from qgplm.checks import at_least, choice, count_or_none, finite, positive
+from qgplm.checks import choice, count_or_none, positive
 from qgplm.data.seq2seq import Example, Seq2SeqDataModule
-from qgplm.errors import QgplmError
+from qgplm.evaluation import GenerationConfig
 from qgplm.tasks.base import Task, TaskConfig
 
 log = logging.getLogger("qgplm")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-
-
-@dataclass
-class GenerationConfig:
-    """Beam search of the summarization evaluation (HF `generate`); defaults: BART's XSum recipe."""
-
-    num_beams: int = 6
-    max_length: int = 62
-    min_length: int = 11
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 3
-
-    def validate(self) -> None:
-        positive("task.generation.num_beams", self.num_beams)
-        positive("task.generation.max_length", self.max_length)
-        if not 0 <= self.min_length <= self.max_length:
-            raise QgplmError(f"task.generation.min_length must be in 0..max_length ({self.max_length}), "
-                             f"got {self.min_length}")
-        at_least("task.generation.no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
-        finite("task.generation.length_penalty", self.length_penalty)
 
 
 @dataclass

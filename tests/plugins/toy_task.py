@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader
 from qgplm.checks import positive
 from qgplm.data.lm import IGNORE_INDEX, TrainBlocks, tokenize_stream
 from qgplm.tasks import Task, TaskConfig
+from qgplm.tasks.base import BlockSized
 
 NUMBERS = "zero one two three four five six seven eight nine".split()
 
 
 @dataclass
-class CountingConfig(TaskConfig):
+class CountingConfig(BlockSized, TaskConfig):  # BlockSized: block_size must fit the positions
     _target_: str = "tests.plugins.toy_task.Counting"
     sentences: int = 200  # per split
     block_size: int = 16
@@ -32,9 +33,6 @@ class CountingConfig(TaskConfig):
         super().validate()
         positive("task.sentences", self.sentences)
         positive("task.block_size", self.block_size)
-
-    def sequence_lengths(self) -> list[tuple[str, int]]:
-        return [("task.block_size", self.block_size)]
 
 
 class CountingData(pl.LightningDataModule):
