@@ -80,6 +80,32 @@ def test_soft_cross_entropy_temperature_scaling():
     assert got == pytest.approx(4 * math.log(2), abs=1e-6)
 
 
+def test_soft_cross_entropy_gradient_hand_computed():
+    # d/ds of T^2 H(p_T, softmax(s/T)) = T (softmax(s/T) - p_T): s = 0 -> q = [1/2, 1/2], p = [1/4, 3/4]
+    for temp, t in ((1.0, [0.0, math.log(3)]), (2.0, [0.0, 2 * math.log(3)])):
+        s = torch.zeros(1, 1, 2, requires_grad=True)
+        soft_cross_entropy(s, torch.tensor([[t]]), temperature=temp).backward()
+        assert s.grad.flatten().tolist() == pytest.approx([temp * 0.25, -temp * 0.25], abs=1e-6)
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0, 0.5])
+def test_soft_cross_entropy_equals_the_composed_formula(temp):
+    """The fused forward/backward (losses._SoftCrossEntropy) against autograd through
+    log_softmax / softmax / product / sum, in float64: value and gradient, with a mask."""
+    from qgplm.distill.losses import _SoftCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    s = (3 * torch.randn(2, 5, 11, generator=g, dtype=torch.float64)).requires_grad_()
+    t = 3 * torch.randn(2, 5, 11, generator=g, dtype=torch.float64)
+    w = torch.rand(2, 5, generator=g, dtype=torch.float64)
+    ref = (-(torch.softmax(t / temp, -1) * torch.log_softmax(s / temp, -1)).sum(-1) * temp**2 * w).sum()
+    (ref_grad,) = torch.autograd.grad(ref, s)
+    got = (_SoftCrossEntropy.apply(s, t, temp) * w).sum()
+    (got_grad,) = torch.autograd.grad(got, s)
+    assert torch.allclose(got, ref, atol=1e-12, rtol=0) and torch.allclose(got_grad, ref_grad, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda x: _SoftCrossEntropy.apply(x, t, temp), (s,))
+
+
 def test_memory_bank_lazy_init_and_momentum():
     bank = MemoryBank(vocab_size=10, hidden_size=2, momentum=0.5)
     ids = torch.tensor([[3, 4]])

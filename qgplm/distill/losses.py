@@ -20,13 +20,37 @@ def soft_cross_entropy(
 
 
 def _soft_cross_entropy_fp32(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None, t: float) -> Tensor:
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    p_t = F.softmax(teacher_logits.float() / t, dim=-1)
-    per_token = -(p_t * log_p_s).sum(dim=-1) * (t * t)
+    per_token = _SoftCrossEntropy.apply(student_logits.float(), teacher_logits.float().detach(), t)
     if mask is None:
         return per_token.mean()
     mask = mask.to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """Per-token t^2 * (-sum_v p_T(v) log p_S(v)) over the last (vocabulary) dim, written out:
+
+        forward   logsumexp(s / t) - <softmax(z_T / t), s / t>      (times t^2)
+        backward  d/ds = t * (softmax(s / t) - p_T) * g
+
+    The same value and gradient as the composed log_softmax / softmax / product / sum (tested in
+    float64), in about half the passes over the [tokens, vocabulary] tensors, which are the
+    largest of a distillation step (16 x 128 x 8192 floats in the CPU benchmark): no tensor the
+    size of the logits is kept besides the teacher's probabilities. The teacher side gets no
+    gradient (it is frozen)."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, z_t: Tensor, t: float) -> Tensor:
+        s_t = s / t if t != 1.0 else s
+        p_t = torch.softmax(z_t / t if t != 1.0 else z_t, dim=-1)
+        ctx.save_for_backward(s_t, p_t)
+        ctx.t = t
+        return (torch.logsumexp(s_t, dim=-1) - torch.linalg.vecdot(p_t, s_t)) * (t * t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        s_t, p_t = ctx.saved_tensors
+        return torch.softmax(s_t, dim=-1).sub_(p_t).mul_((grad * ctx.t).unsqueeze(-1)), None, None
 
 
 def token_contrastive_loss(
