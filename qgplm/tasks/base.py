@@ -88,7 +88,7 @@ class Evaluator(Protocol):
 
 
 class Task:
-    """One task kind. Subclasses set `Config`, `kind` and `model_kind` and implement `load` and
+    """One task kind. Subclasses set `Config`, `kind` (and `model_kind` unless causal) and implement `load` and
     `datamodule`; the other methods have the defaults most kinds want."""
 
     Config: ClassVar[type[TaskConfig]] = TaskConfig

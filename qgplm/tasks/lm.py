@@ -48,7 +48,6 @@ class LanguageModelling(Task):
 
     Config = LMTaskConfig
     kind = "lm"
-    model_kind = "causal"
     cfg: LMTaskConfig
 
     def load(self) -> dict[str, str]:

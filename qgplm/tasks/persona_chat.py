@@ -44,7 +44,6 @@ class NextUtterance(Task):
 
     Config = PersonaChatTaskConfig
     kind = "next_utterance"
-    model_kind = "causal"
     cfg: PersonaChatTaskConfig
 
     def load(self) -> Dialogs:
