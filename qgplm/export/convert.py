@@ -12,14 +12,6 @@ from typing import Any
 from qgplm.errors import QgplmError
 
 
-def empty_out_dir(out_dir: str | Path) -> Path:
-    """The output folder, refused if it already holds files (nothing of the user's is overwritten)."""
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise QgplmError(f"export dir {out} is not empty: choose a new out=<dir>")
-    return out
-
-
 def via_packed_export(source: Any, tokenizer: Any, export_kwargs: dict[str, Any], check_model: Callable[[Any], None],
                       convert: Callable[[Path], Any], prefix: str) -> Any:
     """convert(<packed export dir>) of `source`: a qgplm export directory, or a model (a trained

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from qgplm.errors import QgplmError
-from qgplm.export.format import MANIFEST, WEIGHTS, write_manifest
+from qgplm.export.format import MANIFEST, WEIGHTS, empty_out_dir, write_manifest
 from qgplm.export.pack import pack_codes, packed_nbytes
 from qgplm.quant.api import IdentityQuantizer, initialize_quantizers, oriented_weight, quantize_model
 from qgplm.quant.config import QuantConfig
@@ -236,13 +236,6 @@ def _manifest(model: nn.Module, contents: _Contents, report: ExportReport, optio
     }
 
 
-def _empty_out_dir(out_dir: str | Path) -> Path:
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise QgplmError(f"export dir {out} is not empty: choose a new out=<dir>")
-    return out
-
-
 def export_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *, weight_bits: int | None = 2,
                  embedding_bits: int | None = 2, activation_bits: int | None = 8, quantizer: str = "quantgpt",
                  per_row: bool = False, quant_config: QuantConfig | None = None, position_bits: int | None = None,
@@ -258,7 +251,7 @@ def export_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *
     """
     if position_bits not in (None, 8):
         raise QgplmError(f"position_bits={position_bits}: use 8 or None (FP32)")
-    out = _empty_out_dir(out_dir)
+    out = empty_out_dir(out_dir)
     config = quant_config or QuantConfig(weight_bits=weight_bits, embedding_bits=embedding_bits,
                                          activation_bits=activation_bits, quantizer=quantizer, per_row=per_row)
     model = _prepare(model, config)

@@ -28,6 +28,15 @@ MANIFEST = "qgplm_export.json"
 WEIGHTS = "model.safetensors"
 
 
+def empty_out_dir(out_dir: str | Path) -> Path:
+    """The output folder of an export (any format), refused if it already holds files, so nothing of
+    the user's is overwritten."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise QgplmError(f"export dir {out} is not empty: choose a new out=<dir>")
+    return out
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -46,8 +46,9 @@ import torch
 from torch import Tensor
 
 from qgplm.errors import QgplmError, optional_module
-from qgplm.export.convert import empty_out_dir, via_packed_export
-from qgplm.export.format import MANIFEST, WEIGHTS, read_manifest, verify_checksums
+from qgplm.export.convert import via_packed_export
+from qgplm.export.format import MANIFEST, WEIGHTS, empty_out_dir, read_manifest, verify_checksums
+from qgplm.export.pack import row_steps
 
 GGUF_FILE = "model.gguf"
 SUPPORTED = {"GPT2LMHeadModel": "GPT-2 (GPT2LMHeadModel)"}
@@ -85,8 +86,7 @@ def check_supported(model_class: str, config: Any = None) -> None:
 
 def _rows_step(step: Tensor, n: int) -> np.ndarray:
     """fp16 [N] from a per-tensor or per-row step."""
-    s = step.reshape(-1).float()
-    s = s.expand(n) if s.numel() == 1 else s
+    s = row_steps(step, n)
     if not bool(torch.isfinite(s).all()) or float(s.abs().max()) > 65504:
         raise QgplmError("a quantizer step does not fit fp16 (GGUF's block scale): use format=onnx (fp32 scales)")
     return s.numpy().astype(np.float16)
@@ -261,21 +261,19 @@ def _tensor_arrays(manifest: dict[str, Any], tensors: dict[str, Tensor],
                 if all(a.endswith((".attn.bias", ".attn.masked_bias")) for a in entry["aliases"]):
                     continue  # GPT-2's causal-mask buffers: llama.cpp builds its own mask
                 raise QgplmError(f"{key} has no place in llama.cpp's GPT-2: use format=onnx for this model")
-            if "token_embd.weight" in names:
-                names = ["token_embd.weight"]  # tied head: llama.cpp reads the embedding as its output matrix
-            for name in names[:1]:
-                if kind == "fp":
-                    out.append((name, tensors[key].float().numpy(), "F32"))
-                    continue
-                codes, step = decode(tensors, key, entry)
-                n, k = codes.shape
-                qtype, why = ggml_type(entry["bits"], k, key)
-                if why:
-                    report.notes.append(f"{key}: {why}")
-                s = step.reshape(-1).float()
-                report.max_step_rounding = max(report.max_step_rounding, float(
-                    ((s.half().float() - s).abs() / s.abs().clamp_min(1e-30)).max()))
-                out.append((name, ENCODERS[qtype](codes, step), qtype))
+            # tied head: stored once, as the embedding, which llama.cpp reads as its output matrix too
+            name = "token_embd.weight" if "token_embd.weight" in names else names[0]
+            if kind == "fp":
+                out.append((name, tensors[key].float().numpy(), "F32"))
+                continue
+            codes, step = decode(tensors, key, entry)
+            qtype, why = ggml_type(entry["bits"], codes.shape[1], key)
+            if why:
+                report.notes.append(f"{key}: {why}")
+            s = step.reshape(-1).float()
+            report.max_step_rounding = max(report.max_step_rounding, float(
+                ((s.half().float() - s).abs() / s.abs().clamp_min(1e-30)).max()))
+            out.append((name, ENCODERS[qtype](codes, step), qtype))
     return out
 
 
@@ -299,11 +297,9 @@ def _from_dir(export_dir: Path, out: Path) -> GGUFReport:
     config = AutoConfig.from_pretrained(export_dir, local_files_only=True)
     check_supported(manifest["model_class"], config)
     verify_checksums(export_dir, manifest)
-    if manifest.get("attention_act"):
-        note = "attention fake quantization (quantize_attention) is not applied: llama.cpp runs attention in fp32/fp16"
-    else:
-        note = ""
-    report = GGUFReport(str(out), 0, manifest["size"]["fp32_bytes"], notes=[note] if note else [])
+    notes = (["attention fake quantization (quantize_attention) is not applied: llama.cpp runs attention in "
+              "fp32/fp16"] if manifest.get("attention_act") else [])
+    report = GGUFReport(str(out), 0, manifest["size"]["fp32_bytes"], notes=notes)
     arrays = _tensor_arrays(manifest, _read_tensors(export_dir), report)
     out.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out / GGUF_FILE), "gpt2")

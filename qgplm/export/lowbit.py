@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qgplm.errors import QgplmError, optional_module
+from qgplm.export.pack import row_steps
 
 KERNEL_BITS = (2, 4, 8)
 DEFAULT_BLOCK = 64
@@ -92,9 +93,7 @@ def unpack_rows(packed: np.ndarray | Tensor, bits: int, k: int) -> Tensor:
 
 def block_scales(step: Tensor, n: int, blocks: int) -> np.ndarray:
     """fp32 [N * blocks]: the row's step (or the tensor's) repeated for every block of the row."""
-    s = step.reshape(-1).float()
-    s = s.expand(n) if s.numel() == 1 else s
-    return s.repeat_interleave(blocks).contiguous().numpy()
+    return row_steps(step, n).repeat_interleave(blocks).contiguous().numpy()
 
 
 def matmul_nbits_node(helper, a: str, b: str, scales: str, y: str, *, k: int, n: int, bits: int,

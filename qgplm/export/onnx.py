@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from qgplm.errors import QgplmError, optional_module
-from qgplm.export.convert import empty_out_dir, via_packed_export
-from qgplm.export.format import MANIFEST, WEIGHTS, read_manifest, verify_checksums
+from qgplm.export.convert import via_packed_export
+from qgplm.export.format import MANIFEST, WEIGHTS, empty_out_dir, read_manifest, verify_checksums
 from qgplm.export.lowbit import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK, block_scales, kernel_bits, pack_rows
 
 ONNX_FILE = "model.onnx"

@@ -23,6 +23,12 @@ from qgplm.errors import QgplmError
 PACKABLE_BITS = tuple(range(2, 9))
 
 
+def row_steps(step: Tensor, n: int) -> Tensor:
+    """fp32 [N]: a quantizer's step (one per tensor, or one per row) as one value per row of N."""
+    s = step.reshape(-1).float()
+    return s.expand(n) if s.numel() == 1 else s
+
+
 def code_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
