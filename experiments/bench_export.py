@@ -258,9 +258,8 @@ def random_init_dirs(name: str, tmp: Path, modes: list[str]) -> tuple[str, dict[
     export_model(model, tmp / f"{name}-w2e2", quant_config=quant)
     if any(m.endswith("_compact") for m in modes):
         export_model(model, tmp / f"{name}-w2e2c", position_bits=8, fp16=True, quant_config=quant)
-    dirs = {m: tmp / (f"{name}-w2e2c" if m.endswith("_compact") else f"{name}-w2e2") for m in modes}
+    dirs = {m: tmp / (f"{name}-w2e2c" if m.endswith("_compact") else f"{name}-w2e2") for m in modes if m != "gguf"}
     dirs["fp32"] = tmp / f"{name}-fp32"
-    dirs.pop("gguf", None)
     if "gguf" in modes and name == "gpt2":
         export_gguf(tmp / f"{name}-w2e2", tmp / f"{name}-gguf")
         dirs["gguf"] = tmp / f"{name}-gguf"
