@@ -193,14 +193,14 @@ class _Losses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _fit(precision: str, steps: int = 8) -> tuple[list[float], DistillModule]:
+def _fit(precision: str, steps: int = 8, accelerator: str = "cpu") -> tuple[list[float], DistillModule]:
     torch.manual_seed(0)
     module = _module()
     gen = torch.Generator().manual_seed(1)
     data = [{"input_ids": (x := torch.randint(0, 64, (4, 16), generator=gen)), "attention_mask": torch.ones_like(x),
              "labels": x} for _ in range(steps)]
     losses = _Losses()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps, logger=False,
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, callbacks=[ScaleWarmupCallback(), MemoryBankCallback(0.5), losses])
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))

@@ -128,6 +128,15 @@ def _prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     return model
 
 
+def _on_cpu(model: nn.Module) -> nn.Module:
+    """The model itself when it is on the CPU, else a CPU copy (the caller's stays on its GPU):
+    packing goes through numpy and safetensors' files, and a student trained on a GPU is exported
+    as it is. Tied weights stay tied (one Parameter, moved once)."""
+    if all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()]):
+        return model
+    return copy.deepcopy(model).cpu()
+
+
 @dataclass
 class _Contents:
     """What an export writes, gathered step by step: the safetensors entries, the manifest's
@@ -254,7 +263,7 @@ def export_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *
     out = empty_out_dir(out_dir)
     config = quant_config or QuantConfig(weight_bits=weight_bits, embedding_bits=embedding_bits,
                                          activation_bits=activation_bits, quantizer=quantizer, per_row=per_row)
-    model = _prepare(model, config)
+    model = _on_cpu(_prepare(model, config))
     groups, unique = _alias_groups(model)
     key_of = {_storage_key(t): k for k, t in unique.items()}
     contents = _Contents(groups)

@@ -43,6 +43,30 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
+def cuda_int_mm_ok(a: Tensor, b: Tensor) -> bool:
+    """Whether `torch._int_mm(a, b)` meets CUDA's shape rules (cuBLASLt's int8 GEMM, aten
+    `_int_mm_out_cuda`): more than 16 rows in `a`, inner and output dimensions multiples of 8.
+    The CPU kernel takes any shape."""
+    return a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0
+
+
+def int_mm(a: Tensor, b: Tensor, cuda_rules: bool | None = None) -> Tensor:
+    """`torch._int_mm(a, b)` for any shape: under CUDA's rules (`cuda_rules`, default: whether `a`
+    is on a GPU) the operands are zero-padded up to them and the result sliced back. Zero rows and
+    columns add nothing to an integer product, so the result is exact; on CPU (or when the shapes
+    already fit) nothing is copied. Generation runs 1-row matmuls, which CUDA would refuse."""
+    if cuda_rules is None:
+        cuda_rules = a.is_cuda
+    if not cuda_rules or cuda_int_mm_ok(a, b):
+        return torch._int_mm(a, b)
+    m, k = a.shape
+    n = b.shape[1]
+    pad_k, pad_n = -k % 8, -n % 8
+    a = F.pad(a, (0, pad_k, 0, max(17 - m, 0)))
+    b = F.pad(b, (0, pad_n, 0, pad_k))
+    return torch._int_mm(a, b)[:m, :n]
+
+
 def quantize_activation_u8(x: Tensor, bits: int, symmetric: bool,
                            mask: Tensor | None = None) -> tuple[Tensor, float, int]:
     """(uint8 q, scale, zero point) with x_q = (q - zero) * scale: the student's codes
@@ -103,9 +127,9 @@ class Int8Linear(nn.Module):
         if q.shape[0] < 16 or self.out_features >= 16 * self.in_features:
             # codes @ q^T: oneDNN is faster with the long dimension as rows (measured on the 2-core
             # CPU: LM head 50257x768 at 1 row 1.36 vs 2.00 ms, at 128 rows 6.0 vs 22 ms)
-            acc = torch._int_mm(self.codes, q.t().contiguous()).t()
+            acc = int_mm(self.codes, q.t().contiguous()).t()
         else:
-            acc = torch._int_mm(q, self.codes.t())
+            acc = int_mm(q, self.codes.t())
         if not self.act_symmetric:
             acc = acc + c * self.rowsum
         out = acc.to(x.dtype) * (sx * self.step)
