@@ -3,7 +3,7 @@ PYTHON ?= python
 # the multi-GB CUDA build; on a GPU machine install your CUDA torch first, then `make install`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install lint test test-all run clean
+.PHONY: install lint test test-all run gpu-bundle clean
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -20,6 +20,19 @@ test-all:  ## fast and slow tests
 
 run:  ## the embedded offline default: teacher + W2E2A8 QuantGPT student
 	$(PYTHON) -m qgplm.run
+
+# experiments/gpu_check.sh on a GPU machine that reaches no package registry and has no ../shared:
+# the pure-Python dependencies a bare CUDA image lacks, at the versions installed here, as wheels,
+# and a copy of the offline data. Git-ignored; it travels with the working tree, never committed.
+GPU_BUNDLE ?= .gpu_bundle
+GPU_WHEELS ?= hydra-core omegaconf antlr4-python3-runtime rouge-score nltk gguf
+
+gpu-bundle:  ## .gpu_bundle/{wheels,data} for experiments/gpu_check.sh (needs `make install` first)
+	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)/wheels
+	$(PYTHON) -m pip wheel -q --no-deps -w $(GPU_BUNDLE)/wheels $$($(PYTHON) -c "import importlib.metadata as m, \
+	  sys; print(' '.join(f'{p}=={m.version(p)}' for p in sys.argv[1:]))" $(GPU_WHEELS))
+	cp -r ../shared/data $(GPU_BUNDLE)/data
+	du -sh $(GPU_BUNDLE)/*
 
 clean:
 	rm -rf logs .pytest_cache

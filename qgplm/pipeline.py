@@ -123,11 +123,12 @@ class StageRunner:
         table; then close the W&B runs."""
         for lg in trainer.loggers:
             lg.log_metrics(figures, step=trainer.global_step)
-        if samples:
-            import wandb
+        runs = wandb_runs(trainer.loggers)
+        if samples and runs:
+            import wandb  # only with logger=wandb: wandb is not needed otherwise
 
             columns = list(samples[0])
-            for run in wandb_runs(trainer.loggers):
+            for run in runs:
                 run.log({"samples": wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])})
         finish_loggers(trainer.loggers)
 

@@ -15,7 +15,8 @@ from qgplm.run import quote_int_group_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# the offline data beside the repo, or where QGPLM_DATA_DIR says (as conf/paths/default.yaml)
+SHARED_DATA = Path(os.environ.get("QGPLM_DATA_DIR") or ROOT.parent / "shared" / "data")
 
 # Tiny everything: a 1-layer width-32 GPT-2, short blocks, few steps.
 TINY = [

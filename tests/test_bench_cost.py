@@ -50,7 +50,9 @@ def test_bench_cost_refuses_cuda_without_a_gpu():
 def test_gpu_check_script_is_valid_bash_and_fails_clearly(tmp_path):
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
     text = SCRIPT.read_text()
-    assert "set -euo pipefail" in text and "pip install" not in text and "curl" not in text and "wget" not in text
+    assert "set -euo pipefail" in text and "curl" not in text and "wget" not in text
+    installs = [line for line in text.splitlines() if "pip install" in line]
+    assert installs and all("--no-index" in line and "--no-deps" in line for line in installs)  # offline only
     proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "nope")], capture_output=True, text=True)
     assert proc.returncode == 2 and "gpu_check: error: no WikiText-2 under" in proc.stderr
     import torch
@@ -62,6 +64,13 @@ def test_gpu_check_script_is_valid_bash_and_fails_clearly(tmp_path):
         assert not (tmp_path / "out").exists()  # refused before writing anything
 
 
+def _bash_array(name: str) -> list[str]:
+    """The first (the GPU's) value of a bash array of the script, e.g. QAT_SIZE=(a=1 b=2)."""
+    m = re.search(rf"^{name}=\((.*?)\)", SCRIPT.read_text(), flags=re.M | re.S)
+    assert m, name
+    return m.group(1).split()
+
+
 def test_gpu_check_qat_run_overrides_validate(tmp_path):
     """The overrides of the script's QAT run compose and validate (GPT-2 small's shape)."""
     from hydra import compose, initialize_config_dir
@@ -69,9 +78,9 @@ def test_gpu_check_qat_run_overrides_validate(tmp_path):
     from qgplm.config import RunConfig
     from qgplm.run import quote_int_group_overrides
 
-    block = SCRIPT.read_text().split('"$PY" -m qgplm.run', 1)[1].split("hydra.run.dir=", 1)[0]
-    words = re.split(r"\s+", block.replace("\\\n", " "))
-    overrides = [o.replace('"$DATA', str(SHARED_DATA)).replace('"', "") for o in words if "=" in o]
+    overrides = [*_bash_array("QAT_TRAINER"), "task=wikitext2", f"task.data_dir={SHARED_DATA / 'wikitext-2'}",
+                 f"model.tokenizer={SHARED_DATA / 'gpt2-tokenizer'}", *_bash_array("QAT_SIZE"),
+                 *_bash_array("QAT_BUDGET"), "method=quantgpt", "bits=2"]
     assert "trainer=gpu" in overrides and "model.config.n_layer=12" in overrides
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="run", overrides=quote_int_group_overrides([*overrides,
@@ -79,6 +88,20 @@ def test_gpu_check_qat_run_overrides_validate(tmp_path):
     run = RunConfig.from_hydra(cfg)
     assert run.model.config["n_embd"] == 768 and run.task.block_size == 512 and cfg.trainer.precision == "bf16-mixed"
     assert os.path.isdir(run.task.data_dir) and os.path.isdir(run.model.tokenizer)
+    assert _bash_array("BENCH")[:4] == ["--size", "gpt2-small", "--device", "cuda"]
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_mode_runs_every_step_on_cpu(tmp_path):
+    """GPU_CHECK_SMOKE=1: the script's three steps at toy sizes on the CPU (about a minute): the
+    plumbing that has to work the first time on a GPU machine (data dir, PYTHONPATH, the run's
+    metrics.json, the benchmark's table)."""
+    env = {**os.environ, "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable, "QGPLM_DATA_DIR": str(SHARED_DATA)}
+    proc = subprocess.run(["bash", str(SCRIPT), "", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu_check: all passed" in proc.stdout and "W2E2A8 student" in proc.stdout
+    assert "| quantgpt |" in proc.stdout and (tmp_path / "out" / "qat_run" / "metrics.json").is_file()
 
 
 def test_loaders_pin_memory_only_for_a_cuda_trainer():
