@@ -334,3 +334,21 @@ def test_fsdp2_sim_resumed_run_equals_the_uninterrupted_run(fsdp_runs):
         assert torch.equal(state["exp_avg"], b["optimizer_states"][0]["state"][name]["exp_avg"])
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (full, killed))
     assert ma["student"] == mb["student"] and mb["resumed_from"].endswith("last.ckpt")
+
+
+def test_projection_check_on_resume_reads_the_checkpoint_metadata_under_fsdp2():
+    """ModelParallelStrategy loads the weights itself and hands on_load_checkpoint the rest: the
+    head's presence comes from checkpoint["qgplm"]["projection"] (written by every run)."""
+    from qgplm.config import DistillConfig, OptimConfig
+    from qgplm.errors import QgplmError
+    from qgplm.module import DistillModule
+
+    teacher, student = _student()
+    module = DistillModule(student, teacher, DistillConfig(contrastive_weight=0.0), OptimConfig(), 2)
+    saved = {"state_dict": {}, "qgplm": {}}
+    module.on_save_checkpoint(saved)
+    assert saved["qgplm"]["projection"] == "none"
+    module.on_load_checkpoint({"qgplm": {"projection": "none"}})
+    module.on_load_checkpoint({"qgplm": {}})  # an older checkpoint: nothing to check against
+    with pytest.raises(QgplmError, match="projection=linear"):
+        module.on_load_checkpoint({"qgplm": {"projection": "linear"}})
