@@ -16,6 +16,7 @@ by `ScaleWarmupCallback`.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from qgplm.data.lm import IGNORE_INDEX
 from qgplm.distill import MemoryBank, soft_cross_entropy, token_contrastive_loss
 from qgplm.errors import QgplmError
 from qgplm.quant import WeightQuantizer, scale_parameters
+
+log = logging.getLogger("qgplm")
 
 
 def lr_lambda(scheduler: str, warmup: int, total: int):
@@ -145,6 +148,70 @@ class LMModule(pl.LightningModule):
         if self.evaluator is not None:
             for k, v in self.evaluator.compute().items():
                 self.log(f"test/{k}", float(v), sync_dist=True)
+
+    # ---------------------------------------------------------------- FSDP2 (trainer=fsdp2)
+    def _fsdp2(self) -> bool:
+        """Whether this fit runs under Lightning's ModelParallelStrategy (trainer=fsdp2 / fsdp2_sim)."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return self._trainer is not None and isinstance(self._trainer.strategy, ModelParallelStrategy)
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy only (a no-op under every other strategy): FSDP2-shard the
+        trained model (`self.model`, the student of a DistillModule) per transformer block over the
+        strategy's device mesh, its quantizer scales replicated (qgplm.fsdp). Lightning calls this
+        after the callbacks' `setup`, so ScaleWarmupCallback has initialised the scales from the
+        full weights, and before the strategy moves the module and restores a checkpoint (`ckpt_path=`:
+        the checkpoint's scales and `initialized` flags then replace those). Only a fit shards: an
+        evaluation-only run (a loaded teacher's test) keeps its model whole, and the test after a
+        fit finds it sharded already (idempotent). A meta-device template of the whole model is
+        kept to rebuild an unsharded copy after the stage (`gather_full_model`).
+
+        The frozen teacher of a DistillModule stays replicated, deliberately: it has no gradients
+        and no optimizer state (what FSDP saves most on: 3 of the student's 4 copies), so sharding
+        it would save one copy of its weights per rank at the price of an all-gather per block
+        for every training and validation forward; it also stays an ordinary module for what reads
+        its weights directly (distill.negatives=random indexes its embedding table)."""
+        from qgplm.fsdp import fully_shard_quantized, is_sharded, meta_template, shard_mesh, transformer_blocks
+
+        if not self._fsdp2() or self.trainer.state.fn != "fit" or is_sharded(self.model):
+            return
+        object.__setattr__(self, "_full_template", meta_template(self.model))  # not a submodule
+        blocks, mesh, name = transformer_blocks(self.model), shard_mesh(self.device_mesh), type(self.model).__name__
+        fully_shard_quantized(self.model, blocks, mesh=mesh)
+        log.info("FSDP2: %s sharded in %d blocks + the rest over %d ranks (mesh %s); quantizer scales replicated",
+                 name, len(blocks), mesh.size(), tuple(mesh.shape))
+
+    def gather_full_model(self) -> nn.Module:
+        """After a stage under trainer=fsdp2: replace the sharded `self.model` by an ordinary copy
+        with the same state, on every rank (collective), and return it; otherwise `self.model`."""
+        from qgplm.fsdp import gather_full_model, is_sharded
+
+        template = self.__dict__.get("_full_template")
+        if template is None or not is_sharded(self.model):
+            return self.model
+        self.model = gather_full_model(self.model, template, self.device)
+        object.__setattr__(self, "_full_template", None)
+        return self.model
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Under FSDP2: average the gradients FSDP does not reduce (the replicated quantizer
+        scales, a projection head), before gradient clipping and the step."""
+        if self._fsdp2():
+            from qgplm.fsdp import sync_replicated_grads
+
+            sync_replicated_grads(p for g in optimizer.param_groups for p in g["params"])
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Under FSDP2, clip by the global norm of sharded and replicated gradients together
+        (torch's clip_grad_norm_ cannot mix DTensor and plain gradients)."""
+        if self._fsdp2() and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            from qgplm.fsdp import clip_grad_norm_
+
+            clip_grad_norm_((p for g in optimizer.param_groups for p in g["params"]), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---------------------------------------------------------------- optimisation
     def trainable_modules(self) -> list[nn.Module]:
@@ -398,7 +465,14 @@ class DistillModule(LMModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint trained with the other `distill.projection` (strict_loading is off for
         the teacher's sake, so a missing or extra head would otherwise pass unnoticed)."""
-        has_head = any(k.startswith("projection.") for k in checkpoint.get("state_dict", {}))
+        sd = checkpoint.get("state_dict")
+        if sd is not None:
+            has_head = any(k.startswith("projection.") for k in sd)
+        else:  # trainer=fsdp2: ModelParallelStrategy has loaded the weights itself and passes on the rest
+            was = checkpoint.get("qgplm", {}).get("projection")
+            if was is None:
+                return
+            has_head = was == "linear"
         if has_head != (self.projection is not None):
             was = "linear" if has_head else "none"
             raise QgplmError(f"the checkpoint was trained with method.distill.projection={was}, this run has "
@@ -407,6 +481,7 @@ class DistillModule(LMModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
+        checkpoint["qgplm"]["projection"] = self.distill.projection  # for on_load_checkpoint under trainer=fsdp2
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith("teacher.")]:
             del sd[k]

@@ -143,7 +143,9 @@ class StageRunner:
 
 
 def train_teacher(runner: StageRunner, model: torch.nn.Module, dm: Any, evaluator: Any = None,
-                  ckpt: Path | None = None) -> tuple[dict[str, float], float | None]:
+                  ckpt: Path | None = None) -> tuple[torch.nn.Module, dict[str, float], float | None]:
+    """The trained teacher (`model` itself, or its unsharded copy after trainer=fsdp2), its test
+    figures and best validation score."""
     cfg = runner.cfg
     module = TeacherModule(model, cfg.teacher.optim, cfg.teacher.max_steps, evaluator)
     module.run_identity = run_identity(cfg, "teacher")
@@ -152,10 +154,11 @@ def train_teacher(runner: StageRunner, model: torch.nn.Module, dm: Any, evaluato
     if fitted:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     test = runner.test(trainer, module, dm, fitted)
+    model = module.gather_full_model()  # trainer=fsdp2: the trained teacher, unsharded, on every rank
     best_val = _best_score(trainer)
     runner.log_final(trainer, {**{f"test/{k}_final": v for k, v in test.items()},
                                "size/fp32_mib": model_size(model).fp32_mib})
-    return test, best_val
+    return model, test, best_val
 
 
 def evaluate_only(runner: StageRunner, model: torch.nn.Module, dm: Any, evaluator: Any = None) -> dict[str, float]:
@@ -178,6 +181,7 @@ def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: Any, evalua
     trainer = runner.trainer("student", cfg.student, extra)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     test = runner.test(trainer, module, dm, fitted=True)
+    module.gather_full_model()  # trainer=fsdp2: export, sizes and samples need the whole student on every rank
     best_val = _best_score(trainer)
     return module, test, best_val, trainer
 
@@ -389,8 +393,8 @@ def _teacher_stage(run: Run, evaluator: Any) -> tuple[torch.nn.Module, dict[str,
     else:
         teacher = build_model(cfg.model, tokenizer, task.max_positions)
         check_model_fits(cfg, task, teacher.config)  # a hub model's config is known only now, still before training
-        test, best_val = train_teacher(run.runner, teacher, run.dm, evaluator,
-                                       resume.ckpt if resume is not None else None)
+        teacher, test, best_val = train_teacher(run.runner, teacher, run.dm, evaluator,
+                                                resume.ckpt if resume is not None else None)
     figures = {"test_ppl": test.pop("ppl"), "best_val_ppl": best_val,
                "params": sum(p.numel() for p in teacher.parameters()), **test}
     if not loaded and global_rank() == 0:

@@ -42,6 +42,8 @@ class LAQCurvatureCallback(Callback):
             v = state.get("exp_avg_sq") if isinstance(state, dict) else None
             if v is None:
                 continue
+            if hasattr(v, "full_tensor"):  # trainer=fsdp2: a shard of v; every rank gathers it (collective)
+                v = v.full_tensor()
             d = v.sqrt() + self.eps
             if isinstance(mod, QuantConv1D):
                 d = d.t()

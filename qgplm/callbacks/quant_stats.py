@@ -28,7 +28,10 @@ def scale_stats(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     for name, q, w in weight_quantizers(model):
         if not bool(q.initialized):
             continue
-        _, step = q.codes(w.detach())
+        w = w.detach()
+        if hasattr(w, "full_tensor"):  # a shard (trainer=fsdp2): the whole weight, gathered on every rank
+            w = w.full_tensor()
+        _, step = q.codes(w)
         stats = {"alpha": (step * levels(q.bits)).flatten().float().cpu()}
         params = q.scale_parameters()
         if params:
