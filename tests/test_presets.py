@@ -65,7 +65,8 @@ def test_preset_composes_and_validates_at_every_bit_width(name, tmp_path):
     assert default.quant.tag == "W2E2A8"  # run.yaml's default bits, not the preset's
 
 
-@pytest.mark.parametrize("trainer,strategy", [("ddp", "DDPStrategy"), ("fsdp", "FSDPStrategy"), ("cpu", None)])
+@pytest.mark.parametrize("trainer,strategy", [("ddp", "DDPStrategy"), ("fsdp", "FSDPStrategy"),
+                                              ("fsdp2", "ModelParallelStrategy"), ("cpu", None)])
 def test_preset_takes_the_trainer_from_the_command_line(trainer, strategy, tmp_path):
     for name in ("paper_gpt2_wikitext2", "paper_bart_xsum"):
         cfg = _compose([f"experiment={name}", f"trainer={trainer}", "bits=4"], tmp_path)
