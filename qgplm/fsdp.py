@@ -70,6 +70,12 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [b for _, m in lists for b in m]
 
 
+def unsharded(t: Tensor) -> Tensor:
+    """The whole tensor of a DTensor shard (trainer=fsdp2: collective, every rank must call it);
+    any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -146,7 +152,7 @@ def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float) -> Tensor:
     total = torch.zeros((), dtype=torch.float32)
     if sharded:
         norm = torch.nn.utils.get_total_norm(sharded, 2.0)
-        total = total.to(norm.device) + (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
+        total = total.to(norm.device) + unsharded(norm).float() ** 2
     if plain:
         norm = torch.nn.utils.get_total_norm(plain, 2.0)
         total = total.to(norm.device) + norm.float() ** 2
@@ -185,8 +191,9 @@ def gather_full_model(sharded: nn.Module, template: nn.Module, device: torch.dev
                 m._parameters[name] = made[id(p)]
     template.to(device)
     missing, unexpected = template.load_state_dict(full, strict=False)
-    loaded = {id(t) for k, t in template.state_dict(keep_vars=True).items() if k in full}
-    untied = [k for k in missing if id(template.state_dict(keep_vars=True)[k]) not in loaded]
+    tensors = template.state_dict(keep_vars=True)
+    loaded = {id(t) for k, t in tensors.items() if k in full}
+    untied = [k for k in missing if id(tensors[k]) not in loaded]
     if unexpected or untied:
         raise RuntimeError(f"gathering the sharded model: unexpected keys {unexpected}, missing keys {untied}")
     return template.train(sharded.training)

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from qgplm.fsdp import unsharded
 from qgplm.quant.api import oriented_weight, quantized_modules
 from qgplm.quant.baselines import LAQQuantizer
 from qgplm.quant.modules import QuantConv1D
@@ -42,9 +43,7 @@ class LAQCurvatureCallback(Callback):
             v = state.get("exp_avg_sq") if isinstance(state, dict) else None
             if v is None:
                 continue
-            if hasattr(v, "full_tensor"):  # trainer=fsdp2: a shard of v; every rank gathers it (collective)
-                v = v.full_tensor()
-            d = v.sqrt() + self.eps
+            d = unsharded(v).sqrt() + self.eps  # trainer=fsdp2: v is a shard; every rank gathers it
             if isinstance(mod, QuantConv1D):
                 d = d.t()
             if d.shape != oriented_weight(mod).shape:  # e.g. a sharded / flattened optimizer state

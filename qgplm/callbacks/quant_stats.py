@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from qgplm.distill.metrics import token_homogeneity
+from qgplm.fsdp import unsharded
 from qgplm.loggers import wandb_runs
 from qgplm.quant.api import weight_quantizers
 from qgplm.quant.functional import levels
@@ -28,10 +29,7 @@ def scale_stats(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     for name, q, w in weight_quantizers(model):
         if not bool(q.initialized):
             continue
-        w = w.detach()
-        if hasattr(w, "full_tensor"):  # a shard (trainer=fsdp2): the whole weight, gathered on every rank
-            w = w.full_tensor()
-        _, step = q.codes(w)
+        _, step = q.codes(unsharded(w.detach()))  # trainer=fsdp2: the whole weight, gathered on every rank
         stats = {"alpha": (step * levels(q.bits)).flatten().float().cpu()}
         params = q.scale_parameters()
         if params:
