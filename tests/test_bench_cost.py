@@ -118,3 +118,30 @@ def test_loaders_pin_memory_only_for_a_cuda_trainer():
     assert loader_options(cpu, 0) == {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
     assert loader_options(None, 0)["pin_memory"] is False
     assert resumable_loader(list(range(8)), 2, 0).pin_memory is False
+
+
+def test_data_dir_follows_qgplm_data_dir(tmp_path, monkeypatch):
+    """QGPLM_DATA_DIR (set by gpu_check.sh for data carried with the repo) moves the config's
+    offline paths (paths.data_dir and what derives from it); without it the data beside the repo."""
+    from tests.conftest import compose_cfg
+
+    monkeypatch.delenv("QGPLM_DATA_DIR", raising=False)
+    assert compose_cfg([], tmp_path).paths.data_dir.endswith("/../shared/data")
+    monkeypatch.setenv("QGPLM_DATA_DIR", str(tmp_path / "carried"))
+    cfg = compose_cfg([], tmp_path)
+    assert cfg.paths.data_dir == str(tmp_path / "carried")
+    assert cfg.model.tokenizer == str(tmp_path / "carried" / "gpt2-tokenizer")
+
+
+def test_run_end_without_a_wandb_logger_never_imports_wandb(monkeypatch):
+    """A GPU image without wandb runs logger=csv: the end of a stage must not import it."""
+    import types
+
+    from qgplm.pipeline import StageRunner
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    logged = []
+    csv = types.SimpleNamespace(log_metrics=lambda m, step: logged.append((m, step)), finalize=lambda s: None)
+    trainer = types.SimpleNamespace(loggers=[csv], global_step=3)
+    StageRunner.log_final(trainer, {"size/fp32_mib": 1.0}, samples=[{"prompt": "a", "text": "b"}])
+    assert logged == [({"size/fp32_mib": 1.0}, 3)]
