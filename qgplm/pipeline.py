@@ -42,7 +42,15 @@ from qgplm.distributed import global_rank, is_launched_rank
 from qgplm.errors import QgplmError
 from qgplm.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
 from qgplm.loggers import build_loggers, finish_loggers, wandb_runs
-from qgplm.models import build_model, check_compatible, load_pretrained, load_tokenizer, save_model
+from qgplm.models import (
+    build_model,
+    check_compatible,
+    gguf_source,
+    load_gguf_tokenizer,
+    load_pretrained,
+    load_tokenizer,
+    save_model,
+)
 from qgplm.module import DistillModule, LMModule, TeacherModule
 from qgplm.oom import explain_out_of_memory
 from qgplm.quant import model_size, quantize_model, quantizer_kind
@@ -62,7 +70,7 @@ def _bare_bpe_class(cfg: RunConfig) -> type:
 
 def resolve_tokenizer(cfg: RunConfig, task: Task, data: Any) -> Any:
     """The teacher's tokenizer (stage=quantize: the student must read ids as the teacher did), else
-    the task's own (trained on its data), else model.tokenizer / model.name_or_path."""
+    the task's own (trained on its data), else model.tokenizer / the GGUF file's / model.name_or_path."""
     bare = _bare_bpe_class(cfg)
     if cfg.stage == "quantize":
         return load_tokenizer(str(teacher_dir(cfg.teacher_path)), key="teacher_path", bare_bpe_class=bare)
@@ -71,6 +79,8 @@ def resolve_tokenizer(cfg: RunConfig, task: Task, data: Any) -> Any:
         return own
     if cfg.model.tokenizer:
         return load_tokenizer(cfg.model.tokenizer, key="model.tokenizer", bare_bpe_class=bare)
+    if cfg.model.from_gguf:
+        return load_gguf_tokenizer(gguf_source(cfg.model.gguf_file, cfg.model.gguf_package))
     if cfg.model.name_or_path is None:
         raise QgplmError("no tokenizer: set model.tokenizer=<dir or hub name>")
     return load_tokenizer(cfg.model.name_or_path, key="model.name_or_path", bare_bpe_class=bare)

@@ -3,6 +3,7 @@
 - `model.name_or_path=<dir>`: a local Hugging Face checkpoint (config.json + weights).
 - `model.name_or_path=<hub name>`: the hub, if reachable (or already in the local HF cache);
   offline, fail at once naming both offline alternatives.
+- `model.gguf_file=<path>` / `model.gguf_package=<pip package>`: a GGUF file (qgplm.models.gguf).
 - `model.name_or_path=null`: a random-init `model.arch` built from `model.config`, sized to the
   tokenizer (used by tiny_gpt2 and the offline teachers).
 """
@@ -24,6 +25,7 @@ from transformers import (
 from qgplm.config import ModelConfig
 from qgplm.errors import QgplmError
 from qgplm.hub import hub_reachable
+from qgplm.models.gguf import gguf_source, load_gguf_model
 
 AUTO_CLASSES = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -114,9 +116,11 @@ def load_pretrained(name_or_path: str, kind: str = "causal", key: str = "model.n
 
 
 def build_model(cfg: ModelConfig, tokenizer: Any, max_positions: int) -> PreTrainedModel:
-    """The full-precision model: loaded from `name_or_path`, or random-init from `arch` + `config`."""
+    """The full-precision model: loaded from `name_or_path` or a GGUF file, or random-init from `arch` + `config`."""
     if cfg.name_or_path is not None:
         model = load_pretrained(cfg.name_or_path, cfg.kind)
+    elif cfg.from_gguf:
+        model = load_gguf_model(gguf_source(cfg.gguf_file, cfg.gguf_package), cfg.kind)
     else:
         special = {k: getattr(tokenizer, f"{k}_id") for k in ("bos_token", "eos_token", "pad_token")}
         special = {f"{k}_id": v for k, v in special.items() if v is not None}
