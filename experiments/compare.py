@@ -3,12 +3,15 @@
     python experiments/compare.py --experiment wt2_small --bits 2 [--ablations]
     python experiments/compare.py --experiment wt2_small --bits 4,8
     python experiments/compare.py --experiment wt2_small --bits 2 --methods quantgpt,lsq --seeds 1,2
+    python experiments/compare.py --experiment smollm2_wt2 --bits 2 --methods quantgpt --ptq 2,4,8
 
 1. trains the teacher once (`stage=teacher`) into experiments/results/<experiment>/teacher,
    reused by every later call;
 2. runs a Hydra multirun `method=<methods> bits=<bits>` of `stage=quantize` from that teacher
    (same schedule, same quantized modules, same 8-bit activations, same KD loss);
-3. with --ablations, a second multirun over the QuantGPT ablations at W2E2A8;
+3. with --ptq <bits>, post-training quantization rows: every method at those bit-widths with
+   `student.max_steps=0` (the quantizer's initial scales, no QAT), sweep ptq_w<bits>;
+   with --ablations, a second multirun over the QuantGPT ablations at W2E2A8;
    with --seeds, the same sweep over those seeds as well (the table reports mean ± std);
 4. prints the tables of experiments/table.py and writes table.md and ppl_vs_bits.png.
 Sweeps whose directory already exists are not re-run (delete it to re-run).
@@ -165,12 +168,23 @@ def method_sweeps(methods: str, bits: str, seeds: str | None, default_methods: b
     return sweeps
 
 
+def ptq_sweeps(methods: str, bits: str) -> list[tuple[str, list[str]]]:
+    """The method sweeps at `bits` with no QAT steps, renamed ptq_w<bits>[...]: post-training quantization with
+    each quantizer's initial scales (the same quantized modules and 8-bit activations as the QAT rows)."""
+    return [("ptq" + name.removeprefix("methods"), [*ov, "student.max_steps=0"])
+            for name, ov in method_sweeps(methods, bits, None, methods == METHODS)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiment", default="wt2_small")
     ap.add_argument("--bits", default="2")
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--ptq", default=None, help="comma-separated bit-widths of post-training quantization rows "
+                    "(every --methods method, student.max_steps=0)")
+    ap.add_argument("--no-qat", action="store_true", help="skip the QAT sweep of --methods x --bits (e.g. to run "
+                    "only --ptq or --ablations rows)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds for extra runs of --methods (default: "
                     "the config's seed only)")
     ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
@@ -180,7 +194,9 @@ def main() -> None:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     root = args.results / args.experiment
     # planned before the teacher trains: a bad --methods / --bits fails now, not 20 minutes later
-    sweeps = method_sweeps(args.methods, args.bits, args.seeds, args.methods == METHODS)
+    sweeps = [] if args.no_qat else method_sweeps(args.methods, args.bits, args.seeds, args.methods == METHODS)
+    if args.ptq:
+        sweeps += ptq_sweeps(args.methods, args.ptq)
     if args.ablations:
         sweeps += [(name, [*ov, "bits=2"]) for name, ov in ABLATIONS]
     teacher = teacher_once(root, args.experiment, extra, gpus)

@@ -76,12 +76,17 @@ def weight_bits(m: dict) -> int:
     return int(tag[1 : tag.index("E")])
 
 
+def is_ptq(m: dict) -> bool:
+    """Post-training quantization: a student stage of no steps (the quantizer's initial scales)."""
+    return m["config"].get("student_steps") == 0
+
+
 def is_main(m: dict) -> bool:
-    return m["config"]["method"] in MAIN_METHODS and label(m) == m["config"]["method"]
+    return m["config"]["method"] in MAIN_METHODS and label(m) == m["config"]["method"] and not is_ptq(m)
 
 
 def is_ablation(m: dict) -> bool:
-    return weight_bits(m) == 2 and (not is_main(m) or m["config"]["method"] in REFERENCES)
+    return weight_bits(m) == 2 and not is_ptq(m) and (not is_main(m) or m["config"]["method"] in REFERENCES)
 
 
 def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -147,7 +152,7 @@ def plot(tasks: list[Task], path: Path) -> None:
     for ax, t in zip(axes[0], tasks, strict=True):
         by_method: dict[str, dict[int, list[float]]] = {}
         for m in t.rows:
-            if m["config"].get("negatives", "teacher") == "teacher":
+            if m["config"].get("negatives", "teacher") == "teacher" and not is_ptq(m):
                 by_method.setdefault(m["config"]["method"], {}).setdefault(weight_bits(m), []).append(
                     m["student"]["test_ppl"])
         for name, pts in sorted(by_method.items()):
@@ -174,6 +179,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = (f"## Methods\n\n{table(tasks, is_main, 'method')}\n\n"
             f"## Ablations\n\n{table(tasks, is_ablation, 'variant (W2E2A8)')}\n")
+    if any(is_ptq(m) for t in tasks for m in t.rows):
+        text += f"\n## Post-training quantization (no QAT)\n\n{table(tasks, is_ptq, 'initial scales of')}\n"
     print(text)
     (out / "table.md").write_text(text)
     if any(t.rows for t in tasks):

@@ -184,7 +184,12 @@ def test_gpt2_generation_from_left_padded_prompts(kind, exports):
     a = _generate(model, ids, mask, pad_token_id=GPT2_PAD)
     b = _generate(model, _pad(ids, EXTRA, None, True), _pad(mask, EXTRA, 0, True), pad_token_id=GPT2_PAD)
     assert torch.equal(a.sequences[:, T:], b.sequences[:, T + EXTRA:])
-    assert all(torch.equal(x, y) for x, y in zip(a.scores, b.scores, strict=True))
+    # quantize_attention runs eager matmuls over all cached keys, pads included (their weights are
+    # exactly 0): a longer reduction may be blocked differently and round one ulp apart (seen with
+    # torch 2.13 / transformers 5.25); a pad that leaked would move the scores by orders more
+    atol = 1e-6 if kind == "attention" else 0.0
+    for x, y in zip(a.scores, b.scores, strict=True):
+        torch.testing.assert_close(x, y, rtol=0.0, atol=atol)
 
 
 @pytest.mark.parametrize("kind", ["fp", "student", "attention", "int8"])
