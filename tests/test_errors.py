@@ -103,7 +103,8 @@ W2 = "bits.weight=2 bits.embedding=2 bits.activation=8"
 CASES = [
     # ---- config groups and values
     ("unknown-model", ["model=nope"],
-     ["model=nope is not an option: choose one of bart, causal_lm, gpt2, seq2seq_lm, smollm2, tiny_bart, tiny_gpt2"], True),
+     ["model=nope is not an option: choose one of bart, causal_lm, gpt2, seq2seq_lm, smollm2, tiny_bart, "
+      "tiny_gpt2"], True),
     ("unknown-task", ["task=nope"],
      ["task=nope is not an option: choose one of builtin, cnndm, personachat, ptb, wikitext103, wikitext2, xsum"],
      True),
