@@ -56,7 +56,7 @@ def evaluate(run_dir: Path, modes: list[str], threads: int = 2) -> list[tuple[st
     tmp = Path(tempfile.mkdtemp(prefix="qgplm-quality-"))
     for mode in modes:
         if mode == "gguf" and cfg.model.kind != "causal":
-            print(f"{run_dir.name}: gguf skipped (llama.cpp runs GPT-2 only)")
+            print(f"{run_dir.name}: gguf skipped (llama.cpp has no encoder-decoder BART)")
             continue
         model = load(run_dir, mode, tmp, threads)
         evaluator = build_task(cfg.task).evaluator(tokenizer, dm)

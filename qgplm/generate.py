@@ -4,7 +4,8 @@ Loads a packed export (qgplm.load_quantized) and prints a greedy continuation of
 (causal LM, e.g. GPT-2) or the generated output sequence, i.e. the summary (seq2seq, e.g. BART),
 with Hugging Face `generate`. mode=lowbit keeps the weights at their bit-width and runs the linear
 layers on onnxruntime's MatMulNBits kernel (block_size= sets its block, 64 by default). mode=gguf
-runs the model.gguf of a `python -m qgplm.export ... format=gguf` dir on llama.cpp (GPT-2), with
+runs the model.gguf of a `python -m qgplm.export ... format=gguf` dir on llama.cpp (GPT-2, Llama,
+Mistral, Qwen2), with
 the dir's own tokenizer, greedy and KV-cached.
 """
 
@@ -37,7 +38,7 @@ def generate_gguf(export_dir: str, prompt: str, max_new_tokens: int, threads: in
     """Greedy continuation on llama.cpp of a format=gguf dir (its tokenizer files sit beside model.gguf)."""
     from transformers import AutoConfig
 
-    from qgplm.export.gguf import LlamaCppLM, gguf_path
+    from qgplm.export.gguf import LlamaCppLM, context_length, gguf_path
     from qgplm.models.loading import load_tokenizer
 
     gguf_path(export_dir)
@@ -45,7 +46,7 @@ def generate_gguf(export_dir: str, prompt: str, max_new_tokens: int, threads: in
     ids = tokenizer(prompt)["input_ids"]
     if not ids:
         raise QgplmError("prompt is empty after tokenization: pass a non-empty prompt=")
-    limit = AutoConfig.from_pretrained(export_dir, local_files_only=True).n_positions
+    limit = context_length(AutoConfig.from_pretrained(export_dir, local_files_only=True))
     if len(ids) + max_new_tokens > limit:
         raise QgplmError(f"{len(ids)} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's "
                          f"{limit} positions: shorten the prompt or lower max_new_tokens")

@@ -24,8 +24,8 @@ from qgplm.export.gguf import (
     encode_tq2_0,
     export_gguf,
     ggml_type,
-    gguf_name,
 )
+from qgplm.export.gguf_arch import GPT2
 from qgplm.export.loader import _read_tensors, decode
 from qgplm.quant import QuantConfig, quantize_model
 from qgplm.quant.api import initialize_quantizers
@@ -106,7 +106,7 @@ def test_q4_0_and_q8_0_hand_computed():
 @pytest.mark.parametrize("bits, k, expected", [(2, 256, "TQ2_0"), (2, 768, "TQ2_0"), (2, 64, "Q4_0"), (3, 256, "Q4_0"),
                                                (4, 32, "Q4_0"), (6, 64, "Q8_0"), (8, 3072, "Q8_0")])
 def test_ggml_type_choice(bits, k, expected):
-    assert ggml_type(bits, k, "w")[0] == expected
+    assert ggml_type(bits, k, "w", "q4_0")[0] == expected
 
 
 def test_rows_that_fit_no_block_are_one_line():
@@ -115,11 +115,11 @@ def test_rows_that_fit_no_block_are_one_line():
 
 
 def test_gpt2_names():
-    assert gguf_name("transformer.h.3.attn.c_attn.weight") == "blk.3.attn_qkv.weight"
-    assert gguf_name("transformer.h.0.mlp.c_proj.bias") == "blk.0.ffn_down.bias"
-    assert gguf_name("transformer.h.1.ln_2.weight") == "blk.1.ffn_norm.weight"
-    assert gguf_name("transformer.wte.weight") == "token_embd.weight"
-    assert gguf_name("transformer.h.0.attn.bias") is None
+    assert GPT2.gguf_name("transformer.h.3.attn.c_attn.weight") == "blk.3.attn_qkv.weight"
+    assert GPT2.gguf_name("transformer.h.0.mlp.c_proj.bias") == "blk.0.ffn_down.bias"
+    assert GPT2.gguf_name("transformer.h.1.ln_2.weight") == "blk.1.ffn_norm.weight"
+    assert GPT2.gguf_name("transformer.wte.weight") == "token_embd.weight"
+    assert GPT2.gguf_name("transformer.h.0.attn.bias") is None
 
 
 # ---------------------------------------------------------------- the file holds the student's codes
@@ -140,7 +140,7 @@ def test_dequantized_file_weights_equal_the_codes(tmp_path, bits, kw, qtype):
     assert "output.weight" not in by_name  # tied head: one table, read by llama.cpp as its output matrix
     checked = 0
     for key, entry in manifest["packed"].items():
-        t = by_name[gguf_name(key)]
+        t = by_name[GPT2.gguf_name(key)]
         assert t.tensor_type.name == qtype
         codes, step = decode(tensors, key, entry)
         got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(codes.shape)
@@ -149,8 +149,8 @@ def test_dequantized_file_weights_equal_the_codes(tmp_path, bits, kw, qtype):
         checked += 1
     assert checked == 9  # 4 matrices per layer x 2 + the token embedding
     for key in manifest["fp"]:
-        if gguf_name(key):
-            assert torch.equal(torch.from_numpy(np.array(by_name[gguf_name(key)].data)).reshape(tensors[key].shape),
+        if name := GPT2.gguf_name(key):
+            assert torch.equal(torch.from_numpy(np.array(by_name[name].data)).reshape(tensors[key].shape),
                                tensors[key].float())
     assert 0 < report.max_step_rounding < 2**-11  # fp16 has an 11-bit significand
     if bits == 2:
@@ -265,8 +265,8 @@ def test_gpt2_tokenizer_round_trips_in_llama_cpp(tmp_path):
 
 def test_bart_is_one_line(tmp_path):
     s = quantize_model(tiny_bart(), QuantConfig(weight_bits=2, embedding_bits=2))
-    with pytest.raises(QgplmError, match=r"format=gguf supports GPT-2 \(GPT2LMHeadModel\), not "
-                                         r"BartForConditionalGeneration.*use format=onnx"):
+    with pytest.raises(QgplmError, match=r"format=gguf supports GPT-2 \(GPT2LMHeadModel\), .*not "
+                                         r"BartForConditionalGeneration: use format=onnx"):
         export_gguf(s, tmp_path / "g")
 
 
