@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Every row of the SmolLM2-135M comparison (docs/results.md), one `qgplm.run` per row, in the order that
+# decides the most first: WikiText-2's central ablation and LSQ, post-training quantization, a second seed,
+# the other QAT methods, W4, then Penn Treebank's four decisive rows. On 2 CPU cores a QAT row takes about
+# ten minutes, a post-training row two.
+#
+#   bash experiments/smollm2_rows.sh               # all rows; rows already done (metrics.json) are skipped
+#   bash experiments/smollm2_rows.sh wt2_core      # one group: wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 ptb
+#   RESULTS=<dir> bash experiments/smollm2_rows.sh # results elsewhere (default experiments/results)
+#   python experiments/table.py experiments/results/smollm2_wt2   # the tables, at any time
+#
+# A row killed half-way is started again from its beginning (its directory is replaced): rows are short.
+# Extra Hydra overrides for every run: QGPLM_OVERRIDES="trainer.precision=bf16-mixed".
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+RESULTS="${RESULTS:-$ROOT/experiments/results}"
+read -r -a EXTRA <<< "${QGPLM_OVERRIDES:-}"
+
+run() {  # run <experiment> <row dir, relative to the experiment's results> <overrides...>
+    local exp="$1" row="$2"; shift 2
+    local dir="$RESULTS/$exp/$row"
+    if [[ -f "$dir/metrics.json" ]]; then echo "done: $exp/$row"; return; fi
+    rm -rf "$dir"; mkdir -p "$(dirname "$dir")"
+    echo "+ [$(date -u +%H:%M:%S)] $exp/$row: $*"
+    local t=$SECONDS
+    (cd "$ROOT" && python -m qgplm.run "experiment=$exp" "$@" "${EXTRA[@]}" "hydra.run.dir=$dir") > "$dir.out" 2>&1 \
+        || { echo "FAILED: $exp/$row (see $dir.out)"; return 0; }
+    echo "  $exp/$row done in $((SECONDS - t)) s"
+}
+
+teacher() {  # the fine-tuned teacher of <experiment>, and the pretrained model as is (no fine-tuning)
+    run "$1" teacher_as_is stage=teacher teacher.max_steps=0
+    run "$1" teacher stage=teacher
+}
+
+student() {  # student <experiment> <row> <method> <bits> [overrides...]
+    local exp="$1" row="$2" method="$3" bits="$4"; shift 4
+    run "$exp" "$row" stage=quantize "teacher_path=$RESULTS/$exp/teacher" "method=$method" "bits=$bits" "$@"
+}
+
+wt2_core() {
+    teacher smollm2_wt2
+    for m in quantgpt quantgpt_no_contrastive lsq; do student smollm2_wt2 "w2/$m" "$m" 2; done
+}
+wt2_ptq() {  # no QAT: each quantizer's initial scales, the same quantized modules and 8-bit activations
+    for b in 2 4 8; do
+        for m in quantgpt lsq; do student smollm2_wt2 "ptq/${m}_w$b" "$m" "$b" student.max_steps=0; done
+    done
+}
+wt2_seeds() {
+    for m in quantgpt quantgpt_no_contrastive; do student smollm2_wt2 "w2/${m}_seed1" "$m" 2 seed=1; done
+}
+wt2_methods() {
+    for m in quantgpt_full_grid kd_only pact twn; do student smollm2_wt2 "w2/$m" "$m" 2; done
+}
+wt2_w4() {
+    for m in quantgpt lsq; do student smollm2_wt2 "w4/$m" "$m" 4; done
+}
+ptb() {
+    teacher smollm2_ptb
+    for m in quantgpt quantgpt_no_contrastive lsq quantgpt_full_grid; do student smollm2_ptb "w2/$m" "$m" 2; done
+}
+
+groups=("$@")
+[[ ${#groups[@]} -gt 0 ]] || groups=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 ptb)
+for g in "${groups[@]}"; do
+    case "$g" in
+        wt2_core|wt2_ptq|wt2_seeds|wt2_methods|wt2_w4|ptb) "$g" ;;
+        *) echo "error: unknown group $g: choose from wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 ptb" >&2; exit 2 ;;
+    esac
+done
