@@ -53,7 +53,13 @@ def main() -> None:
     cfg = teacher.config
     block = min(128, getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 128))
     ids = windows(tok, args.data, args.windows, block)
-    rows = [("teacher (FP32)", "-", homogeneity(teacher, ids), None)]
+    rows = [("teacher (FP32)", "-", homogeneity(teacher, ids), load_run(args.root / "teacher" / "metrics.json")
+             ["teacher"]["test_ppl"])]
+    as_is = args.root / "teacher_as_is"  # the pretrained model before fine-tuning (experiments/smollm2_rows.sh)
+    if (as_is / "teacher").is_dir():
+        rows.append(("pretrained model, not fine-tuned (FP32)", "-",
+                     homogeneity(load_pretrained(str(as_is / "teacher")).eval(), ids),
+                     load_run(as_is / "metrics.json")["teacher"]["test_ppl"]))
     for path in sorted(args.root.rglob("metrics.json")):
         m = load_run(path)
         c = m["config"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -179,3 +180,19 @@ def test_homogeneity_pieces(tmp_path):
     (tmp_path / "short.txt").write_text("a b c")
     with pytest.raises(SystemExit, match="fewer than 3 windows of 16 tokens"):
         windows(tok, tmp_path / "short.txt", 3, 16)
+
+
+def test_smollm2_rows_script_skips_done_rows_and_refuses_unknown_groups(tmp_path):
+    """experiments/smollm2_rows.sh: a row whose metrics.json exists is not run again (resuming a
+    long comparison across sessions); an unknown group is one error line, exit 2."""
+    script = ROOT / "experiments" / "smollm2_rows.sh"
+    env = {**os.environ, "RESULTS": str(tmp_path)}
+    bad = subprocess.run(["bash", str(script), "nope"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown group nope")
+    rows = ["teacher_as_is", "teacher", "w2/quantgpt", "w2/quantgpt_no_contrastive", "w2/lsq"]
+    for row in rows:
+        (tmp_path / "smollm2_wt2" / row).mkdir(parents=True)
+        (tmp_path / "smollm2_wt2" / row / "metrics.json").write_text("{}")
+    done = subprocess.run(["bash", str(script), "wt2_core"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [w for row in rows for w in ("done:", f"smollm2_wt2/{row}")]
