@@ -148,7 +148,8 @@ class StageRunner:
         are loaded into `module`)."""
         best = fitted and not trainer.fast_dev_run and trainer.checkpoint_callback is not None \
             and trainer.checkpoint_callback.best_model_path
-        res = trainer.test(module, datamodule=dm, ckpt_path="best" if best else None, verbose=False)
+        res = trainer.test(module, datamodule=dm, ckpt_path="best" if best else None, verbose=False,
+                           weights_only=True)  # never run code from a checkpoint (qgplm.safeload)
         return {k.removeprefix("test/"): float(v) for k, v in res[0].items()}
 
 
@@ -162,7 +163,7 @@ def train_teacher(runner: StageRunner, model: torch.nn.Module, dm: Any, evaluato
     trainer = runner.trainer("teacher", cfg.teacher, [])
     fitted = cfg.teacher.max_steps > 0
     if fitted:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     test = runner.test(trainer, module, dm, fitted)
     model = module.gather_full_model()  # trainer=fsdp2: the trained teacher, unsharded, on every rank
     best_val = _best_score(trainer)
@@ -189,7 +190,7 @@ def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: Any, evalua
         extra.append(MemoryBankCallback(cfg.method.distill.momentum, encoder=cfg.method.distill.contrast_encoder))
     extra += quantizer_kind(cfg.method.quantizer).make_callbacks()  # what the quantizer kind needs (LAQ: its curvature)
     trainer = runner.trainer("student", cfg.student, extra)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     test = runner.test(trainer, module, dm, fitted=True)
     module.gather_full_model()  # trainer=fsdp2: export, sizes and samples need the whole student on every rank
     best_val = _best_score(trainer)

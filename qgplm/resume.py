@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from qgplm.config import RunConfig
 from qgplm.errors import QgplmError
+from qgplm.safeload import load_torch_file
 
 # what must match between the checkpoint and the resumed run
 IDENTITY_KEYS = ("model", "task", "method", "quantizer", "bits", "seed")
@@ -68,11 +67,10 @@ def _pick_checkpoint(path: Path) -> Path:
 
 
 def read_identity(ckpt: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # truncated, not a checkpoint, wrong format
-        raise QgplmError(f"checkpoint {ckpt} cannot be read ({type(e).__name__}): it is truncated or corrupt; "
-                         f"resume from another checkpoint (e.g. best.ckpt) or start a new run") from None
+    """checkpoint["qgplm"], read with weights_only=True (qgplm.safeload): a checkpoint carrying
+    code is refused before anything in it runs."""
+    state = load_torch_file(ckpt, f"checkpoint {ckpt}", "resume from another checkpoint (e.g. best.ckpt) of a "
+                            "qgplm run dir, or start a new run", mmap=True)
     ident = state.get("qgplm") if isinstance(state, dict) else None
     if not isinstance(ident, dict) or "stage" not in ident:
         raise QgplmError(f"checkpoint {ckpt} was not written by a qgplm run: pass the last.ckpt of a qgplm run dir")

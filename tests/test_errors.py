@@ -398,7 +398,7 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch
     msg = str(e.value)
     assert "non-finite loss at step 3 in the kd term (kd=nan" in msg and "lower student.optim.lr" in msg
     assert f"the last good checkpoint is kept: {last}" in msg
-    ckpt = torch.load(last, weights_only=False)
+    ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert read_identity(last)["stage"] == "student"
@@ -414,7 +414,7 @@ def test_negative_gamma_is_clamped_and_warned_once(tiny_cfg, tmp_path):
     clamps = [w for w in caught if "quantizer scale went to <= 0" in str(w.message)]
     assert len(clamps) == 1 and "student.optim.scale_lr" in str(clamps[0].message)
     assert metrics["student"]["test_ppl"] > 0
-    ckpt = torch.load(tmp_path / "checkpoints" / "student" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "student" / "last.ckpt", weights_only=True)
     gammas = [v for k, v in ckpt["state_dict"].items() if k.endswith(".gamma")]
     assert gammas and all((g > 0).all() for g in gammas)
 

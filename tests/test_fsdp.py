@@ -137,7 +137,7 @@ def test_fsdp2_quantized_student_on_two_gloo_ranks(tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True,
                        start_method="spawn")
-    res = torch.load(out, weights_only=False)
+    res = torch.load(out, weights_only=True)
     assert res["same_logits"] and res["scales"] == 9  # 2 blocks x 4 layers + the tied embedding / head
 
 
@@ -269,7 +269,7 @@ FSDP_RUN = [*TINY, "teacher.max_steps=4", "student.max_steps=8", "student.eval_e
 
 
 def _last(run) -> dict:
-    return torch.load(run / "checkpoints" / "student" / "last.ckpt", map_location="cpu", weights_only=False)
+    return torch.load(run / "checkpoints" / "student" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")

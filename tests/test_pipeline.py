@@ -37,7 +37,7 @@ def test_pipeline_trains_and_checkpoints(tiny_cfg, tmp_path):
     for stage in ("teacher", "student"):
         assert (tmp_path / "checkpoints" / stage / "last.ckpt").is_file()
         assert (tmp_path / "checkpoints" / stage / "best.ckpt").is_file()
-    ckpt = torch.load(tmp_path / "checkpoints" / "student" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "student" / "last.ckpt", weights_only=True)
     # the frozen teacher is not in the student's checkpoint; quantizer scales and bank are
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
     assert any(k.endswith("weight_quantizer.gamma") for k in ckpt["state_dict"])
@@ -269,7 +269,7 @@ def test_contrastive_projection_head_trains_and_is_checkpointed(tiny_cfg, tmp_pa
     checkpoint; not part of the student model (the export and the evaluation never see it)."""
     run, metrics = _run(tiny_cfg("method.distill.projection=linear", "stage=pipeline", "generate_samples=0"))
     assert run.method.distill.projection == "linear"
-    ckpt = torch.load(tmp_path / "checkpoints" / "student" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "student" / "last.ckpt", weights_only=True)
     sd = ckpt["state_dict"]
     weight, bias = sd["projection.weight"], sd["projection.bias"]
     hidden = 32

@@ -33,7 +33,7 @@ def test_plugin_quantizer_trains_with_its_callback_and_exports_exactly(tmp_path)
     assert "error" not in metrics["export"], metrics["export"]
 
     # the kind's own callback ran in the student fit and travelled with the checkpoint
-    ckpt = torch.load(tmp_path / "checkpoints" / "student" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "student" / "last.ckpt", weights_only=True)
     counters = [v for k, v in ckpt["callbacks"].items() if "ToyBatchCounter" in k]
     assert counters and counters[0]["batches"] == run.student.max_steps
 

@@ -21,7 +21,7 @@ RUN = [*TINY, "teacher.max_steps=4", "student.max_steps=8", "student.eval_every=
 
 
 def _ckpt_state(run: Path) -> dict:
-    return torch.load(run / "checkpoints" / "student" / "last.ckpt", map_location="cpu", weights_only=False)
+    return torch.load(run / "checkpoints" / "student" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 def _run(args: list[str], env_kill: str | None = None):

@@ -65,7 +65,7 @@ def test_tiny_bart_xsum_teacher_then_w2e2a8_student(tmp_path):
     assert len(on_disk["summaries"]["student"]) == 2
     assert on_disk["size"]["compression"] > 1
     assert (tmp_path / "teacher" / "config.json").is_file()
-    ckpt = torch.load(tmp_path / "checkpoints" / "student" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "student" / "last.ckpt", weights_only=True)
     assert ckpt["callbacks"]["MemoryBankCallback"]["bank"]["filled"].any()
     print(f"tiny BART xsum pipeline: {time.time() - t0:.1f} s")
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from qgplm.errors import QgplmError
+from qgplm.safeload import load_torch_file
 
 
 def _run_dir_of(path: Path) -> Path:
@@ -61,10 +61,10 @@ def load_student(ckpt: str) -> tuple[nn.Module, Any]:
     model = load_pretrained(str(tdir), run.model.kind, key="teacher_path")
     tokenizer = load_tokenizer(str(tdir), key="teacher_path")
     student = quantize_model(model, run.quant)
-    try:
-        data = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise QgplmError(f"cannot read checkpoint {ckpt_file}: {str(e).splitlines()[0]}") from None
+    data = load_torch_file(ckpt_file, f"checkpoint {ckpt_file}", "pass the run dir of a qgplm run (stage=quantize "
+                           "or pipeline) or its best.ckpt/last.ckpt")
+    if not isinstance(data, dict):
+        raise QgplmError(f"checkpoint {ckpt_file} is not a Lightning checkpoint: pass the run dir of a qgplm run")
     state = {k.removeprefix("model."): v for k, v in data.get("state_dict", {}).items() if k.startswith("model.")}
     try:
         student.load_state_dict(state, strict=True)

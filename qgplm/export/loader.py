@@ -81,8 +81,9 @@ def _no_init():
 
 def _build_empty(export_dir: Path, manifest: dict[str, Any]) -> nn.Module:
     config = AutoConfig.from_pretrained(export_dir, local_files_only=True)
-    cls = getattr(transformers, manifest["model_class"], None)
-    if cls is None:
+    cls = getattr(transformers, str(manifest["model_class"]), None)
+    # only a model class is called: the manifest cannot name another transformers callable
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise QgplmError(f"{manifest['model_class']} is not a transformers model class here: install the "
                          f"transformers version the export was made with")
     with _no_init():
