@@ -49,3 +49,24 @@ def tiny_cfg(tmp_path):
         return compose_cfg(list(overrides), tmp_path)
 
     return make
+
+
+def main_error(main, argv: list[str], capsys) -> str:
+    """Run a `key=value` CLI's main in-process as `python -m` does (qgplm.export.cli.run_main) and
+    return its one `error:` line, asserting exit code 2 and no traceback (an exception other than
+    QgplmError propagates and fails the test)."""
+    from qgplm.export.cli import run_main
+
+    old = sys.argv
+    sys.argv = ["qgplm", *argv]
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_main(main)
+    finally:
+        sys.argv = old
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and err.count("error: ") == 1, err
+    return lines[0]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 
 from qgplm.errors import QgplmError
 from qgplm.resume import read_identity
-from tests.conftest import SHARED_DATA, compose_cfg
+from tests.conftest import SHARED_DATA, compose_cfg, main_error
 
 
 class _Payload:
@@ -39,25 +38,6 @@ def torch_payload(path: Path, marker: Path, extra: dict | None = None) -> None:
 
 def raw_payload(path: Path, marker: Path) -> None:
     path.write_bytes(pickle.dumps(_Payload(marker)))
-
-
-def in_process(main, argv: list[str], capsys) -> str:
-    """Run a CLI's main as `python -m` would (qgplm.export.cli.run_main); its one error line."""
-    from qgplm.export.cli import run_main
-
-    old = sys.argv
-    sys.argv = ["qgplm", *argv]
-    try:
-        with pytest.raises(SystemExit) as e:
-            run_main(main)
-    finally:
-        sys.argv = old
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and err.count("error: ") == 1, err
-    return lines[0]
 
 
 def run_error(cfg, capsys) -> str:
@@ -119,6 +99,6 @@ def test_export_from_a_payload_checkpoint(tmp_path, capsys):
     run = fake_run_dir(tmp_path)
     for name in ("best.ckpt", "last.ckpt"):
         torch_payload(run / "checkpoints" / "student" / name, marker)
-    err = in_process(main, [f"ckpt={run}", f"out={tmp_path / 'out'}"], capsys)
+    err = main_error(main, [f"ckpt={run}", f"out={tmp_path / 'out'}"], capsys)
     assert not marker.exists() and "could run code" in err
     assert not (tmp_path / "out").exists()

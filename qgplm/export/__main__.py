@@ -10,8 +10,10 @@ row is not a multiple of 256 long as Q2_0 or Q4_0, `gguf_2bit=q2_0|q4_0`).
 
 from __future__ import annotations
 
+from qgplm.checks import choice
 from qgplm.errors import QgplmError
 from qgplm.export.cli import parse_kv, run_main
+from qgplm.export.ggml_blocks import TWO_BIT
 
 USAGE = ("python -m qgplm.export ckpt=<run dir or .ckpt> out=<dir> [position_bits=8] [fp16=true] "
          "[format=qgplm|onnx|gguf] [gguf_2bit=q2_0|q4_0]")
@@ -22,18 +24,50 @@ SPEC = {"ckpt": (str, None), "model": (str, None), "kind": (str, "causal"), "out
         "block_size": ("opt_int", None), "gguf_2bit": (str, None)}
 
 
-def main(argv: list[str]) -> int:
-    args = parse_kv(argv, SPEC, USAGE)
-    from qgplm.export.exporter import export_model
+KINDS = ("causal", "seq2seq")
+
+
+
+def _bits(key: str, value: int | None) -> None:
+    if value is not None and not 1 <= value <= 8:
+        raise QgplmError(f"{key}={value} is not valid: use an integer in 1..8, or null to keep FP32")
+
+
+def check_args(args: dict) -> None:
+    """Type and range of every argument, before anything is read or written."""
+    from qgplm.export.format import empty_out_dir
 
     if (args["ckpt"] is None) == (args["model"] is None):
         raise QgplmError(f"pass exactly one of ckpt=<run dir or .ckpt> or model=<saved HF model dir>: usage: {USAGE}")
-    if args["format"] not in FORMATS:
-        raise QgplmError(f"format={args['format']!r} is not valid: choose one of {', '.join(FORMATS)}")
-    if args["block_size"] is not None and args["format"] != "onnx":
-        raise QgplmError("block_size= only applies to format=onnx")
-    if args["gguf_2bit"] is not None and args["format"] != "gguf":
-        raise QgplmError("gguf_2bit= only applies to format=gguf")
+    for key in ("ckpt", "model"):
+        if args[key] is not None and (not args[key].strip() or "\0" in args[key]):
+            raise QgplmError(f"{key}={args[key]!r} is not a path: pass {key}=<dir>")
+    choice("format", args["format"], FORMATS)
+    choice("kind", args["kind"], KINDS)
+    _bits("weight_bits", args["weight_bits"])
+    _bits("embedding_bits", args["embedding_bits"])
+    if args["position_bits"] not in (None, 8):
+        raise QgplmError(f"position_bits={args['position_bits']} is not valid: use 8 or null (FP32)")
+    if args["block_size"] is not None:
+        if args["format"] != "onnx":
+            raise QgplmError(f"block_size= only applies to format=onnx (got format={args['format']})")
+        if args["block_size"] < 16 or args["block_size"] & (args["block_size"] - 1):
+            raise QgplmError(f"block_size={args['block_size']} is not valid: use a power of 2 >= 16 "
+                             f"(64 is the fast default)")
+    if args["gguf_2bit"] is not None:
+        if args["format"] != "gguf":
+            raise QgplmError(f"gguf_2bit= only applies to format=gguf (got format={args['format']})")
+        choice("gguf_2bit", args["gguf_2bit"], TWO_BIT)
+    if not args["out"].strip():
+        raise QgplmError("out= is empty: pass out=<a new directory>")
+    empty_out_dir(args["out"])  # a file, a non-empty or unwritable dir: refused before any work
+
+
+def main(argv: list[str]) -> int:
+    args = parse_kv(argv, SPEC, USAGE)
+    check_args(args)
+    from qgplm.export.exporter import export_model
+
     if args["ckpt"] is not None:
         from qgplm.export.checkpoint import load_student
 

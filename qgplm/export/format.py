@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,22 @@ WEIGHTS = "model.safetensors"
 def empty_out_dir(out_dir: str | Path) -> Path:
     """The output folder of an export (any format), refused if it already holds files, so nothing of
     the user's is overwritten."""
+    if "\0" in str(out_dir):
+        raise QgplmError(f"out={str(out_dir)!r} holds a NUL character: choose a new out=<dir>")
     out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise QgplmError(f"export dir {out} is not empty: choose a new out=<dir>")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise QgplmError(f"out={out} is a file, not a directory: choose a new out=<dir>")
+        if any(out.iterdir()):
+            raise QgplmError(f"export dir {out} is not empty: choose a new out=<dir>")
+    # nothing is created here: the first existing folder above out= must be a writable directory
+    base = out
+    while not (base.exists() or base.is_symlink()) and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise QgplmError(f"cannot write to out={out}: {base} is a file, not a directory; choose a new out=<dir>")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise QgplmError(f"cannot write to out={out}: {base} is not writable; choose a writable out=<dir>")
     return out
 
 
