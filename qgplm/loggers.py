@@ -22,6 +22,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from qgplm.targets import check_targets
+
 log = logging.getLogger("qgplm")
 
 
@@ -65,7 +67,8 @@ def sweep_group() -> str | None:
 def build_loggers(logger_cfg: DictConfig | None, run_dir: Path, stage: str, default_group: str,
                   hparams: dict[str, Any]) -> list[Logger]:
     loggers: list[Logger] = []
-    for _, lg_cfg in (logger_cfg or OmegaConf.create()).items():
+    for name, lg_cfg in (logger_cfg or OmegaConf.create()).items():
+        check_targets(lg_cfg, f"logger.{name}")
         target = str(lg_cfg.get("_target_", ""))
         if target.endswith("CSVLogger"):
             lg = instantiate(lg_cfg, version=stage, save_dir=str(run_dir))

@@ -26,7 +26,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,6 +55,7 @@ from qgplm.oom import explain_out_of_memory
 from qgplm.quant import model_size, quantize_model, quantizer_kind
 from qgplm.resume import ResumePoint, resume_point, run_identity
 from qgplm.rundir import TEACHER_METRICS, check_fresh_run_dir, teacher_dir
+from qgplm.targets import instantiate_checked
 from qgplm.tasks import Task, build_task
 
 log = logging.getLogger("qgplm")
@@ -109,7 +109,7 @@ class StageRunner:
         for _name, cb_cfg in self.callbacks_cfg.items():
             if str(cb_cfg.get("_target_", "")).endswith("ModelCheckpoint"):
                 cb_cfg = OmegaConf.merge(cb_cfg, {"dirpath": str(self.out / "checkpoints" / stage)})
-            callbacks.append(instantiate(cb_cfg))
+            callbacks.append(instantiate_checked(cb_cfg, f"callbacks.{_name}"))
         hparams = {**dataclasses.asdict(self.cfg), "stage_run": stage,
                    "trainer": OmegaConf.to_container(self.trainer_cfg, resolve=True)}
         loggers = build_loggers(self.logger_cfg, self.out, stage, f"{self.cfg.task.name}-{self.cfg.model.name}",
@@ -123,9 +123,10 @@ class StageRunner:
             callbacks.append(kill)
         steps = max(1, budget.max_steps)
         plugins = [] if "plugins" in self.trainer_cfg else [AtomicCheckpointIO()]
-        return instantiate(self.trainer_cfg, max_steps=steps, val_check_interval=min(budget.eval_every, steps),
-                           check_val_every_n_epoch=None, callbacks=callbacks + extra_callbacks,
-                           logger=loggers or False, plugins=plugins, _convert_="partial")
+        return instantiate_checked(self.trainer_cfg, "trainer", max_steps=steps,
+                                   val_check_interval=min(budget.eval_every, steps), check_val_every_n_epoch=None,
+                                   callbacks=callbacks + extra_callbacks, logger=loggers or False, plugins=plugins,
+                                   _convert_="partial")
 
     @staticmethod
     def log_final(trainer: pl.Trainer, figures: dict[str, float], samples: list[dict[str, str]] | None = None) -> None:

@@ -198,11 +198,14 @@ def execute(cfg: DictConfig) -> float | None:
     from qgplm.distributed import distributed_job, global_rank, install_hydra_ddp_fix
     from qgplm.pipeline import run_stages
     from qgplm.summary import print_summary
+    from qgplm.targets import check_targets
 
     install_hydra_ddp_fix()
 
     try:
         run = RunConfig.from_hydra(cfg)
+        for section in ("trainer", "callbacks", "logger"):  # every _target_ in the allowlist, before any work
+            check_targets(cfg.get(section), section)
     except QgplmError as e:
         _failed(e, new_line=False)
     try:

@@ -18,7 +18,7 @@ import torch
 
 from qgplm.errors import QgplmError
 from qgplm.resume import read_identity
-from tests.conftest import SHARED_DATA, compose_cfg, main_error
+from tests.conftest import ROOT, SHARED_DATA, compose_cfg, main_error
 
 
 class _Payload:
@@ -102,3 +102,33 @@ def test_export_from_a_payload_checkpoint(tmp_path, capsys):
     err = main_error(main, [f"ckpt={run}", f"out={tmp_path / 'out'}"], capsys)
     assert not marker.exists() and "could run code" in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- Hydra _target_ in configs
+
+@pytest.mark.parametrize("override, expected", [
+    ("+callbacks.evil._target_=os.system", "callbacks.evil._target_=os.system is not an allowed class"),
+    ("trainer._target_=subprocess.Popen", "trainer._target_=subprocess.Popen is not an allowed class"),
+    ("+trainer.strategy._target_=builtins.exec", "trainer.strategy._target_=builtins.exec is not an allowed"),
+    ("+callbacks.f._target_=qgplm.resume.read_identity",
+     "callbacks.f._target_=qgplm.resume.read_identity is not an importable class"),
+])
+def test_a_target_outside_the_allowlist_is_refused(tiny_cfg, tmp_path, capsys, override, expected):
+    err = run_error(tiny_cfg("stage=teacher", override), capsys)
+    assert expected in err
+    assert not (tmp_path / "teacher").exists()
+
+
+def test_allowlist_extended_from_the_environment(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from qgplm.targets import check_targets
+
+    cfg = OmegaConf.create({"mine": {"_target_": "collections.OrderedDict"}})
+    with pytest.raises(QgplmError, match="is not an allowed class"):
+        check_targets(cfg, "callbacks")
+    monkeypatch.setenv("QGPLM_ALLOW_TARGETS", "collections.")
+    check_targets(cfg, "callbacks")
+    for section in ("trainer", "callbacks", "logger"):  # every shipped config passes
+        for f in (ROOT / "conf" / section).glob("*.yaml"):
+            check_targets(OmegaConf.load(f), section)
