@@ -25,17 +25,23 @@ test-all:  ## fast and slow tests
 run:  ## the embedded offline default: teacher + W2E2A8 QuantGPT student
 	$(PYTHON) -m qgplm.run
 
-# experiments/gpu_check.sh on a GPU machine that reaches no package registry and has no ../shared:
-# the pure-Python dependencies a bare CUDA image lacks, at the versions installed here, as wheels,
-# and a copy of the offline data. Git-ignored; it travels with the working tree, never committed.
+# experiments/gpu_check.sh on a GPU machine that reaches no package registry and may have no ../shared:
+# the Python dependencies a bare CUDA image lacks, at the versions installed here, as wheels, and a copy of the
+# offline data. gguf + accelerate: transformers' GGUF loader (the SmolLM2 teacher of the check's step 4) refuses
+# GGUF files without accelerate; psutil is accelerate's one compiled dependency (the script installs it only
+# where the machine has none). GPU_BUNDLE_GGUF=1 also copies ../shared/models' SmolLM2 GGUF file (94 MiB) into
+# models/, for a machine without ../shared. Git-ignored; it travels with the working tree, never committed.
 GPU_BUNDLE ?= .gpu_bundle
-GPU_WHEELS ?= hydra-core omegaconf antlr4-python3-runtime rouge-score nltk gguf
+GPU_WHEELS ?= hydra-core omegaconf antlr4-python3-runtime rouge-score nltk gguf accelerate psutil
+GPU_BUNDLE_GGUF ?=
 
-gpu-bundle:  ## .gpu_bundle/{wheels,data} for experiments/gpu_check.sh (needs `make install` first)
+gpu-bundle:  ## .gpu_bundle/{wheels,data[,models]} for experiments/gpu_check.sh (needs `make install` first)
 	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)/wheels
 	$(PYTHON) -m pip wheel -q --no-deps -w $(GPU_BUNDLE)/wheels $$($(PYTHON) -c "import importlib.metadata as m, \
 	  sys; print(' '.join(f'{p}=={m.version(p)}' for p in sys.argv[1:]))" $(GPU_WHEELS))
 	cp -r ../shared/data $(GPU_BUNDLE)/data
+	if [ -n "$(GPU_BUNDLE_GGUF)" ]; then mkdir -p $(GPU_BUNDLE)/models && \
+	  cp ../shared/models/SmolLM2-135M-Instruct*.gguf $(GPU_BUNDLE)/models/; fi
 	du -sh $(GPU_BUNDLE)/*
 
 clean:

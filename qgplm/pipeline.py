@@ -35,6 +35,7 @@ from qgplm.callbacks import (
     QuantStatsCallback,
     RNGStateCallback,
     ScaleWarmupCallback,
+    ThroughputCallback,
 )
 from qgplm.config import RunConfig, StageConfig
 from qgplm.distributed import global_rank, is_launched_rank
@@ -103,6 +104,7 @@ class StageRunner:
         self.logger_cfg = logger_cfg or OmegaConf.create()
         self.callbacks_cfg = callbacks_cfg or OmegaConf.create()
         self.out = Path(out or cfg.output_dir)
+        self.throughput: dict[str, ThroughputCallback] = {}  # stage -> its timer of the training steps
 
     def trainer(self, stage: str, budget: StageConfig, extra_callbacks: list[pl.Callback]) -> pl.Trainer:
         callbacks = []
@@ -123,10 +125,22 @@ class StageRunner:
             callbacks.append(kill)
         steps = max(1, budget.max_steps)
         plugins = [] if "plugins" in self.trainer_cfg else [AtomicCheckpointIO()]
+        # last: a step's time then includes the method callbacks' on_train_batch_end (the memory bank update)
+        self.throughput[stage] = timer = ThroughputCallback()
         return instantiate_checked(self.trainer_cfg, "trainer", max_steps=steps,
                                    val_check_interval=min(budget.eval_every, steps), check_val_every_n_epoch=None,
-                                   callbacks=callbacks + extra_callbacks, logger=loggers or False, plugins=plugins,
-                                   _convert_="partial")
+                                   callbacks=[*callbacks, *extra_callbacks, timer], logger=loggers or False,
+                                   plugins=plugins, _convert_="partial")
+
+    def train_throughput(self, stage: str) -> dict[str, Any] | None:
+        """Tokens/s of `stage`'s training steps (ThroughputCallback.figures); None if it trained none."""
+        cb = self.throughput.get(stage)
+        return cb.figures() if cb is not None else None
+
+    def throughput_log(self, stage: str) -> dict[str, float]:
+        """{"train/tokens_per_s": ...} for the loggers' end-of-stage figures; {} if it trained no step."""
+        speed = self.train_throughput(stage) or {}
+        return {"train/tokens_per_s": speed["tokens_per_s"]} if speed.get("tokens_per_s") else {}
 
     @staticmethod
     def log_final(trainer: pl.Trainer, figures: dict[str, float], samples: list[dict[str, str]] | None = None) -> None:
@@ -169,7 +183,7 @@ def train_teacher(runner: StageRunner, model: torch.nn.Module, dm: Any, evaluato
     model = module.gather_full_model()  # trainer=fsdp2: the trained teacher, unsharded, on every rank
     best_val = _best_score(trainer)
     runner.log_final(trainer, {**{f"test/{k}_final": v for k, v in test.items()},
-                               "size/fp32_mib": model_size(model).fp32_mib})
+                               "size/fp32_mib": model_size(model).fp32_mib, **runner.throughput_log("teacher")})
     return model, test, best_val
 
 
@@ -354,7 +368,8 @@ def student_step(run: Run, teacher: torch.nn.Module) -> None:
     student_ckpt = run.resume.ckpt if run.resume is not None and run.resume.stage == "student" else None
     module, test, best_val, trainer = train_student(run.runner, teacher, run.dm, evaluator, student_ckpt)
     size = model_size(module.student)
-    m["student"] = {"test_ppl": test.pop("ppl"), "best_val_ppl": best_val, **test}
+    m["student"] = {"test_ppl": test.pop("ppl"), "best_val_ppl": best_val, **test,
+                    "train_throughput": run.runner.train_throughput("student")}
     m["ppl_ratio"] = m["student"]["test_ppl"] / m["teacher"]["test_ppl"]
     m["world_size"] = trainer.world_size
     checksums = bank_checksums(trainer)
@@ -370,7 +385,7 @@ def student_step(run: Run, teacher: torch.nn.Module) -> None:
     run.runner.log_final(trainer, {"test/ppl_final": m["student"]["test_ppl"], "test/ppl_ratio": m["ppl_ratio"],
                                    **{f"test/{k}_final": v for k, v in test.items()},
                                    "size/fp32_mib": size.fp32_mib, "size/quantized_mib": size.quantized_mib,
-                                   "size/compression": size.compression},
+                                   "size/compression": size.compression, **run.runner.throughput_log("student")},
                          samples_table(run.samples, run.records, cfg.generate_samples))
 
 
@@ -408,7 +423,8 @@ def _teacher_stage(run: Run, evaluator: Any) -> tuple[torch.nn.Module, dict[str,
         teacher, test, best_val = train_teacher(run.runner, teacher, run.dm, evaluator,
                                                 resume.ckpt if resume is not None else None)
     figures = {"test_ppl": test.pop("ppl"), "best_val_ppl": best_val,
-               "params": sum(p.numel() for p in teacher.parameters()), **test}
+               "params": sum(p.numel() for p in teacher.parameters()), **test,
+               "train_throughput": None if loaded else run.runner.train_throughput("teacher")}
     if not loaded and global_rank() == 0:
         save_model(teacher, tokenizer, out / "teacher")
         atomic_write_json(out / TEACHER_METRICS, figures)

@@ -1,9 +1,11 @@
 """The CPU-runnable parts of experiments/gpu_check.sh: the cost benchmark at tiny sizes (bf16-mixed
-on CPU, in-process), the script's syntax and its clear refusals, and its QAT run's overrides."""
+on CPU, in-process), the script's syntax and its clear refusals, its runs' overrides, the search for
+step 4's GGUF file, and (slow) every step end to end in smoke mode."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -91,17 +93,92 @@ def test_gpu_check_qat_run_overrides_validate(tmp_path):
     assert _bash_array("BENCH")[:4] == ["--size", "gpt2-small", "--device", "cuda"]
 
 
+def test_gpu_check_smollm2_step_overrides_validate(tmp_path):
+    """Step 4's run: experiment=paper_smollm2_wt2 with the check's shorter budget, from a GGUF path."""
+    from hydra import compose, initialize_config_dir
+
+    from qgplm.config import RunConfig
+    from qgplm.run import quote_int_group_overrides
+
+    assert _bash_array("SMOL_SIZE") == [] and _bash_array("SMOL_TRAINER") == []  # the preset's sizes, its GPU
+    overrides = ["experiment=paper_smollm2_wt2", "model.gguf_file=/gpu/shared/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+                 f"task.data_dir={SHARED_DATA / 'wikitext-2'}", *_bash_array("SMOL_BUDGET"), "method=quantgpt",
+                 "bits=2"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="run", overrides=quote_int_group_overrides([*overrides,
+                                                                              f"paths.output_dir={tmp_path}"]))
+    run = RunConfig.from_hydra(cfg)
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.max_time == "00:00:04:00"  # Lightning's DD:HH:MM:SS: a cap per stage
+    assert (run.task.block_size, run.task.batch_size, run.task.max_eval_tokens) == (512, 16, None)
+    assert 10 <= run.teacher.max_steps <= 100 and 100 <= run.student.max_steps <= 1000
+    assert run.student.eval_every == run.student.max_steps and run.model.gguf_file.endswith(".gguf")
+
+
+def _gpu_check(tmp_path, steps: str, **env: str) -> subprocess.CompletedProcess:
+    """The script in smoke mode with only `steps`, its bundle and ../shared replaced by folders under tmp_path."""
+    for d in ("bundle/models", "shared/models"):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    full = {**{k: v for k, v in os.environ.items() if k != "GPU_CHECK_GGUF"}, "GPU_CHECK_SMOKE": "1",
+            "GPU_CHECK_STEPS": steps, "PYTHON": sys.executable, "QGPLM_DATA_DIR": str(SHARED_DATA),
+            "GPU_CHECK_BUNDLE": str(tmp_path / "bundle"), "GPU_CHECK_SHARED": str(tmp_path / "shared"), **env}
+    return subprocess.run(["bash", str(SCRIPT), "", str(tmp_path / "out")], capture_output=True, text=True, env=full,
+                          timeout=900)  # the skip path imports torch, lightning and transformers twice
+
+
+def test_gpu_check_finds_the_gguf_in_order_or_says_why_it_skips(tmp_path):
+    """GPU_CHECK_GGUF, then .gpu_bundle/models, then ../shared/models; a file that is no GGUF file and a step list
+    naming no step stop the script with one error line before any run; no file at all skips step 4, saying so."""
+    proc = _gpu_check(tmp_path, "4 9")
+    assert proc.returncode == 2 and 'names step "9"' in proc.stderr
+    not_gguf = b"PK\x03\x04 no gguf"
+    (tmp_path / "shared/models/SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(not_gguf)
+    proc = _gpu_check(tmp_path, "4")
+    assert proc.returncode == 2 and f"{tmp_path}/shared/models/SmolLM2-135M-Instruct.Q4_1.gguf" in proc.stderr
+    assert "is not a GGUF file" in proc.stderr
+    (tmp_path / "bundle/models/SmolLM2-135M-Instruct.Q8_0.gguf").write_bytes(not_gguf)
+    proc = _gpu_check(tmp_path, "4")
+    assert proc.returncode == 2 and f"{tmp_path}/bundle/models/SmolLM2-135M-Instruct.Q8_0.gguf" in proc.stderr
+    (tmp_path / "mine.gguf").write_bytes(not_gguf)
+    proc = _gpu_check(tmp_path, "4", GPU_CHECK_GGUF=str(tmp_path / "mine.gguf"))
+    assert proc.returncode == 2 and f"{tmp_path}/mine.gguf (from GPU_CHECK_GGUF)" in proc.stderr
+    proc = _gpu_check(tmp_path, "4", GPU_CHECK_GGUF=str(tmp_path / "missing.gguf"))
+    assert proc.returncode == 2 and "GPU_CHECK_GGUF=" in proc.stderr and "is not a file" in proc.stderr
+    assert not (tmp_path / "out").exists()  # every refusal came before anything was written
+    for f in (tmp_path / "shared/models").iterdir():
+        f.unlink()
+    for f in (tmp_path / "bundle/models").iterdir():
+        f.unlink()
+    proc = _gpu_check(tmp_path, "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "gpu_check: step 4 skipped: no SmolLM2-135M-Instruct*.gguf in" in proc.stdout
+    assert "all passed" in proc.stdout and "(step 4 skipped: no SmolLM2 GGUF file)" in proc.stdout
+
+
 @pytest.mark.slow
 def test_gpu_check_smoke_mode_runs_every_step_on_cpu(tmp_path):
-    """GPU_CHECK_SMOKE=1: the script's three steps at toy sizes on the CPU (about a minute): the
-    plumbing that has to work the first time on a GPU machine (data dir, PYTHONPATH, the run's
-    metrics.json, the benchmark's table)."""
-    env = {**os.environ, "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable, "QGPLM_DATA_DIR": str(SHARED_DATA)}
+    """GPU_CHECK_SMOKE=1: the script's four steps at toy sizes on the CPU (a few minutes), step 4 on a tiny
+    random Llama written to GGUF here: the plumbing that has to work the first time on a GPU machine (data dir,
+    PYTHONPATH, the GGUF teacher, the runs' metrics.json, the benchmark's table, the printed figures)."""
+    from tests.test_gguf_teacher import tiny_llama_gguf
+
+    _, _, gguf_path = tiny_llama_gguf(tmp_path / "tiny-llama.gguf")
+    env = {**os.environ, "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable, "QGPLM_DATA_DIR": str(SHARED_DATA),
+           "GPU_CHECK_GGUF": str(gguf_path)}
+    env.pop("GPU_CHECK_STEPS", None)
     proc = subprocess.run(["bash", str(SCRIPT), "", str(tmp_path / "out")], capture_output=True, text=True, env=env,
-                          timeout=600)
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "gpu_check: all passed" in proc.stdout and "W2E2A8 student" in proc.stdout
-    assert "| quantgpt |" in proc.stdout and (tmp_path / "out" / "qat_run" / "metrics.json").is_file()
+    out = proc.stdout
+    assert "gpu_check: all passed" in out and "W2E2A8 student" in out and "skipped" not in out
+    assert "| quantgpt |" in out and (tmp_path / "out" / "qat_run" / "metrics.json").is_file()
+    assert f"teacher: {gguf_path} (from GPU_CHECK_GGUF)" in out
+    m = re.search(r"W2E2A8 QuantGPT student PPL ([0-9.]+)", out)
+    assert m and math.isfinite(float(m.group(1)))
+    assert re.search(r"student training [0-9,]+ tokens/s \(\d+ ms per step of 128 tokens, 4 of 4 steps run\)", out)
+    assert re.search(r"teacher training [0-9,]+ tokens/s \(\d+ ms per step of 128 tokens, 2 of 2 steps run\)", out)
+    metrics = json.loads((tmp_path / "out" / "smollm2_run" / "metrics.json").read_text())
+    assert metrics["config"]["model"] == "smollm2" and metrics["student"]["train_throughput"]["tokens"] == 4 * 128
 
 
 def test_loaders_pin_memory_only_for_a_cuda_trainer():

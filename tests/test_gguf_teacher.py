@@ -89,8 +89,8 @@ def write_llama_gguf(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, path
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, Path]:
+def tiny_llama_gguf(path: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, Path]:
+    """A random 2-layer x 64 Llama (GQA, tied) with its byte-level BPE, written to the GGUF file `path`."""
     torch.manual_seed(0)
     tok = byte_bpe()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -102,8 +102,12 @@ def tiny(tmp_path_factory) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, P
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    path = write_llama_gguf(model, tok, tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
-    return model, tok, path
+    return model, tok, write_llama_gguf(model, tok, path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, Path]:
+    return tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
 
 
 def test_tiny_llama_loads_with_equal_weights(tiny):

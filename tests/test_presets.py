@@ -23,6 +23,8 @@ PRESETS = {  # preset -> (task, model kind, hub model)
     "paper_bart_xsum": ("xsum", "seq2seq", "facebook/bart-base"),
     "paper_bart_cnndm": ("cnndm", "seq2seq", "facebook/bart-base"),
 }
+# presets whose teacher is a GGUF file (model.gguf_file / the file a package ships), not a hub name
+GGUF_PRESETS = {"paper_smollm2_wt2": ("wikitext2", "causal", "smollm2")}  # preset -> (task, model kind, model)
 BITS = {"2": "W2E2A8", "4": "W4E4A8", "8": "W8E8A8"}
 
 
@@ -34,7 +36,7 @@ def _compose(overrides: list[str], tmp_path):
 
 def test_every_paper_preset_is_listed_here():
     on_disk = {p.stem for p in (CONF / "experiment").glob("paper_*.yaml")}
-    assert on_disk == set(PRESETS)
+    assert on_disk == set(PRESETS) | set(GGUF_PRESETS)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -75,6 +77,35 @@ def test_preset_takes_the_trainer_from_the_command_line(trainer, strategy, tmp_p
         assert RunConfig.from_hydra(cfg).quant.tag == "W4E4A8"
 
 
+@pytest.mark.parametrize("name", sorted(GGUF_PRESETS))
+def test_gguf_preset_composes_and_validates_at_every_bit_width(name, tmp_path):
+    """paper_smollm2_wt2: one GPU in bf16, 512 x 16 tokens per step, ~33M student tokens, the full test set,
+    the offline WikiText-2 files and the GGUF teacher (any file through model.gguf_file)."""
+    task, kind, model = GGUF_PRESETS[name]
+    text = (CONF / "experiment" / f"{name}.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    assert "/bits" not in text and "\nbits:" not in text
+    for bits, tag in BITS.items():
+        cfg = _compose([f"experiment={name}", f"bits={bits}"], tmp_path)
+        run = RunConfig.from_hydra(cfg)
+        assert run.quant.tag == tag and run.task.name == task and run.model.kind == kind and run.model.name == model
+        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 1 and cfg.trainer.precision == "bf16-mixed"
+        assert run.model.name_or_path is None and run.model.gguf_file is None and run.model.gguf_package
+        t = run.task
+        assert (t.block_size, t.batch_size, t.max_eval_tokens, t.max_train_tokens) == (512, 16, None, None)
+        assert t.data_dir.endswith("wikitext-2")
+        assert (run.teacher.max_steps, run.teacher.optim.lr) == (1000, 8e-5)
+        assert (run.student.max_steps, run.student.optim.lr) == (4000, 4e-4)
+        assert run.student.max_steps * t.block_size * t.batch_size == 32_768_000  # the student's tokens
+        assert run.student.optim.scale_lr is not None and run.student.optim.weight_decay == 0.0
+        assert run.teacher.optim.warmup_steps < run.teacher.max_steps and run.stage == "pipeline"
+    path = "/any/where/model.gguf"
+    run = RunConfig.from_hydra(_compose([f"experiment={name}", f"model.gguf_file={path}"], tmp_path))
+    assert run.model.gguf_file == path and run.quant.tag == "W2E2A8"
+    cpu = _compose([f"experiment={name}", "trainer=cpu"], tmp_path)  # the command line's trainer replaces it
+    assert cpu.trainer.accelerator == "cpu" and cpu.trainer.precision == "bf16-mixed"
+
+
 def test_paper_preset_on_the_offline_files_composes(tmp_path):
     """The same recipe on ../shared/data: local data and tokenizer dir instead of the hub."""
     from tests.conftest import SHARED_DATA
@@ -97,8 +128,8 @@ def _recipe_rows() -> dict[str, list[str]]:
 
 def test_docs_recipe_table_matches_the_presets(tmp_path):
     rows = _recipe_rows()
-    assert set(rows) == set(PRESETS)
-    for name in PRESETS:
+    assert set(rows) == set(PRESETS) | set(GGUF_PRESETS)
+    for name in rows:
         run = RunConfig.from_hydra(_compose([f"experiment={name}"], tmp_path))
         t = run.task
         length = (f"{t.block_size}" if t.kind != "summarization"
