@@ -11,11 +11,13 @@ ratios the cost targets are about: QuantGPT / FP, contrastive share, qgplm / tor
     python experiments/bench_cost.py --size tiny --steps 2 --warmup 1      # seconds, on CPU (the fast test)
 
 SmolLM2-135M (the pretrained GGUF teacher of model=smollm2), at experiment=smollm2_wt2's batch,
-on an otherwise idle machine (`make bench-deps` first, for torchao):
+on an otherwise idle machine (timings on a busy one mean nothing):
 
-    nice -n 0 python experiments/bench_cost.py --size smollm2 --settings fp,quantgpt,torchao \
+    make bench-deps
+    python experiments/bench_cost.py --size smollm2 --settings fp,quantgpt,torchao \
         --block 128 --batch 4 --steps 10 --warmup 2 --precision 32-true
-    (and the same with --precision bf16-mixed)
+    python experiments/bench_cost.py --size smollm2 --settings fp,quantgpt,torchao \
+        --block 128 --batch 4 --steps 10 --warmup 2 --precision bf16-mixed
 
 --size sets the model: tiny / small / gpt2-small are random-init GPT-2s (layers x width, vocab:
 1 x 64 / 128, 4 x 256 / 8192, 12 x 768 / 50257, GPT-2 small's shape); tiny_llama a random 2-layer

@@ -585,3 +585,36 @@ def test_clamp_scales_fuses_every_quantizer_without_a_host_sync():
     assert lsq.step.item() == pytest.approx(lsq.min_step)
     assert not bool(clamp_scales_([a, b, lsq]))  # all valid now
     assert clamp_scales_([WeightQuantizer(2)]) is None
+
+
+def test_scale_warmup_sets_the_ramp_factor_only_when_it_changes():
+    """ScaleWarmupCallback: mix = (step + 1) / ramp_steps during the ramp, then 1; the walk over the
+    model's modules runs only at steps where the factor changes (no host work at every step after)."""
+    import types
+
+    from torch import nn
+
+    from qgplm.callbacks.scale_warmup import ScaleWarmupCallback
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.walks = DynamicScaleQuantizer(2), 0
+
+        def modules(self):
+            self.walks += 1
+            return super().modules()
+
+    model = Counting()
+    module = types.SimpleNamespace(model=model)
+    cb = ScaleWarmupCallback(ramp_steps=2)
+    cb.on_train_start(None, module)
+    seen = []
+    for step in range(5):
+        cb.on_train_batch_start(types.SimpleNamespace(global_step=step), module, None, step)
+        seen.append(model.q.mix)
+    assert seen == [0.5, 1.0, 1.0, 1.0, 1.0] and model.walks == 2
+    model.q.mix = 0.25  # a new fit starts over
+    cb.on_train_start(None, module)
+    cb.on_train_batch_start(types.SimpleNamespace(global_step=7), module, None, 0)
+    assert model.q.mix == 1.0 and model.walks == 3
