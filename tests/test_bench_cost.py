@@ -21,20 +21,111 @@ SCRIPT = ROOT / "experiments" / "gpu_check.sh"
 
 def _args(**kw) -> argparse.Namespace:
     base = dict(layers=1, width=64, vocab=128, block=16, batch=2, steps=2, warmup=1, device="cpu",
-                precision="bf16-mixed", size=None, json=False, one=None)
+                precision="bf16-mixed", size=None, json=False, one=None, settings="fp")
     return argparse.Namespace(**{**base, **kw})
+
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import bench_cost
+
+    return bench_cost
 
 
 @pytest.mark.parametrize("setting", ["fp", "kd_only", "quantgpt"])
 def test_bench_cost_measures_tiny_bf16_on_cpu(setting):
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from bench_cost import SIZES, measure
-
-    row = measure(setting, _args())
+    bench = _bench()
+    row = bench.measure(setting, _args())
     assert row["precision"] == "bf16-mixed" and row["device"] == "cpu"
-    assert row["step_s"] > 0 and row["peak_mib"] > 0 and math.isfinite(row["loss"])
+    assert row["step_s"] > 0 and row["peak_rss_mib"] >= row["setup_rss_mib"] > 0 and math.isfinite(row["loss"])
     assert row["tokens_per_s"] == pytest.approx(2 * 16 / row["step_s"])
-    assert SIZES["gpt2-small"] == (12, 768, 50257)
+    assert (row["contrastive_s"] is not None) == (setting == "quantgpt")
+    if setting == "quantgpt":
+        assert 0 < row["contrastive_s"]
+        assert row["contrastive_share"] == pytest.approx(row["contrastive_s"] / row["step_s"])
+    assert bench.SIZES["gpt2-small"] == (12, 768, 50257)
+
+
+def _run_bench(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_cost.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def _torchao_skip_reason() -> str | None:
+    return _bench().torchao_missing()
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_bench_cost_tiny_llama_table_has_every_column(precision):
+    """--size tiny_llama, --settings fp,quantgpt (and torchao where .bench_deps has it): one row per
+    setting in the order asked, every column filled, the target ratios printed."""
+    settings = "quantgpt,fp" + ("" if _torchao_skip_reason() else ",torchao")
+    proc = _run_bench("--size", "tiny_llama", "--steps", "1", "--warmup", "1", "--block", "16", "--batch", "2",
+                      "--precision", precision, "--settings", settings, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.startswith(f"tiny random Llama (2 x 64, vocab 256), batch 2 x 16, cpu, {precision}")
+    header = next(line for line in out.splitlines() if line.startswith("| setting"))
+    for col in ("step time (s)", "vs fp", "tokens/s", "contrastive + bank (s)", "share of step", "peak RSS (MiB)",
+                "RSS after set-up (MiB)"):
+        assert f"| {col} |" in header
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    assert [r.split(" | ")[0][2:] for r in rows] == settings.split(",")
+    assert all(len(r.split(" | ")) == len(header.split(" | ")) for r in rows)
+    quantgpt = rows[0].split(" | ")
+    assert quantgpt[4] != "-" and quantgpt[5].endswith("%")  # the contrastive + bank share
+    assert rows[1].split(" | ")[2] == "1.00x"  # fp against itself
+    assert re.search(r"QuantGPT / FP step time: \d+\.\d\dx \(target <= 1.4", out)
+    assert re.search(r"contrastive loss \+ memory bank: \d+\.\d% of the QuantGPT step \(target <= 5%\)", out)
+    json_rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["setting"] for r in json_rows] == settings.split(",")
+    assert all(r["precision"] == precision and r["peak_rss_mib"] > 0 for r in json_rows)
+    assert ("qgplm / torchao step time" in out) == ("torchao" in settings)
+
+
+def test_bench_cost_torchao_setting_quantizes_the_w2e2a8_layers():
+    """The torchao student: int2 per-channel weights and int8 per-token asymmetric activations on
+    every Linear (the tied LM head included), an int2 token embedding, the tie kept; a step runs."""
+    why = _torchao_skip_reason()
+    if why:
+        pytest.skip(f"the torchao setting is not tested: {why}")
+    bench = _bench()
+    bench.use_bench_deps()
+    import torch
+    from torch import nn
+
+    a = _args(size="tiny_llama", precision="32-true")
+    teacher = bench.build_teacher(a)
+    student = bench.torchao_student(teacher)
+    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    linears = [m for m in student.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(m, FakeQuantizedLinear) for m in linears)
+    assert len(linears) == sum(isinstance(m, nn.Linear) for m in teacher.modules())
+    wcfg = linears[0].weight_fake_quantizer.config
+    acfg = linears[0].activation_fake_quantizer.config
+    assert wcfg.dtype == torch.int2 and type(wcfg.granularity).__name__ == "PerAxis"
+    assert acfg.dtype == torch.int8 and type(acfg.granularity).__name__ == "PerToken"
+    assert "ASYMMETRIC" in str(acfg.mapping_type) and "ASYMMETRIC" not in str(wcfg.mapping_type)
+    assert isinstance(student.get_input_embeddings(), FakeQuantizedEmbedding)
+    assert student.lm_head.weight is student.get_input_embeddings().weight
+    row = bench.measure("torchao", a)
+    assert row["step_s"] > 0 and math.isfinite(row["loss"]) and row["contrastive_s"] > 0
+
+
+def test_bench_cost_refuses_bad_settings_and_a_missing_torchao(tmp_path):
+    proc = _run_bench("--size", "tiny", "--settings", "fp,nope")
+    assert proc.returncode == 2 and "error: --settings 'fp,nope': unknown setting nope" in proc.stderr
+    assert _bench().parse_settings("fp, quantgpt,fp") == ["fp", "quantgpt"]
+    bench = _bench()
+    saved = bench.BENCH_DEPS
+    try:
+        bench.BENCH_DEPS = tmp_path / "absent"
+        assert "run `make bench-deps`" in bench.torchao_missing()
+    finally:
+        bench.BENCH_DEPS = saved
 
 
 def test_bench_cost_refuses_cuda_without_a_gpu():
@@ -42,11 +133,8 @@ def test_bench_cost_refuses_cuda_without_a_gpu():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from bench_cost import measure
-
     with pytest.raises(SystemExit, match="cuda"):
-        measure("fp", _args(device="cuda"))
+        _bench().measure("fp", _args(device="cuda"))
 
 
 def test_gpu_check_script_is_valid_bash_and_fails_clearly(tmp_path):

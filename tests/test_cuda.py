@@ -171,3 +171,27 @@ def test_export_of_a_student_held_on_cuda(tmp_path):
     with torch.no_grad():
         got = load_quantized(tmp_path / "exp", mode="dequantize")(x).logits
     assert torch.allclose(got, ref, atol=1e-4)
+
+
+@cuda
+def test_per_step_bookkeeping_makes_no_host_sync():
+    """What runs after every optimizer step (the scale clamp, the memory-bank update) queues GPU work
+    only: torch's sync debug mode turns any device-to-host sync into an error."""
+    from qgplm.distill import MemoryBank
+    from qgplm.quant.quantizers import WeightQuantizer, clamp_scales_
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).cuda()
+    student = quantize_model(model, QuantConfig(weight_bits=2, embedding_bits=2, activation_bits=8))
+    initialize_quantizers(student)
+    quantizers = [m for m in student.modules() if isinstance(m, WeightQuantizer)]
+    bank = MemoryBank(64, 32).cuda()
+    ids = torch.randint(0, 64, (2, 8), device="cuda")
+    q, mask = torch.randn(2, 8, 32, device="cuda"), torch.rand(2, 8, device="cuda") > 0.2
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        flag = clamp_scales_(quantizers)
+        bank.update(ids, q, mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not bool(flag) and bool(bank.filled[ids[mask]].all())

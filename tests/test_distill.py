@@ -140,6 +140,31 @@ def test_memory_bank_duplicates_averaged_and_mask_respected():
     assert not bool(bank.filled[3])  # masked position not written
 
 
+def test_memory_bank_update_matches_the_per_id_mean_with_mask_and_duplicates():
+    """The sync-free update (stable sort + index_add_) against the rule written out per id: rows of
+    ids with a valid position get the mean of its queries, every other row (masked-only ids, unseen
+    ids, NaN in a masked query) is left as it was."""
+    g = torch.Generator().manual_seed(0)
+    bank = MemoryBank(12, 4)
+    bank.update(torch.tensor([[0, 1, 2]]), torch.randn(1, 3, 4, generator=g))  # some rows filled before
+    before, filled = bank.bank.clone(), bank.filled.clone()
+    ids = torch.randint(0, 8, (3, 10), generator=g)
+    q = torch.randn(3, 10, 4, generator=g)
+    mask = torch.rand(3, 10, generator=g) > 0.3
+    q[~mask] = float("nan")  # a pad position's garbage never reaches the bank
+    bank.update(ids, q, mask)
+    for t in range(12):
+        rows = q[(ids == t) & mask]
+        if len(rows):
+            assert torch.allclose(bank.bank[t], rows.mean(0), atol=1e-6) and bool(bank.filled[t])
+        else:
+            assert torch.equal(bank.bank[t], before[t]) and bool(bank.filled[t]) == bool(filled[t])
+    empty = MemoryBank(5, 2)
+    empty.update(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 2))  # nothing to write
+    empty.update(torch.tensor([[1, 2]]), torch.ones(1, 2, 2), mask=torch.zeros(1, 2))
+    assert not empty.filled.any() and not empty.bank.any()
+
+
 def test_memory_bank_state_dict_round_trip():
     bank = MemoryBank(6, 3)
     bank.update(torch.tensor([[1, 5]]), torch.randn(1, 2, 3))

@@ -565,3 +565,56 @@ def test_quantizer_module_gradient_reaches_gamma_and_disable():
 def test_invalid_gamma_init_rejected():
     with pytest.raises(ValueError):
         DynamicScaleQuantizer(2, gamma_init="bogus")
+
+
+def test_clamp_scales_fuses_every_quantizer_without_a_host_sync():
+    """clamp_scales_: one flag tensor for all quantizers (a scale below its bound anywhere), every
+    scale clamped to its own kind's bound; None when no quantizer has a bound."""
+    from qgplm.quant.baselines import LSQQuantizer
+    from qgplm.quant.quantizers import WeightQuantizer, clamp_scales_
+
+    a, b = DynamicScaleQuantizer(2), DynamicScaleQuantizer(2, num_rows=3)
+    lsq = LSQQuantizer(2)
+    with torch.no_grad():
+        a.gamma.fill_(0.5)
+        b.gamma.copy_(torch.tensor([-1.0, 2.0, 0.0]))
+        lsq.step.fill_(-3.0)
+    flag = clamp_scales_([a, b, lsq])
+    assert isinstance(flag, torch.Tensor) and bool(flag)
+    assert a.gamma.item() == 0.5 and b.gamma.tolist() == pytest.approx([1e-3, 2.0, 1e-3])
+    assert lsq.step.item() == pytest.approx(lsq.min_step)
+    assert not bool(clamp_scales_([a, b, lsq]))  # all valid now
+    assert clamp_scales_([WeightQuantizer(2)]) is None
+
+
+def test_scale_warmup_sets_the_ramp_factor_only_when_it_changes():
+    """ScaleWarmupCallback: mix = (step + 1) / ramp_steps during the ramp, then 1; the walk over the
+    model's modules runs only at steps where the factor changes (no host work at every step after)."""
+    import types
+
+    from torch import nn
+
+    from qgplm.callbacks.scale_warmup import ScaleWarmupCallback
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.walks = DynamicScaleQuantizer(2), 0
+
+        def modules(self):
+            self.walks += 1
+            return super().modules()
+
+    model = Counting()
+    module = types.SimpleNamespace(model=model)
+    cb = ScaleWarmupCallback(ramp_steps=2)
+    cb.on_train_start(None, module)
+    seen = []
+    for step in range(5):
+        cb.on_train_batch_start(types.SimpleNamespace(global_step=step), module, None, step)
+        seen.append(model.q.mix)
+    assert seen == [0.5, 1.0, 1.0, 1.0, 1.0] and model.walks == 2
+    model.q.mix = 0.25  # a new fit starts over
+    cb.on_train_start(None, module)
+    cb.on_train_batch_start(types.SimpleNamespace(global_step=7), module, None, 0)
+    assert model.q.mix == 1.0 and model.walks == 3

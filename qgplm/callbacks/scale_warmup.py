@@ -22,6 +22,10 @@ class ScaleWarmupCallback(Callback):
     def __init__(self, hold_steps: int = 0, ramp_steps: int = 0):
         self.hold_steps, self.ramp_steps = hold_steps, ramp_steps
         self.initialized_count = 0
+        self._mix: float | None = None  # the factor last set (None: not yet in this fit)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mix = None  # a new fit (or a resumed one) sets it again at its first batch
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Initialise here, before the strategy wraps or moves the model: under FSDP the
@@ -34,7 +38,12 @@ class ScaleWarmupCallback(Callback):
             self.initialized_count = initialize_quantizers(pl_module.model)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        """Set the ramp-in factor when it changes (during the ramp, and once at the first batch),
+        not at every step: a walk over all modules is host work each training step would pay."""
         mix = 1.0 if self.ramp_steps <= 0 else min(1.0, (trainer.global_step + 1) / self.ramp_steps)
+        if mix == self._mix:
+            return
+        self._mix = mix
         for m in pl_module.model.modules():
             if isinstance(m, WeightQuantizer):
                 m.mix = mix

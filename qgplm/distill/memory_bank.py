@@ -45,19 +45,27 @@ class MemoryBank(nn.Module):
         A token occurring several times in the batch gets the mean of its queries, so the
         result does not depend on scatter order (deterministic, and identical on every rank
         once the inputs are gathered).
+
+        No host sync (it runs after every training step): instead of selecting the valid positions
+        and `unique` (both data-dependent shapes, a GPU sync each), positions are grouped by id
+        with a stable sort, every group's valid queries summed and counted, and each position
+        writes back its group's mean, or the row it already had when its id has no valid position:
+        duplicates of an id write the same value, so the scatter order does not matter.
         """
         ids = token_ids.reshape(-1)
-        q = queries.detach().reshape(ids.numel(), -1).to(self.bank.dtype)
-        if mask is not None:
-            keep = mask.reshape(-1).bool()
-            ids, q = ids[keep], q[keep]
-        if ids.numel() == 0:
-            return
-        uniq, inverse = ids.unique(return_inverse=True)  # sorted ids: deterministic
-        sums = torch.zeros(uniq.numel(), q.shape[1], device=q.device, dtype=q.dtype).index_add_(0, inverse, q)
-        counts = torch.bincount(inverse, minlength=uniq.numel()).to(q.dtype).unsqueeze(-1)
-        self.bank[uniq] = sums / counts
-        self.filled[uniq] = True
+        q = queries.detach().reshape(ids.numel(), queries.shape[-1]).to(self.bank.dtype)
+        keep = (torch.ones_like(ids, dtype=torch.bool) if mask is None
+                else mask.reshape(-1).to(device=ids.device, dtype=torch.bool))
+        sorted_ids, order = ids.sort(stable=True)
+        starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+        starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+        group = torch.empty_like(order).scatter_(0, order, starts.cumsum(0) - 1)  # group of each position
+        sums = torch.zeros_like(q).index_add_(0, group, q.masked_fill(~keep.unsqueeze(-1), 0.0))
+        counts = torch.zeros(ids.numel(), device=q.device, dtype=q.dtype).index_add_(0, group, keep.to(q.dtype))
+        seen = counts[group] > 0  # the position's id has a valid position in the batch
+        mean = sums[group] / counts[group].clamp_min(1.0).unsqueeze(-1)
+        self.bank.index_put_((ids,), torch.where(seen.unsqueeze(-1), mean, self.bank[ids]))
+        self.filled.index_put_((ids,), self.filled[ids] | seen)
 
     def extra_repr(self) -> str:
         return f"vocab={self.bank.shape[0]}, hidden={self.bank.shape[1]}, momentum={self.momentum}"

@@ -179,12 +179,8 @@ class PACTQuantizer(WeightQuantizer):
         self.alpha.copy_(value.reshape(self.alpha.shape).to(self.alpha.dtype).clamp_min(self.min_alpha))
         self.initialized.fill_(True)
 
-    @torch.no_grad()
-    def clamp_(self) -> bool:
-        bad = bool((self.alpha < self.min_alpha).any())
-        if bad:
-            self.alpha.clamp_(min=self.min_alpha)
-        return bad
+    def scale_bounds(self) -> list[tuple[nn.Parameter, float]]:
+        return [(self.alpha, self.min_alpha)]
 
     def extra_repr(self) -> str:
         init = f"init_alpha={self.init_alpha}" if self.init_alpha is not None else f"init_scale={self.init_scale}"
@@ -276,12 +272,8 @@ class LSQQuantizer(WeightQuantizer):
         self.step.copy_(value.reshape(self.step.shape).to(self.step.dtype).clamp_min(self.min_step))
         self.initialized.fill_(True)
 
-    @torch.no_grad()
-    def clamp_(self) -> bool:
-        bad = bool((self.step < self.min_step).any())
-        if bad:
-            self.step.clamp_(min=self.min_step)
-        return bad
+    def scale_bounds(self) -> list[tuple[nn.Parameter, float]]:
+        return [(self.step, self.min_step)]
 
 
 # ============================================================================== LAQ

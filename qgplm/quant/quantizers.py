@@ -9,11 +9,14 @@ quantizer kind implements (QuantGPT here, the baselines in baselines.py, registe
   run never re-initialises.
 - `codes(w)`: integer codes and step with `codes * step == forward(w)` (for packed export).
 - `scale_parameters()`: learnable scale tensors; they get their own optimizer group.
-- `clamp_()`: keep the scale valid after an optimizer step; returns True if it had to.
+- `scale_bounds()`: (scale parameter, lower bound) pairs the scales must stay above; `clamp_()`
+  keeps them there after an optimizer step (returns True if it had to), and `clamp_scales_` does
+  it for all quantizers of a model at once, without a host sync (the training step's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -27,7 +30,7 @@ from qgplm.quant.functional import (
 from qgplm.quant.registry import WEIGHT_QUANTIZERS, register_weight_quantizer
 from qgplm.quant.token_mask import activation_mask
 
-__all__ = ["WEIGHT_QUANTIZERS", "ActivationQuantizer", "DynamicScaleQuantizer", "WeightQuantizer",
+__all__ = ["WEIGHT_QUANTIZERS", "ActivationQuantizer", "DynamicScaleQuantizer", "WeightQuantizer", "clamp_scales_",
            "register_weight_quantizer"]
 
 
@@ -75,12 +78,37 @@ class WeightQuantizer(nn.Module):
     def scale_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters(recurse=False))
 
+    def scale_bounds(self) -> list[tuple[nn.Parameter, float]]:
+        """(scale parameter, lower bound) pairs that `clamp_` keeps valid; none by default."""
+        return []
+
     @torch.no_grad()
     def clamp_(self) -> bool:
-        return False
+        """Clamp this quantizer's scales to their bounds; True if one was below (syncs: for tests/tools)."""
+        flag = clamp_scales_([self])
+        return bool(flag) if flag is not None else False
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_row={self.per_row}"
+
+
+@torch.no_grad()
+def clamp_scales_(quantizers: Iterable[WeightQuantizer]) -> Tensor | None:
+    """Clamp the scales of all `quantizers` to their `scale_bounds`, in one fused operation per
+    distinct bound, with no host sync: returns a bool tensor on the scales' device (True if any
+    scale was below its bound), None when no quantizer has bounds. Called after every optimizer
+    step, so a per-quantizer `bool(...)` (a GPU sync each, hundreds per step) is what it avoids."""
+    groups: dict[tuple[float, torch.device, torch.dtype], list[nn.Parameter]] = {}
+    for q in quantizers:
+        for p, low in q.scale_bounds():
+            groups.setdefault((float(low), p.device, p.dtype), []).append(p)
+    flags = []
+    for (low, _, _), params in groups.items():
+        flags.append(torch.cat([p.detach().reshape(-1) for p in params]).lt(low).any())
+        torch._foreach_clamp_min_([p.detach() for p in params], low)
+    if not flags:
+        return None
+    return flags[0] if len(flags) == 1 else torch.stack(flags).any()
 
 
 # Fallback gammas of the paper (gamma_init="fixed"; docs/method.md); 8-bit uses max|w|/mean|w|.
@@ -149,12 +177,8 @@ class DynamicScaleQuantizer(WeightQuantizer):
         self.gamma.copy_(value)
         self.initialized.fill_(True)
 
-    @torch.no_grad()
-    def clamp_(self) -> bool:
-        bad = bool((self.gamma < self.min_gamma).any())
-        if bad:
-            self.gamma.clamp_(min=self.min_gamma)
-        return bad
+    def scale_bounds(self) -> list[tuple[nn.Parameter, float]]:
+        return [(self.gamma, self.min_gamma)]
 
 
 def _mse_gamma_search(w: Tensor, bits: int, per_row: bool, top: Tensor, full_grid: bool = False,
