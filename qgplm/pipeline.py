@@ -160,10 +160,11 @@ class StageRunner:
     @staticmethod
     def test(trainer: pl.Trainer, module: LMModule, dm: Any, fitted: bool) -> dict[str, float]:
         """Test metrics ({"ppl", task metrics}); after a fit, of the best checkpoint (its weights
-        are loaded into `module`)."""
+        are loaded into `module`). The path is passed, not `ckpt_path="best"`: Lightning resolves "best"
+        through the same first checkpoint callback, but warns about it when there are several (best + last)."""
         best = fitted and not trainer.fast_dev_run and trainer.checkpoint_callback is not None \
             and trainer.checkpoint_callback.best_model_path
-        res = trainer.test(module, datamodule=dm, ckpt_path="best" if best else None, verbose=False,
+        res = trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False,
                            weights_only=True)  # never run code from a checkpoint (qgplm.safeload)
         return {k.removeprefix("test/"): float(v) for k, v in res[0].items()}
 

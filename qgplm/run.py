@@ -195,11 +195,13 @@ def main(cfg: DictConfig) -> float | None:
 def execute(cfg: DictConfig) -> float | None:
     """Validate, run the stages, print the summary; user errors -> one line and exit 2."""
     from qgplm.config import RunConfig
+    from qgplm.console import quiet_console
     from qgplm.distributed import distributed_job, global_rank, install_hydra_ddp_fix
     from qgplm.pipeline import run_stages
     from qgplm.summary import print_summary
     from qgplm.targets import check_targets
 
+    quiet_console()
     install_hydra_ddp_fix()
 
     try:

@@ -66,6 +66,28 @@ def test_cli_default_pipeline_fast_dev_run(tmp_path):
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / ".hydra" / "config.yaml").is_file()
 
 
+def test_console_shows_each_log_line_once_and_no_tips(tmp_path):
+    """A tiny run's console (stdout + stderr): Lightning's messages once each (not also in Lightning's
+    own "INFO:" format), no litlogger / litmodels tip, no LeafSpec deprecation warning; run.log still
+    gets the messages."""
+    # a few real steps (not fast_dev_run): checkpoints are saved, and each stage tests its best one
+    proc = run_cli([*TINY, "bits=2", "generate_samples=0", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    lines = console.splitlines()
+    assert sum("Seed set to" in line for line in lines) == 1, console[-3000:]
+    # one Trainer per stage (teacher, student), each announcing the accelerator once and restoring its best checkpoint
+    assert sum("GPU available:" in line for line in lines) == 2, console[-3000:]
+    assert sum("Restoring states from the checkpoint path" in line for line in lines) == 2, console[-3000:]
+    assert "INFO: " not in console
+    assert "Tip:" not in console and "litlogger" not in console
+    assert "LeafSpec" not in console
+    assert "ModelCheckpoint" not in console  # the test step gets the best checkpoint's path, not "best"
+    run_log = (tmp_path / "run.log").read_text()
+    assert run_log.count("Seed set to") == 1 and run_log.count("GPU available:") == 2
+    assert run_log.count("Restoring states from the checkpoint path") == 2 and "Tip:" not in run_log
+
+
 @pytest.mark.slow
 def test_default_pipeline_learns_and_student_stays_close(tmp_path):
     """A shortened default run (real sizes, 250 steps per stage): the teacher learns the builtin

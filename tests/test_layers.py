@@ -1,4 +1,4 @@
-"""The layering README's Layout section describes: lower packages never import the ones above
+"""The layering docs/architecture.md's Layout section describes: lower packages never import the ones above
 them, and the data layer's structural types match the task configs that are passed to it."""
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ DEFAULT_FILE = "personachat_self_original.json"
 def load_dialogs(task: PersonaChatSettings) -> dict[str, list[dict[str, Any]]]:
     if task.data_dir is None:
         raise QgplmError(f"task={task.name} reads the ConvAI2 JSON ({DEFAULT_FILE}): pass task.data_dir=<folder "
-                         f"holding it> (see README, Persona-Chat)")
+                         f"holding it> (see docs/usage.md, Persona-Chat)")
     root = Path(task.data_dir).expanduser()
     path = root / task.files.get("json", DEFAULT_FILE)
     if not path.is_file():

@@ -8,7 +8,7 @@ Llama and Mistral (arch "llama", attn_q / attn_k rows permuted for llama.cpp's R
 Qwen2 (arch "qwen2", with its q/k/v biases). BART has no llama.cpp graph: it deploys through
 onnxruntime only.
 
-Why llama.cpp next to onnxruntime (README "Deploying a qgplm model" has the measurements): its
+Why llama.cpp next to onnxruntime (docs/deploy.md has the measurements): its
 TQ2_0 type stores 2-bit codes at 2.06 bits per weight and its CPU kernel computes on that layout
 directly, so what is resident in RAM is the file; onnxruntime's MatMulNBits repacks 2-bit weights
 to about 3 bits per weight.

@@ -3,7 +3,7 @@
 Activations are quantized with exactly the student's rule (dynamic per-tensor min-max, asymmetric
 with a zero point, or symmetric, the range over real tokens only: qgplm.quant.token_mask), then
 multiplied with the int8 weight codes by one of two CPU integer kernels, picked by measurement
-(README, `experiments/bench_export.py --kernels`):
+(docs/deploy.md, `experiments/bench_export.py --kernels`):
 
 - "onednn" (default for a layer that owns its codes): `torch.ops.onednn.qlinear_pointwise`, the
   oneDNN u8 x s8 -> s32 kernel PyTorch's x86 inductor quantization lowers to. It takes plain

@@ -1,7 +1,7 @@
 """Low-bit inference: weight codes stay at their bit-width in memory, matmuls run on onnxruntime's
 `com.microsoft.MatMulNBits` CPU kernel.
 
-Why onnxruntime (README "Deploying a qgplm model" has the measurements): its MLAS kernel multiplies
+Why onnxruntime (docs/deploy.md has the measurements): its MLAS kernel multiplies
 2/4/8-bit weights with int8-quantized activations (accuracy_level=4) on x86 and ARM, it takes the
 student's codes as they are (unsigned code = code + 2^(b-1) with the kernel's default zero point
 2^(b-1), one fp32 scale per block), and the same operator runs whole exported GPT-2 and BART graphs
