@@ -311,6 +311,7 @@ class Row:
     path: Path | None = None
     why_not: str = ""
     result: dict = field(default_factory=dict)
+    kind: str = ""  # its name in --rows
 
 
 def build_rows(args: argparse.Namespace, cache: Path) -> tuple[list[Row], Path]:
@@ -346,18 +347,19 @@ def build_rows(args: argparse.Namespace, cache: Path) -> tuple[list[Row], Path]:
         model = AutoModelForCausalLM.from_pretrained(teacher, local_files_only=True, dtype=torch.float32).eval()
         export_gguf_float(model, f16, tokenizer, "f16", name="teacher")
     if "teacher_f16" in want:
-        rows.append(Row("teacher F16", "fine-tuned teacher, qgplm gguf_float", f16))
+        rows.append(Row("teacher F16", "fine-tuned teacher, qgplm gguf_float", f16, kind="teacher_f16"))
     if "shipped" in want and args.shipped:
         p = Path(args.shipped).expanduser()
         if not p.is_file():
             raise CompareError(f"--shipped {p} does not exist: pass the path of a .gguf file")
-        rows.append(Row(f"pretrained {p.stem.split('.')[-1]} (shipped file)", "pretrained, NOT fine-tuned", p))
+        rows.append(Row(f"pretrained {p.stem.split('.')[-1]} (shipped file)", "pretrained, NOT fine-tuned", p,
+                        kind="shipped"))
     for ftype in PTQ_FTYPES:
         if ftype not in want:
             continue
         out = cache / f"teacher-{ftype}.gguf"
         row = Row(f"llama.cpp {ftype}", "llama_model_quantize of teacher F16" +
-                  (" + imatrix" if ftype in NEEDS_IMATRIX else ""), out)
+                  (" + imatrix" if ftype in NEEDS_IMATRIX else ""), out, kind=ftype)
         if todo(out):
             imatrix = None
             if ftype in NEEDS_IMATRIX:
@@ -380,7 +382,7 @@ def build_rows(args: argparse.Namespace, cache: Path) -> tuple[list[Row], Path]:
         rows.append(row)
     if "students" in want:
         rows += build_students(args, cache, fresh)
-    return rows, ids_file
+    return sorted(rows, key=lambda r: args.rows.index(r.kind)), ids_file  # measured in the order asked
 
 
 def build_students(args: argparse.Namespace, cache: Path, fresh: bool) -> list[Row]:
@@ -408,7 +410,7 @@ def build_students(args: argparse.Namespace, cache: Path, fresh: bool) -> list[R
             if two_bit == "q4_0" and mixes["q4_0"] == mixes["q2_0"]:
                 continue  # no 2-bit row that the option changes (e.g. a W4 student)
             rows.append(Row(f"qgplm {name}" + (f" (gguf_2bit={two_bit})" if "Q2_0" in mixes["q2_0"] else ""),
-                            "QAT student, format=gguf", p))
+                            "QAT student, format=gguf", p, kind="students"))
     return rows
 
 
@@ -445,7 +447,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=127, help="window advance (at most block - 1)")
     p.add_argument("--imatrix-tokens", type=int, default=8192, help="training tokens for the importance matrix")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma-separated subset of {','.join(ALL_ROWS)}")
+    p.add_argument("--rows", default=",".join(ALL_ROWS),
+                   help=f"comma-separated subset of {','.join(ALL_ROWS)}, in the order to measure")
     p.add_argument("--cache", default=str(ROOT / "experiments" / "results" / "llamacpp_compare"))
     p.add_argument("--rebuild", action="store_true", help="build every file again")
     p.add_argument("--json", help="also write the rows' numbers to this file")
@@ -473,13 +476,13 @@ def main(argv: list[str]) -> int:
         if r.path is not None:
             t0 = time.time()
             r.result = measure_in_subprocess(r.path, ids_file, args.threads, args.block, args.stride)
-            print(f"measured {r.label}: PPL {r.result['ppl']:.2f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+            print(f"measured {r.label}: {json.dumps(r.result)} ({time.time() - t0:.0f} s)", file=sys.stderr)
+            if args.json:  # after every row, so that a long run's finished rows are kept
+                Path(args.json).write_text(json.dumps([{"label": r.label, "source": r.source, "path": str(r.path),
+                                                        "why_not": r.why_not, **r.result} for r in rows], indent=1))
     print(f"WikiText-2 test, first {args.tokens} tokens, windows of {args.block} advancing by {args.stride}; "
           f"{args.threads} threads, batch 1")
     print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps([{"label": r.label, "source": r.source, "path": str(r.path),
-                                                "why_not": r.why_not, **r.result} for r in rows], indent=1))
     return 0
 
 
