@@ -323,7 +323,7 @@ def build_rows(args: argparse.Namespace, cache: Path) -> tuple[list[Row], Path]:
 
     teacher = hf_dir(Path(args.teacher).expanduser())
     record = cache / "source.json"
-    source = {"teacher": str(teacher.resolve()), "tokens": args.tokens, "imatrix_tokens": args.imatrix_tokens}
+    source = {"teacher": str(teacher.resolve()), "imatrix_tokens": args.imatrix_tokens}  # what the files depend on
     if record.is_file() and json.loads(record.read_text()) != source and not args.rebuild:
         raise CompareError(f"{cache} was built from {json.loads(record.read_text())}, not {source}: pass --rebuild or "
                            f"another --cache")
@@ -336,7 +336,7 @@ def build_rows(args: argparse.Namespace, cache: Path) -> tuple[list[Row], Path]:
 
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(teacher, local_files_only=True)
-    ids_file = cache / "wt2_test_ids.npy"
+    ids_file = cache / f"wt2_test_ids_{args.tokens}.npy"
     if todo(ids_file):
         np.save(ids_file, test_ids(tokenizer, Path(args.data), args.tokens))
     rows: list[Row] = []
