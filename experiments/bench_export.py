@@ -1,6 +1,7 @@
 """CPU inference benchmark: FP32 vs packed export (dequantize, int8 and lowbit modes) vs llama.cpp (gguf).
 
     PYTHONPATH=. python experiments/bench_export.py [--models gpt2 bart] [--run <run dir> ...] [--threads 2]
+    PYTHONPATH=. python experiments/bench_export.py --memory-only [--models gpt2 bart]   # loading memory only
 
 Full-size random-init GPT-2 small and BART-base (shape of bart-base); the packed model is a W2E2A8
 post-training export (random weights: only speed and memory are measured here, not quality).
@@ -23,6 +24,12 @@ Each (model, mode) runs in its own subprocess, so resident memory (RSS) is not s
 - gen tok/s: greedy HF generate of --new tokens after a --prompt token prompt (KV cache on), best of --repeat;
 - gen CPU ms/tok: process CPU time (all threads) per generated token, same run.
 Also times the candidate int8 kernels on one 768x3072 layer (--kernels).
+
+--memory-only measures loading memory as a user sees it (`top`'s RES: VmRSS, no malloc_trim), each
+(model, mode) in its own fresh subprocess: base = RSS after imports and the kernels' warm-up, peak =
+VmHWM while loading (the high-water mark is reset just before: /proc/self/clear_refs), steady = RSS
+after one 1-token forward. fp32 is the model class built from the HF config, then the FP32 state
+dict (safetensors) loaded into it. Prints growth over base, FP32 growth / mode growth, peak / steady.
 """
 
 from __future__ import annotations
@@ -58,6 +65,25 @@ def rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def vm_status(field: str) -> int:
+    """A /proc/self/status field in bytes (VmRSS: resident now; VmHWM: peak resident)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def held_bytes(model: torch.nn.Module) -> int:
@@ -143,8 +169,58 @@ def _warm_kernels(threads: int) -> None:
         LowBitLinear(codes, step, 2, None, _SessionFactory(threads))(x)
 
 
+def load_fp32_from_config(path: str, model_kind: str) -> torch.nn.Module:
+    """The FP32 baseline of --memory-only: the class built from config.json, then the state dict."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    cls = AutoModelForSeq2SeqLM if model_kind == "bart" else AutoModelForCausalLM
+    model = cls.from_config(AutoConfig.from_pretrained(path))
+    state = load_file(str(Path(path) / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)  # tied copies are not in the file
+    model.tie_weights()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    del state
+    if unexpected or any(params[k].data_ptr() not in loaded for k in missing if k in params):
+        raise SystemExit(f"error: {path} does not match its config (missing {missing}, unexpected {unexpected})")
+    return model.eval()
+
+
+def memory_worker(args: argparse.Namespace) -> None:
+    """Loading memory as `top` shows it (no malloc_trim): base, peak while loading, steady after 1 token."""
+    import gc
+
+    import onnxruntime  # noqa: F401 - imported before the baseline RSS in every mode
+    import transformers  # noqa: F401
+
+    import qgplm.export.loader as loader
+    import qgplm.export.lowbit  # noqa: F401
+
+    _warm_kernels(args.threads)
+    gc.collect()
+    base = vm_status("VmRSS")
+    if not reset_peak():
+        raise SystemExit("error: cannot reset the peak RSS (/proc/self/clear_refs): run on Linux")
+    t = time.perf_counter()
+    if args.mode == "fp32":
+        model = load_fp32_from_config(args.dir, args.model)
+    else:
+        model = loader.load_quantized(args.dir, args.mode)
+    load_s = time.perf_counter() - t
+    peak = vm_status("VmHWM")
+    one = torch.full((1, 1), 5)
+    with torch.inference_mode():
+        model(input_ids=one, **({"decoder_input_ids": one} if args.model == "bart" else {}))
+    steady = vm_status("VmRSS")
+    print(json.dumps({"load_s": load_s, "base_mib": base / MIB, "peak_mib": peak / MIB, "steady_mib": steady / MIB,
+                      "weights_mib": held_bytes(model) / MIB}))
+
+
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    if args.memory_only:
+        return memory_worker(args)
     if args.mode == "gguf":
         return gguf_worker(args)
     import onnxruntime  # noqa: F401 - imported before the baseline RSS in every mode
@@ -281,14 +357,30 @@ def trained_dirs(run: Path, tmp: Path, modes: list[str]) -> tuple[str, dict[str,
     return ("bart" if seq2seq else "gpt2"), dirs
 
 
+def memory_table(rows: list[tuple[str, str, dict]], threads: int) -> list[str]:
+    """The --memory-only table: RSS as `top` shows it, growth over the process before loading."""
+    out = [f"threads={threads}; RSS = VmRSS without malloc_trim; growth = steady - base",
+           "| model | mode | base MiB | peak MiB | steady MiB | growth MiB | FP32 growth / growth | peak / steady "
+           "| load s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, mode, r in rows:
+        ref = next((x for n, m, x in rows if n == name and m == "fp32"), None)
+        growth = r["steady_mib"] - r["base_mib"]
+        ratio = "" if ref is None else f"{(ref['steady_mib'] - ref['base_mib']) / growth:.2f}x"
+        out.append(f"| {name} | {mode} | {r['base_mib']:.0f} | {r['peak_mib']:.0f} | {r['steady_mib']:.0f} | "
+                   f"{growth:.0f} | {ratio} | {r['peak_mib'] / r['steady_mib']:.2f} | {r['load_s']:.1f} |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=["gpt2", "bart"], help="full-size random-init shapes")
     ap.add_argument("--run", nargs="*", type=Path, default=[],
                     help="trained run dirs (teacher/ as FP32, export/ as the student)")
-    ap.add_argument("--modes", nargs="+", default=["fp32", "dequantize", "int8", "int8_compact", "lowbit",
-                                                   "lowbit_compact", "gguf"],
-                    help="*_compact: that mode on an export with position_bits=8 fp16=true; gguf: GPT-2 only")
+    ap.add_argument("--modes", nargs="+", default=None,
+                    help="*_compact: that mode on an export with position_bits=8 fp16=true; gguf: GPT-2 only "
+                         "(default: all; with --memory-only: fp32 dequantize int8 lowbit)")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only loading memory (peak while loading, steady after one token), no timings")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=16)
@@ -302,6 +394,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.modes is None:
+        args.modes = (["fp32", "dequantize", "int8", "lowbit"] if args.memory_only else
+                      ["fp32", "dequantize", "int8", "int8_compact", "lowbit", "lowbit_compact", "gguf"])
+    if args.memory_only and "gguf" in args.modes:
+        raise SystemExit("error: --memory-only measures qgplm's loaders: drop gguf from --modes")
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -314,13 +411,17 @@ def main() -> None:
                     continue
                 cmd = [sys.executable, __file__, "--worker", "--model", kind, "--mode", mode.removesuffix("_compact"),
                        "--dir", str(dirs[mode]), "--threads", str(args.threads), "--seq", str(args.seq),
-                       "--prompt", str(args.prompt), "--new", str(args.new), "--repeat", str(args.repeat)]
+                       "--prompt", str(args.prompt), "--new", str(args.new), "--repeat", str(args.repeat),
+                       *(["--memory-only"] if args.memory_only else [])]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
                 if proc.returncode != 0:
                     raise SystemExit(proc.stderr[-3000:])
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 rows.append((name, mode, r))
                 print(name, mode, r, flush=True)
+    if args.memory_only:
+        print("\n".join(memory_table(rows, args.threads)))
+        return
     print(f"\nthreads={args.threads}, forward 1x{args.seq} tokens, generate {args.new} tokens after {args.prompt}")
     print("| model | mode | load s | resident weights MiB | vs FP32 | RSS 1st token MiB | RSS after runs MiB "
           "| weights held MiB | fwd tok/s | fwd speed-up | gen tok/s | gen CPU ms/tok | gen speed-up vs FP32 (wall) "

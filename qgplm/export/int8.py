@@ -79,6 +79,13 @@ def quantize_activation_u8(x: Tensor, bits: int, symmetric: bool,
 
 
 KERNELS = ("onednn", "int_mm")
+_CHUNK_ROWS = 4096
+
+
+def rowsums(codes: Tensor) -> Tensor:
+    """int32 [out]: the sum of each row of int8 `codes`, a block of rows at a time: `sum(dtype=int32)`
+    converts its whole input to int32 first, a transient 4x the codes (GPT-2's tied LM head: 147 MiB)."""
+    return torch.cat([c.sum(dim=1, dtype=torch.int32) for c in codes.split(_CHUNK_ROWS)])
 
 
 class Int8Linear(nn.Module):
@@ -105,7 +112,7 @@ class Int8Linear(nn.Module):
             self.register_buffer("zero", torch.zeros_like(self.step, dtype=torch.int32), persistent=False)
         else:
             self.register_buffer("codes", codes)
-            self.register_buffer("rowsum", codes.sum(dim=1, dtype=torch.int32))
+            self.register_buffer("rowsum", rowsums(codes))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.act_bits, self.act_symmetric = act.bits, act.symmetric
 

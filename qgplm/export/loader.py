@@ -14,16 +14,27 @@ Every mode installs the student's token-mask hooks (qgplm.quant.token_mask): the
 and `int8` activation ranges ignore padded positions exactly as in training (lowbit's kernel
 quantizes each row on its own and needs no mask).
 Checksums are verified before any tensor is read.
+
+Memory: no mode ever holds the float model. The model is built with its parameters on the meta
+device (skeleton.py), then filled tensor by tensor from the memory-mapped file (safetensors'
+`safe_open`): FP tensors (LayerNorms, biases, position embeddings) are copied out, dequantize mode
+rebuilds each float weight from its codes one at a time, and int8 / lowbit decode each packed tensor
+only when its kernel layer is built, dropping the int8 codes as soon as no layer holds them. So
+the peak while loading stays close to the loaded model (experiments/bench_export.py --memory-only,
+docs/deploy.md "Loading memory").
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load
 from torch import Tensor, nn
 from transformers import AutoConfig
@@ -32,6 +43,7 @@ import qgplm.quant.attention  # noqa: F401  (registers the quantized attention i
 from qgplm.errors import QgplmError
 from qgplm.export.format import WEIGHTS, read_manifest, verify_checksums
 from qgplm.export.pack import unpack_codes
+from qgplm.export.skeleton import check_materialised, parameters_on_meta
 from qgplm.quant.api import IdentityQuantizer, quantize_attention_inputs
 from qgplm.quant.modules import QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
@@ -80,15 +92,67 @@ def _no_init():
 
 
 def _build_empty(export_dir: Path, manifest: dict[str, Any]) -> nn.Module:
+    """The model class built from config.json with every parameter on the meta device (no float
+    weight allocated) and its buffers computed by its constructor, as in a normal build."""
     config = AutoConfig.from_pretrained(export_dir, local_files_only=True)
     cls = getattr(transformers, str(manifest["model_class"]), None)
     # only a model class is called: the manifest cannot name another transformers callable
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise QgplmError(f"{manifest['model_class']} is not a transformers model class here: install the "
                          f"transformers version the export was made with")
-    with _no_init():
+    with _no_init(), parameters_on_meta():
         model = cls(config)
     return model
+
+
+@contextlib.contextmanager
+def _open_weights(export_dir: Path) -> Iterator[Any]:
+    """The export's safetensors file, memory-mapped: `f.get_tensor(key)` is a view of the mapping,
+    so only the pages of the tensors read become resident, and only while a view lives (a tensor
+    the model keeps must be copied out)."""
+    try:
+        with safe_open(str(export_dir / WEIGHTS), framework="pt") as f:
+            yield _TensorFile(f)
+    except SafetensorError as e:
+        raise QgplmError(f"cannot read {export_dir / WEIGHTS} ({e}): export the model again") from None
+
+
+class _TensorFile:
+    """`tensors[key]` over a safetensors handle (the mapping `decode` reads), `in` as for a dict."""
+
+    def __init__(self, handle: Any):
+        self._handle = handle
+        self._keys = set(handle.keys())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._handle.get_tensor(key)
+
+
+class _LazyCodes:
+    """{packed key: (int8 codes, step)}, decoded from the file on first use and held only as long
+    as a layer holds them (a weak reference): the kernel layers are built one by one, so the int8
+    codes of the whole model never sit in memory together, while a table shared by several layers
+    (a tied LM head and its embedding in int8 mode) is decoded once and stays one tensor."""
+
+    def __init__(self, tensors: _TensorFile, manifest: dict[str, Any], steps: dict[str, Tensor]):
+        self._tensors, self._packed, self._steps = tensors, manifest["packed"], steps
+        self._held: dict[str, weakref.ref] = {}
+
+    def __getitem__(self, key: str) -> tuple[Tensor, Tensor]:
+        ref = self._held.get(key)
+        codes = None if ref is None else ref()
+        if codes is None:
+            codes, _ = decode(self._tensors, key, self._packed[key])
+            self._held[key] = weakref.ref(codes)
+        return codes, self._steps[key]
+
+    def step(self, key: str) -> Tensor:
+        return self._steps[key]
 
 
 def _read_tensors(export_dir: Path) -> dict[str, Tensor]:
@@ -163,20 +227,28 @@ def _kernel_held_keys(mode: str, manifest: dict[str, Any], tables: dict[str, str
     return set()
 
 
-def _state_dict_of(tensors: dict[str, Tensor], manifest: dict[str, Any], skip: set[str],
-                   ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
-    """(the model's state dict, every alias filled, {packed key: (codes, step)}): packed weights
-    dequantized, except `skip`ped ones, which get a placeholder without memory."""
+def _steps_of(tensors: _TensorFile, manifest: dict[str, Any]) -> dict[str, Tensor]:
+    """{packed key: its step} (owned copies: a few floats per tensor, or one per row)."""
+    steps = {}
+    for key in manifest["packed"]:
+        if f"{key}.scale" not in tensors:
+            raise QgplmError(f"{WEIGHTS} has no codes/scale for {key}: the export is corrupt, export it again")
+        steps[key] = tensors[f"{key}.scale"].clone()
+    return steps
+
+
+def _state_dict_of(tensors: _TensorFile, manifest: dict[str, Any], skip: set[str],
+                   codes_of: _LazyCodes) -> dict[str, Tensor]:
+    """The model's state dict, every alias filled: packed weights dequantized one at a time,
+    except `skip`ped ones, which get a meta placeholder (their kernel layer replaces them), and FP
+    tensors copied out of the file's mapping."""
     state: dict[str, Tensor] = {}
-    codes_of: dict[str, tuple[Tensor, Tensor]] = {}
     for key, entry in manifest["packed"].items():
-        codes, step = decode(tensors, key, entry)
-        codes_of[key] = (codes, step)
         shape = entry["shape"][::-1] if entry["transposed"] else entry["shape"]
         if key in skip:  # the layer is replaced by a kernel one after loading
-            w = torch.zeros((), dtype=step.dtype).expand(shape)
+            w = torch.empty(shape, dtype=codes_of.step(key).dtype, device="meta")
         else:
-            w = dequantize(codes, step)
+            w = dequantize(*codes_of[key])
             if entry["transposed"]:
                 w = w.t().contiguous()
         for alias in entry["aliases"]:
@@ -184,14 +256,14 @@ def _state_dict_of(tensors: dict[str, Tensor], manifest: dict[str, Any], skip: s
     for key, entry in manifest["fp"].items():
         if key not in tensors:
             raise QgplmError(f"{WEIGHTS} has no tensor {key}: the export is corrupt, export it again")
-        t = tensors[key].to(getattr(torch, entry["dtype"]))
+        t = tensors[key].to(getattr(torch, entry["dtype"]), copy=True)  # a copy: the view would pin the map
         for alias in entry["aliases"]:
             state[alias] = t
-    return state, codes_of
+    return state
 
 
 def _convert_to_kernels(model: nn.Module, mode: str, manifest: dict[str, Any],
-                        codes_of: dict[str, tuple[Tensor, Tensor]], tables: dict[str, str],
+                        codes_of: Any, tables: dict[str, str],
                         kernel_options: dict[str, Any]) -> None:
     from qgplm.export.int8 import Int8Embedding, convert_int8
 
@@ -214,31 +286,56 @@ def load_quantized(export_dir: str | Path, mode: str = "dequantize", **kernel_op
     """
     if mode not in MODES:
         raise QgplmError(f"mode={mode!r} is not valid: choose one of {', '.join(MODES)}")
-    export_dir, manifest = read_manifest(export_dir)
-    verify_checksums(export_dir, manifest)
-    tensors = _read_tensors(export_dir)
-    model = _build_empty(export_dir, manifest)
     if kernel_options and mode != "lowbit":
         raise QgplmError(f"{', '.join(kernel_options)} only apply to mode=lowbit")
+    export_dir, manifest = read_manifest(export_dir)
+    verify_checksums(export_dir, manifest)
+    model = _build_empty(export_dir, manifest)  # parameters on meta: nothing allocated yet
     tables = _int8_lookup_tables(model, manifest) if mode in ("int8", "lowbit") else {}
-    state, codes_of = _state_dict_of(tensors, manifest, _kernel_held_keys(mode, manifest, tables))
-    try:
-        # assign: the model's parameters become these tensors (no copy into the empty ones)
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise QgplmError(f"the export does not match {manifest['model_class']} built from its config.json "
-                         f"({str(e).splitlines()[0]}): export the model again") from None
-    model.tie_weights()
-    _install_quant_layers(model, manifest, codes_of)
-    install_token_mask_hooks(model)
-    model.eval()
-    if mode in ("int8", "lowbit"):
-        _convert_to_kernels(model, mode, manifest, codes_of, tables, kernel_options)
+    skip = _kernel_held_keys(mode, manifest, tables)
+    with _open_weights(export_dir) as tensors:
+        steps = _steps_of(tensors, manifest)
+        codes_of = _LazyCodes(tensors, manifest, steps)
+        state = _state_dict_of(tensors, manifest, skip, codes_of)
+        try:
+            # assign: the model's parameters become these tensors (no copy into the meta ones)
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise QgplmError(f"the export does not match {manifest['model_class']} built from its config.json "
+                             f"({str(e).splitlines()[0]}): export the model again") from None
+        del state
+        model.tie_weights()
+        _install_quant_layers(model, manifest, steps)
+        install_token_mask_hooks(model)
+        model.eval()
+        if mode in ("int8", "lowbit"):
+            _convert_to_kernels(model, mode, manifest, codes_of, tables, kernel_options)
+    check_materialised(model, f"load_quantized(mode={mode!r})")
+    release_freed_heap()
     return model
 
 
-def _install_quant_layers(model: nn.Module, manifest: dict[str, Any],
-                          codes_of: dict[str, tuple[Tensor, Tensor]]) -> None:
+def release_freed_heap() -> None:
+    """Hand the heap that loading freed back to the system (glibc's malloc_trim; elsewhere a no-op).
+
+    Building the kernels frees many mid-sized temporaries (code unpacking, onnxruntime's repacking)
+    between allocations that stay; glibc keeps such holes resident, and only malloc_trim returns
+    them. Measured on GPT-2 small in lowbit mode: 229 MiB of growth without it, 80 MiB with it
+    (docs/deploy.md, "Loading memory")."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return
+    trim(0)
+
+
+def _install_quant_layers(model: nn.Module, manifest: dict[str, Any], steps: dict[str, Tensor]) -> None:
     """Wrap the layers the student quantized, with its activation quantizers (exact forward)."""
     quantizers: dict[str, WeightQuantizer] = {}  # one per packed tensor: tied layers share it, as in the student
 
@@ -250,7 +347,7 @@ def _install_quant_layers(model: nn.Module, manifest: dict[str, Any],
         if key not in quantizers:
             p = manifest["packed"][key]
             # the manifest's "method" is the quantizer's scheme (an on-disk name, fixed by format version 1)
-            quantizers[key] = StoredScaleQuantizer(p["bits"], codes_of[key][1], p["method"])
+            quantizers[key] = StoredScaleQuantizer(p["bits"], steps[key], p["method"])
             quantizers[key].export_key = key
         return quantizers[key]
 

@@ -68,6 +68,20 @@ def pack_rows(codes: Tensor, bits: int, block_size: int) -> np.ndarray:
         raise ValueError(f"bits={bits}: MatMulNBits packs 2, 4 or 8 bits")
     n, k = codes.shape
     blocks = -(-k // block_size)
+    per = 8 // bits
+    out = torch.empty(n, blocks, block_size // per, dtype=torch.uint8)
+    # a block of rows at a time: the int16 temporaries are 2-4x the codes (GPT-2's tied LM head: 147 MiB)
+    for start in range(0, n, _ROWS):
+        out[start:start + _ROWS] = _pack_block(codes[start:start + _ROWS], bits, blocks, block_size)
+    return out.numpy()
+
+
+_ROWS = 4096
+
+
+def _pack_block(codes: Tensor, bits: int, blocks: int, block_size: int) -> Tensor:
+    """pack_rows of a few rows, as a uint8 tensor [rows, blocks, block_size * bits / 8]."""
+    n, k = codes.shape
     zero = 2 ** (bits - 1)
     u = torch.full((n, blocks * block_size), zero, dtype=torch.int16)
     u[:, :k] = codes.to(torch.int16) + zero
@@ -78,7 +92,7 @@ def pack_rows(codes: Tensor, bits: int, block_size: int) -> np.ndarray:
     out = torch.zeros(u.shape[:-1], dtype=torch.uint8)
     for i in range(per):
         out |= u[..., i] << (bits * i)
-    return out.numpy()
+    return out
 
 
 def unpack_rows(packed: np.ndarray | Tensor, bits: int, k: int) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor
 from qgplm.errors import QgplmError
 
 PACKABLE_BITS = tuple(range(2, 9))
+_CHUNK = 1 << 20  # bytes unpacked per step: bounds the temporaries of unpacking a large table
 
 
 def row_steps(step: Tensor, n: int) -> Tensor:
@@ -90,7 +91,13 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
                          f"{numel} {bits}-bit codes: the export is corrupt, export the model again")
     lo, _ = code_range(bits)
     if 8 % bits == 0:  # one table lookup per byte: byte -> its 8/b codes
-        return torch.index_select(_byte_table(bits), 0, packed.to(torch.int32)).reshape(-1)[:numel]
+        table = _byte_table(bits)
+        out = torch.empty(packed.numel(), table.shape[1], dtype=torch.int8)
+        # a block of bytes at a time: the int32 indices are 4x the packed bytes, the codes 8/b x
+        for start in range(0, packed.numel(), _CHUNK):
+            block = packed[start:start + _CHUNK]
+            torch.index_select(table, 0, block.to(torch.int32), out=out[start:start + block.numel()])
+        return out.reshape(-1)[:numel]
     shifts = torch.arange(8, dtype=torch.uint8)
     stream = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[: numel * bits].view(numel, bits)
     weights = (torch.ones(bits, dtype=torch.int16) << torch.arange(bits, dtype=torch.int16))
