@@ -263,6 +263,7 @@ def convert_lowbit(model: nn.Module, codes_of: dict[str, tuple[Tensor, Tensor]],
                    threads: int | None = None) -> nn.Module:
     """Replace the loaded quantized layers by low-bit ones in place: every quantized linear layer
     (and a tied LM head) runs on MatMulNBits, every quantized embedding keeps packed codes."""
+    from qgplm.export.loader import release_freed_heap
     from qgplm.quant.modules import QUANT_MODULES, QuantEmbedding
     from qgplm.quant.walk import swap_modules
 
@@ -280,7 +281,9 @@ def convert_lowbit(model: nn.Module, codes_of: dict[str, tuple[Tensor, Tensor]],
             emb = LowBitEmbedding(codes, step, bits_of[key], mod.padding_idx, mod.embed_scale, tables.get(key))
             tables[key] = emb.packed
             return emb
-        return LowBitLinear(codes, step, bits_of[key], mod.bias, factory, block_size, accuracy_level)
+        layer = LowBitLinear(codes, step, bits_of[key], mod.bias, factory, block_size, accuracy_level)
+        release_freed_heap()  # onnxruntime's repacking temporaries, before the next layer adds its own
+        return layer
 
     swap_modules(model, lambda name, mod: isinstance(mod, QUANT_MODULES), lowbit_layer)
     # the factory's temporary directory is removed by TemporaryDirectory's own finalizer once the
