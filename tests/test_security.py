@@ -368,7 +368,7 @@ def test_packed_export_with_a_tampered_manifest_or_config(packed_export, tmp_pat
         expected = "asks for custom Python code"
     else:
         manifest = json.loads((packed_export / MANIFEST).read_text())
-        manifest["model_class"] = "load_tf_weights_in_gpt2"  # a transformers callable, not a model class
+        manifest["model_class"] = "set_seed"  # a transformers callable, not a model class
         (packed_export / MANIFEST).write_text(json.dumps(manifest))
         expected = "is not a transformers model class"
     err = main_error(main, [f"dir={packed_export}", "prompt=hello", "max_new_tokens=2"], capsys)
