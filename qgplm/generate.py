@@ -110,8 +110,12 @@ def generate_gguf(export_dir: str, prompt: str, max_new_tokens: int, threads: in
 
 def _export_config(export_dir: str, auto_config: Any) -> Any:
     try:
-        return auto_config.from_pretrained(export_dir, local_files_only=True)
+        return auto_config.from_pretrained(export_dir, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
+        from qgplm.models.loading import CUSTOM_CODE, custom_code_error
+
+        if CUSTOM_CODE in str(e):
+            raise custom_code_error("dir", str(export_dir)) from None
         raise QgplmError(f"cannot read {export_dir}/config.json ({str(e).splitlines()[0][:200]}): the export is "
                          f"incomplete, export the model again") from None
 

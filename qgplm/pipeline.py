@@ -259,7 +259,7 @@ def architecture(cfg: RunConfig, out: Path, resume: ResumePoint | None) -> Any:
     if not (path / "config.json").is_file():
         return None
     try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception:  # noqa: BLE001 - load_pretrained reports it
         return None
 

@@ -146,6 +146,13 @@ def user_error_message(e: BaseException) -> str | None:
         return str(e)
     if isinstance(e, HydraException):
         return hydra_error_message(e, sys.argv[1:])
+    import yaml
+
+    if isinstance(e, yaml.YAMLError):  # a config file Hydra read: a !!python tag (never constructed) or bad YAML
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = getattr(getattr(e, "problem_mark", None), "name", None) or "a config file"
+        return (f"{where} cannot be read ({first}): config files are plain YAML, without !!python tags; fix or "
+                f"remove the file")
     return write_error_message(e) if isinstance(e, OSError) else None
 
 

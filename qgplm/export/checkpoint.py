@@ -52,7 +52,12 @@ def load_student(ckpt: str) -> tuple[nn.Module, Any]:
     from qgplm.rundir import teacher_dir
 
     run_dir, ckpt_file = resolve_checkpoint(ckpt)
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    try:  # YAML's safe loader: a !!python tag is refused, never constructed
+        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    except Exception as e:  # noqa: BLE001 - yaml's parser/constructor errors and OmegaConf's alike
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QgplmError(f"{run_dir / '.hydra' / 'config.yaml'} cannot be read ({first}; plain YAML only, no "
+                         f"!!python tags): pass the run dir of a qgplm run") from None
     OmegaConf.update(cfg, "output_dir", str(run_dir), force_add=True)  # was ${hydra:runtime.output_dir}
     if "paths" in cfg:
         OmegaConf.update(cfg, "paths.output_dir", str(run_dir), force_add=True)

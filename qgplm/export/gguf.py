@@ -234,7 +234,7 @@ def _from_dir(export_dir: Path, out: Path, two_bit: str = DEFAULT_TWO_BIT) -> GG
     from qgplm.export.loader import _read_tensors
 
     export_dir, manifest = read_manifest(export_dir)
-    config = AutoConfig.from_pretrained(export_dir, local_files_only=True)
+    config = AutoConfig.from_pretrained(export_dir, local_files_only=True, trust_remote_code=False)
     arch, notes = arch_of(manifest["model_class"], config)
     verify_checksums(export_dir, manifest)
     if manifest.get("attention_act"):

@@ -94,7 +94,15 @@ def _no_init():
 def _build_empty(export_dir: Path, manifest: dict[str, Any]) -> nn.Module:
     """The model class built from config.json with every parameter on the meta device (no float
     weight allocated) and its buffers computed by its constructor, as in a normal build."""
-    config = AutoConfig.from_pretrained(export_dir, local_files_only=True)
+    from qgplm.models.loading import CUSTOM_CODE, NO_REMOTE_CODE, custom_code_error
+
+    try:
+        config = AutoConfig.from_pretrained(export_dir, local_files_only=True, **NO_REMOTE_CODE)
+    except ValueError as e:  # an auto_map to Python files in the dir: never imported
+        if CUSTOM_CODE in str(e):
+            raise custom_code_error("dir", str(export_dir)) from None
+        raise QgplmError(f"cannot read {export_dir}/config.json ({str(e).splitlines()[0][:200]}): export the "
+                         f"model again") from None
     cls = getattr(transformers, str(manifest["model_class"]), None)
     # only a model class is called: the manifest cannot name another transformers callable
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):

@@ -476,7 +476,7 @@ def _from_dir(export_dir: Path, out: Path, block_size: int, accuracy_level: int)
     export_dir, manifest = read_manifest(export_dir)
     check_supported(manifest["model_class"])
     verify_checksums(export_dir, manifest)
-    config = AutoConfig.from_pretrained(export_dir, local_files_only=True)
+    config = AutoConfig.from_pretrained(export_dir, local_files_only=True, trust_remote_code=False)
     tensors = _read_tensors(export_dir)
     meta = {"model_class": manifest["model_class"], "bits": json.dumps(manifest["bits"]),
             "quantizer": ",".join(manifest["quantizer"]), "block_size": str(block_size),

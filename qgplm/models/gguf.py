@@ -93,7 +93,8 @@ def load_gguf_model(path: Path, kind: str = "causal") -> PreTrainedModel:
         raise QgplmError(f"{path} holds a {arch!r} model, which transformers cannot load from GGUF: pass a GGUF of "
                          f"one of {', '.join(supported_architectures())}, or a saved HF model as model.name_or_path")
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                      trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - tensor data cut short or a layout transformers does not expect
         raise QgplmError(f"cannot load the model in {path} ({_why(e)}): check the file or write it again") from None
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
@@ -107,7 +108,7 @@ def load_gguf_model(path: Path, kind: str = "causal") -> PreTrainedModel:
 def load_gguf_tokenizer(path: Path) -> Any:
     """The tokenizer embedded in the GGUF file."""
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - no tokenizer metadata, or a tokenizer model transformers does not convert
         raise QgplmError(f"cannot read a tokenizer from {path} ({_why(e)}): pass model.tokenizer=<dir with the "
                          "model's tokenizer>") from None

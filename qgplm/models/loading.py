@@ -26,6 +26,18 @@ from qgplm.config import ModelConfig
 from qgplm.errors import QgplmError
 from qgplm.hub import hub_reachable
 from qgplm.models.gguf import gguf_source, load_gguf_model
+from qgplm.safeload import refused_global
+
+# Passed to every from_pretrained: False, not transformers' default None, which on a folder whose
+# config asks for custom code (`auto_map`) prompts "Do you wish to run the custom code? [y/N]"
+# instead of refusing; weights_only=True (transformers' default, pinned) for a pickled .bin.
+NO_REMOTE_CODE = {"trust_remote_code": False}
+CUSTOM_CODE = "contains custom code"  # transformers' words when it refuses an auto_map
+
+
+def custom_code_error(key: str, name: str) -> QgplmError:
+    return QgplmError(f"{key}={name} asks for custom Python code (auto_map in its config), which qgplm never runs: "
+                      f"pass a folder of a model transformers supports without trust_remote_code (docs/security.md)")
 
 AUTO_CLASSES = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -75,8 +87,10 @@ def load_tokenizer(name_or_path: str, key: str = "model.tokenizer", bare_bpe_cla
         if local_only and _bare_bpe_dir(Path(name)):
             tok = bare_bpe_class.from_pretrained(name)
         else:
-            tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only, **NO_REMOTE_CODE)
     except (OSError, ValueError) as e:
+        if CUSTOM_CODE in str(e):
+            raise custom_code_error(key, name_or_path) from None
         if _is_local(name_or_path):
             raise QgplmError(f"cannot load a tokenizer from {name_or_path}: {str(e).splitlines()[0]} "
                              f"(the folder needs tokenizer.json or vocab.json + merges.txt)") from None
@@ -94,11 +108,15 @@ def load_pretrained(name_or_path: str, kind: str = "causal", key: str = "model.n
         _check_local_model_dir(Path(name_or_path).expanduser())
     name, local_only = _resolve(name_or_path, "model", key)
     try:
-        model = AUTO_CLASSES[kind].from_pretrained(name, local_files_only=local_only)
+        model = AUTO_CLASSES[kind].from_pretrained(name, local_files_only=local_only, weights_only=True,
+                                                   **NO_REMOTE_CODE)
     except ValueError as e:
+        if CUSTOM_CODE in str(e):
+            raise custom_code_error(key, name_or_path) from None
         if "Unrecognized configuration class" not in str(e):
             raise
-        model_type = getattr(AutoConfig.from_pretrained(name, local_files_only=local_only), "model_type", "?")
+        config = AutoConfig.from_pretrained(name, local_files_only=local_only, **NO_REMOTE_CODE)
+        model_type = getattr(config, "model_type", "?")
         other = next(k for k in AUTO_CLASSES if k != kind)
         raise QgplmError(f"{key}={name_or_path} holds a {model_type} model, which model.kind={kind} cannot load: "
                          f"set model.kind={other} (or pass a {kind} model)") from None
@@ -109,6 +127,11 @@ def load_pretrained(name_or_path: str, kind: str = "causal", key: str = "model.n
     except Exception as e:  # truncated/corrupt weights: SafetensorError, torch.load's RuntimeError/EOFError
         if not _is_local(name_or_path):
             raise
+        refused = refused_global(e)
+        if refused is not None:  # a pickled .bin naming a global: torch.load(weights_only=True) refused it unrun
+            raise QgplmError(f"the weights in {name_or_path} hold a Python object ({refused}) beyond tensors, which "
+                             f"qgplm does not load because it could run code: pass a model saved with "
+                             f"save_pretrained (model.safetensors)") from None
         raise QgplmError(f"the weights in {name_or_path} are truncated or corrupt ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}): save the model again or re-run the stage "
                          f"that wrote it") from None
