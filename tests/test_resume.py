@@ -61,8 +61,9 @@ def test_resumed_run_equals_uninterrupted_run(runs):
     for name, state in a["optimizer_states"][0]["state"].items():
         assert torch.equal(state["exp_avg"], b["optimizer_states"][0]["state"][name]["exp_avg"])
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (full, killed))
-    assert ma["student"] == mb["student"]
-    assert ma["teacher"] == mb["teacher"]
+    for stage in ("student", "teacher"):  # every figure equal; throughput is wall-clock time, never reproducible
+        assert {k: v for k, v in ma[stage].items() if k != "train_throughput"} == \
+            {k: v for k, v in mb[stage].items() if k != "train_throughput"}, stage
     assert mb["resumed_from"].endswith("last.ckpt")
 
 

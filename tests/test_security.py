@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import os
 import pickle
 import re
@@ -44,10 +45,22 @@ def raw_payload(path: Path, marker: Path) -> None:
     path.write_bytes(pickle.dumps(_Payload(marker)))
 
 
+def _drop_closed_log_handlers() -> None:
+    """In-process runs of earlier tests leave logging handlers on pytest's captured streams, closed
+    since; a record sent to one prints logging's own "--- Logging error ---" traceback."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
+                lg.removeHandler(h)
+
+
 def run_error(cfg, capsys) -> str:
     """`qgplm.run` in-process on a composed config: exit 2 with one error line."""
     from qgplm.run import execute
 
+    _drop_closed_log_handlers()
     with pytest.raises(SystemExit) as e:
         execute(cfg)
     err = capsys.readouterr().err
