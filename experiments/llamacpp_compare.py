@@ -386,7 +386,8 @@ def build_rows(args: argparse.Namespace, cache: Path) -> tuple[list[Row], Path]:
 
 
 def build_students(args: argparse.Namespace, cache: Path, fresh: bool) -> list[Row]:
-    """format=gguf of each student run: 2-bit rows not a multiple of 256 as Q2_0, and as Q4_0."""
+    """format=gguf of each student run, one file per `--student-2bit` layout of the 2-bit rows that are not a
+    multiple of 256 (Q2_0: 2.25 bits, no fast x86 kernel; Q4_0: 4.5 bits, fast kernels; both exact)."""
     from qgplm.export.gguf import GGUF_FILE, export_gguf
 
     rows = []
@@ -394,7 +395,7 @@ def build_students(args: argparse.Namespace, cache: Path, fresh: bool) -> list[R
         run = Path(spec).expanduser()
         name = "/".join(run.resolve().parts[-2:])
         variants = []
-        for two_bit in ("q2_0", "q4_0"):
+        for two_bit in args.student_2bit:
             out = cache / f"student-{name.replace('/', '-')}-{two_bit}"
             if fresh or not (out / GGUF_FILE).is_file():
                 import shutil
@@ -406,11 +407,11 @@ def build_students(args: argparse.Namespace, cache: Path, fresh: bool) -> list[R
                 export_gguf(model, out, tokenizer, gguf_2bit=two_bit)
             variants.append((two_bit, out / GGUF_FILE))
         mixes = {t: type_mix(tensor_table(p)) for t, p in variants}
-        for two_bit, p in variants:
-            if two_bit == "q4_0" and mixes["q4_0"] == mixes["q2_0"]:
+        for i, (two_bit, p) in enumerate(variants):
+            if i and mixes[two_bit] in [mixes[t] for t, _ in variants[:i]]:
                 continue  # no 2-bit row that the option changes (e.g. a W4 student)
-            rows.append(Row(f"qgplm {name}" + (f" (gguf_2bit={two_bit})" if "Q2_0" in mixes["q2_0"] else ""),
-                            "QAT student, format=gguf", p, kind="students"))
+            label = f" (gguf_2bit={two_bit})" if len(variants) == 1 or len(set(mixes.values())) > 1 else ""
+            rows.append(Row(f"qgplm {name}{label}", "QAT student, format=gguf", p, kind="students"))
     return rows
 
 
@@ -447,6 +448,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=127, help="window advance (at most block - 1)")
     p.add_argument("--imatrix-tokens", type=int, default=8192, help="training tokens for the importance matrix")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--student-2bit", default="q4_0,q2_0",
+                   help="layouts of a student's 2-bit rows that are not a multiple of 256, in the order to measure")
     p.add_argument("--rows", default=",".join(ALL_ROWS),
                    help=f"comma-separated subset of {','.join(ALL_ROWS)}, in the order to measure")
     p.add_argument("--cache", default=str(ROOT / "experiments" / "results" / "llamacpp_compare"))
@@ -456,6 +459,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ids", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.rows = [r for r in args.rows.split(",") if r]
+    args.student_2bit = [t for t in args.student_2bit.split(",") if t]
+    if not args.student_2bit or any(t not in ("q2_0", "q4_0") for t in args.student_2bit):
+        raise CompareError("--student-2bit takes q2_0, q4_0 or both, comma-separated")
     bad = [r for r in args.rows if r not in ALL_ROWS]
     if bad:
         raise CompareError(f"unknown row {bad[0]!r}: choose from {', '.join(ALL_ROWS)}")
