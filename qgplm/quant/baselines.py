@@ -529,7 +529,7 @@ class PACTGradDynamicScaleQuantize(DynamicScaleQuantize):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        w, gamma, m, alpha, u, codes = ctx.saved_tensors
+        w, gamma, m, alpha, codes = ctx.saved_tensors
         inside = DynamicScaleQuantize.in_range(ctx, w, alpha)
         grad_w = grad_out * inside
         s = _reducer(ctx.per_row)(torch.where(inside, torch.zeros_like(w), grad_out * codes / ctx.n))

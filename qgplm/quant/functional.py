@@ -29,14 +29,18 @@ def negative_levels(bits: int, full_grid: bool) -> int:
 
 
 def _dynamic_codes(w: Tensor, gamma: Tensor, bits: int, per_row: bool, full_grid: bool):
-    """(mean|w|, alpha, u, codes) of the dynamic-scale forward; the one rounding rule of training
-    and of the export's codes()."""
+    """(mean|w|, alpha, codes) of the dynamic-scale forward; the one rounding rule of training and of
+    the export's codes(): codes = round(clip(w, -alpha neg/n, alpha) / alpha * n).
+
+    Written as one clamp and two in-place passes over a single temporary, in the same arithmetic
+    order as the formula (divide by alpha, then multiply by n), so that the codes are bit for bit
+    those of the formula: on a 135M-parameter model this runs over every weight at every step."""
     n, neg = levels(bits), negative_levels(bits, full_grid)
     m = _mean_abs(w, per_row)
     g = gamma.view(-1, 1) if per_row else gamma.reshape(())
     alpha = (g * m).clamp_min(EPS)
-    u = torch.maximum(torch.minimum(w, alpha), -alpha * (neg / n)) / alpha
-    return m, alpha, u, torch.round(u * n)
+    codes = torch.clamp(w, -alpha * (neg / n), alpha).div_(alpha).mul_(n).round_()
+    return m, alpha, codes
 
 
 class DynamicScaleQuantize(torch.autograd.Function):
@@ -60,8 +64,8 @@ class DynamicScaleQuantize(torch.autograd.Function):
     def forward(ctx, w: Tensor, gamma: Tensor, bits: int, per_row: bool, detach_mean: bool,
                 full_grid: bool = False) -> Tensor:
         n = levels(bits)
-        m, alpha, u, codes = _dynamic_codes(w, gamma, bits, per_row, full_grid)
-        ctx.save_for_backward(w, gamma, m, alpha, u, codes)
+        m, alpha, codes = _dynamic_codes(w, gamma, bits, per_row, full_grid)
+        ctx.save_for_backward(w, gamma, m, alpha, codes)  # w is the parameter: one new tensor saved
         ctx.n, ctx.neg, ctx.per_row, ctx.detach_mean = n, negative_levels(bits, full_grid), per_row, detach_mean
         return codes * (alpha / n)
 
@@ -72,19 +76,24 @@ class DynamicScaleQuantize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        w, gamma, m, alpha, u, codes = ctx.saved_tensors
-        inside = DynamicScaleQuantize.in_range(ctx, w, alpha)
-        # outside the range the code is the clamp bound: codes / n = sign(w) on the symmetric grid
-        dalpha = torch.where(inside, codes / ctx.n - u, codes / ctx.n)
-        grad_w = grad_out * inside
-        red = (lambda t: t.sum(dim=-1, keepdim=True)) if ctx.per_row else (lambda t: t.sum())
-        s = red(grad_out * dalpha)  # dL/dalpha
+        w, gamma, m, alpha, codes = ctx.saved_tensors
+        grad_w = grad_out * DynamicScaleQuantize.in_range(ctx, w, alpha)
+        # dL/dalpha = sum g * (codes/n - u [inside]) = <g, codes>/n - <g [inside], w>/alpha, since u = w/alpha
+        # inside: two reductions, with no full-size temporary for dalpha or u
+        s = _dot(grad_out, codes, ctx.per_row) / ctx.n - _dot(grad_w, w, ctx.per_row) / alpha
         grad_gamma = (m * s).reshape(gamma.shape)
         if not ctx.detach_mean:
             g = gamma.view(-1, 1) if ctx.per_row else gamma.reshape(())
             numel = w.shape[-1] if ctx.per_row else w.numel()
             grad_w = grad_w + s * g * torch.sign(w) / numel
         return grad_w, grad_gamma, None, None, None, None
+
+
+def _dot(a: Tensor, b: Tensor, per_row: bool) -> Tensor:
+    """sum(a * b), per row ([rows, 1]) or whole (0-d); the whole one without an [a * b] temporary."""
+    if per_row:
+        return torch.linalg.vecdot(a, b, dim=-1).unsqueeze(-1)
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def dynamic_scale_quantize(
@@ -99,7 +108,7 @@ def dynamic_scale_codes(w: Tensor, gamma: Tensor, bits: int, per_row: bool = Fal
                         full_grid: bool = False) -> tuple[Tensor, Tensor]:
     """Integer codes in [-n, n] ([-(n+1), n] with `full_grid`) and the step alpha/n such that
     codes * step == the forward output."""
-    _, alpha, _, codes = _dynamic_codes(w, gamma, bits, per_row, full_grid)
+    _, alpha, codes = _dynamic_codes(w, gamma, bits, per_row, full_grid)
     return codes, alpha / levels(bits)
 
 
