@@ -20,11 +20,11 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import OmegaConf
 
-from qgplm.config import RunConfig
 from qgplm.export import load_quantized
-from qgplm.module import LMModule
-from qgplm.pipeline import prepare_data
 from qgplm.tasks import build_task
+from qgplm.train.config import RunConfig
+from qgplm.train.module import LMModule
+from qgplm.train.pipeline import prepare_data
 
 
 def run_config(run_dir: Path) -> RunConfig:

@@ -309,7 +309,7 @@ def test_cli_export_and_generate(tmp_path):
                 "threads=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip()
-    from qgplm.generate import main
+    from qgplm.cli.generate import main
 
     with pytest.raises(QgplmError, match="exceed the model's 64 positions"):
         main([f"dir={tmp_path / 'g'}", "prompt=Hello", "mode=gguf", "max_new_tokens=500"])

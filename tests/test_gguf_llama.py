@@ -299,8 +299,8 @@ def test_llama_metadata(exports, tmp_path):
 
 
 def test_cli_export_and_generate_a_llama(tmp_path, capsys):
-    from qgplm.export.__main__ import main as export_main
-    from qgplm.generate import main as generate_main
+    from qgplm.cli.export import main as export_main
+    from qgplm.cli.generate import main as generate_main
 
     tok = bpe_tokenizer(digits=True)
     tiny("llama192", vocab=320, layers=1).save_pretrained(tmp_path / "hf")

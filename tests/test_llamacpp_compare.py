@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from qgplm.data.lm import IGNORE_INDEX, EvalWindows
+from qgplm.data.token_stream import IGNORE_INDEX, EvalWindows
 from qgplm.export.gguf import LlamaCppLM
 from qgplm.export.gguf_float import export_gguf_float, float_tensors
 from tests.conftest import ROOT

@@ -233,7 +233,7 @@ def test_cli_format_onnx(tmp_path):
     out = ort_run(tmp_path, tmp_path / "o", "logits", **feed_of("gpt2", IDS[:1, :5], torch.ones_like(IDS[:1, :5])))
     assert out["logits"].shape == (1, 5, VOCAB)
 
-    from qgplm.export.__main__ import main
+    from qgplm.cli.export import main
 
     with pytest.raises(QgplmError, match="format='tflite' is not valid: choose one of qgplm, onnx, gguf"):
         main([f"model={hf}", f"out={tmp_path / 'x'}", "format=tflite"])

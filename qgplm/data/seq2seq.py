@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from qgplm.data.examples import ExampleDataModule
-from qgplm.data.lm import IGNORE_INDEX
 from qgplm.data.settings import SummarizationSettings
+from qgplm.data.token_stream import IGNORE_INDEX
 from qgplm.errors import QgplmError
 from qgplm.hub import hub_reachable
 

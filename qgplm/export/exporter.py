@@ -26,9 +26,9 @@ from qgplm.errors import QgplmError
 from qgplm.export.format import MANIFEST, WEIGHTS, empty_out_dir, write_manifest
 from qgplm.export.pack import pack_codes, packed_nbytes
 from qgplm.quant.api import IdentityQuantizer, initialize_quantizers, oriented_weight, quantize_model
-from qgplm.quant.config import QuantConfig
 from qgplm.quant.modules import QUANT_MODULES, QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
+from qgplm.quant.recipe import QuantConfig
 from qgplm.quant.registry import kind_of
 
 MIB = 2**20
