@@ -41,7 +41,8 @@ def load(run_dir: Path, mode: str, tmp: Path, threads: int) -> torch.nn.Module:
         return load_quantized(run_dir / "export", mode)
     from transformers import AutoConfig
 
-    from qgplm.export.gguf import LlamaCppCausalLM, export_gguf
+    from qgplm.export.converters.gguf import export_gguf
+    from qgplm.export.runtimes.llamacpp import LlamaCppCausalLM
 
     export_gguf(run_dir / "export", tmp / "gguf")
     return LlamaCppCausalLM(tmp / "gguf", AutoConfig.from_pretrained(run_dir / "export"), threads=threads)

@@ -6,7 +6,7 @@ every row built as a GGUF file and measured through llama.cpp (llama-cpp-python)
         [--data ../shared/data/wikitext-2] [--tokens 32768] [--threads 2] [--cache <dir>] [--rows ...]
 
 Rows:
-- the teacher at F16 (qgplm/export/gguf_float.py: the layout and tokenizer of format=gguf), and a
+- the teacher at F16 (qgplm/export/converters/gguf_float.py: the layout and tokenizer of format=gguf), and a
   shipped file of the pretrained model (before fine-tuning), if given;
 - llama.cpp's quantization of that F16 file with `llama_model_quantize` (llama.cpp's own choice of
   type per tensor, with its fallbacks where a row is not a multiple of the type's block): Q4_0,
@@ -273,7 +273,7 @@ def collect_imatrix(model, ids: np.ndarray, chunk: int = 512) -> dict[str, np.nd
     input of the matrix multiplication (per input column), GGUF tensor names as keys."""
     import torch
 
-    from qgplm.export.gguf_arch import arch_of
+    from qgplm.export.converters.gguf_arch import arch_of
 
     arch, _ = arch_of(type(model).__name__, model.config)
     sums: dict[str, torch.Tensor] = {}
@@ -319,7 +319,7 @@ def build_rows(args: argparse.Namespace, cache: Path) -> tuple[list[Row], Path]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qgplm.export.gguf_float import export_gguf_float
+    from qgplm.export.converters.gguf_float import export_gguf_float
 
     teacher = hf_dir(Path(args.teacher).expanduser())
     record = cache / "source.json"
@@ -387,7 +387,7 @@ def build_rows(args: argparse.Namespace, cache: Path) -> tuple[list[Row], Path]:
 
 def build_students(args: argparse.Namespace, cache: Path, fresh: bool) -> list[Row]:
     """format=gguf of each student run: 2-bit rows not a multiple of 256 as Q2_0, and as Q4_0."""
-    from qgplm.export.gguf import GGUF_FILE, export_gguf
+    from qgplm.export.converters.gguf import GGUF_FILE, export_gguf
 
     rows = []
     for spec in args.student:

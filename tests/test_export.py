@@ -18,9 +18,9 @@ from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, G
 import qgplm
 from qgplm.errors import QgplmError
 from qgplm.export import export_model, load_export_tokenizer, load_quantized
-from qgplm.export.format import MANIFEST, WEIGHTS
-from qgplm.export.int8 import KERNELS, Int8Embedding, Int8Linear
-from qgplm.export.pack import code_range, pack_codes, packed_nbytes, unpack_codes
+from qgplm.export.format.manifest import MANIFEST, WEIGHTS
+from qgplm.export.format.pack import code_range, pack_codes, packed_nbytes, unpack_codes
+from qgplm.export.runtimes.int8 import KERNELS, Int8Embedding, Int8Linear
 from qgplm.models.loading import load_tokenizer
 from qgplm.quant import ActivationQuantizer, QuantConfig, initialize_quantizers, quantize_model, quantized_modules
 from qgplm.quant.api import oriented_weight

@@ -1,4 +1,4 @@
-"""format=gguf (qgplm/export/gguf.py): the student's codes in llama.cpp's TQ2_0 / Q4_0 / Q8_0 blocks,
+"""format=gguf (qgplm/export/converters/gguf.py): the student's codes in llama.cpp's TQ2_0 / Q4_0 / Q8_0 blocks,
 read back with gguf's reference dequantization, and run by llama.cpp (llama-cpp-python)."""
 
 from __future__ import annotations
@@ -14,19 +14,18 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from qgplm.errors import QgplmError
 from qgplm.export import export_model
-from qgplm.export.format import read_manifest
-from qgplm.export.gguf import (
+from qgplm.export.converters.gguf import (
     GGUF_FILE,
-    LlamaCppCausalLM,
-    LlamaCppLM,
     encode_q4_0,
     encode_q8_0,
     encode_tq2_0,
     export_gguf,
     ggml_type,
 )
-from qgplm.export.gguf_arch import GPT2
-from qgplm.export.loader import _read_tensors, decode
+from qgplm.export.converters.gguf_arch import GPT2
+from qgplm.export.format.manifest import read_manifest
+from qgplm.export.loader import decode, read_tensors
+from qgplm.export.runtimes.llamacpp import LlamaCppCausalLM, LlamaCppLM
 from qgplm.quant import QuantConfig, quantize_model
 from qgplm.quant.api import initialize_quantizers
 from tests.conftest import SHARED_DATA
@@ -134,7 +133,7 @@ def test_dequantized_file_weights_equal_the_codes(tmp_path, bits, kw, qtype):
     s = student(bits, **kw)
     report, g = exported(tmp_path, s)
     _, manifest = read_manifest(tmp_path / "e")
-    tensors = _read_tensors(tmp_path / "e")
+    tensors = read_tensors(tmp_path / "e")
     reader = gguf.GGUFReader(g / GGUF_FILE)
     by_name = {t.name: t for t in reader.tensors}
     assert "output.weight" not in by_name  # tied head: one table, read by llama.cpp as its output matrix
@@ -201,7 +200,7 @@ def test_a_wrong_scale_would_be_caught(tmp_path):
     file whose full-grid rows kept a positive scale."""
     s = student(2, quantizer_kwargs={"grid": "full"})
     export_model(s, tmp_path / "e")
-    import qgplm.export.gguf as g
+    import qgplm.export.converters.gguf as g
 
     real = g.encode_tq2_0
     g.ENCODERS["TQ2_0"] = lambda codes, step: real(codes.clamp(-1, 1), step)  # -2 lost

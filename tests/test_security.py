@@ -322,7 +322,7 @@ def test_corrupt_gguf_file_is_one_error_line(tiny_cfg, tmp_path, capsys):
 def packed_export(tmp_path):
     from transformers import GPT2TokenizerFast
 
-    from qgplm.export.exporter import export_model
+    from qgplm.export.format.writer import export_model
     from qgplm.models import load_pretrained
 
     d = tiny_model_dir(tmp_path / "m")
@@ -333,7 +333,7 @@ def packed_export(tmp_path):
 
 def relist(export: Path, *names: str) -> None:
     """Record files in the manifest with their true checksums (a tamperer can rewrite it too)."""
-    from qgplm.export.format import MANIFEST, sha256_file
+    from qgplm.export.format.manifest import MANIFEST, sha256_file
 
     manifest = json.loads((export / MANIFEST).read_text())
     for name in names:
@@ -357,7 +357,7 @@ def test_packed_export_never_unpickles_an_extra_file(packed_export, tmp_path, ca
 @pytest.mark.parametrize("tamper", ["auto_map", "model_class"])
 def test_packed_export_with_a_tampered_manifest_or_config(packed_export, tmp_path, capsys, answer_yes, tamper):
     from qgplm.cli.generate import main
-    from qgplm.export.format import MANIFEST
+    from qgplm.export.format.manifest import MANIFEST
 
     marker = tmp_path / "ran"
     if tamper == "auto_map":

@@ -3,8 +3,8 @@
 Writes the trained student of a run as a packed export (see qgplm.export) and prints its size
 breakdown. `model=<saved HF model dir>` instead of ckpt= quantizes a float model post-training
 (weight_bits=, embedding_bits=, quantizer= choose how). `format=onnx` writes a standalone ONNX
-model instead (export/onnx.py: GPT-2 and BART; block_size= of its MatMulNBits layers), `format=gguf`
-a llama.cpp GGUF file (export/gguf.py: GPT-2, Llama, Mistral, Qwen2; 2-bit codes as TQ2_0, or where a
+model instead (export/converters/onnx.py: GPT-2 and BART; block_size= of its MatMulNBits layers), `format=gguf`
+a llama.cpp GGUF file (export/converters/gguf.py: GPT-2, Llama, Mistral, Qwen2; 2-bit codes as TQ2_0, or where a
 row is not a multiple of 256 long as Q2_0 or Q4_0, `gguf_2bit=q2_0|q4_0`).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from qgplm.checks import choice
 from qgplm.cli.args import parse_kv, run_main
 from qgplm.errors import QgplmError
-from qgplm.export.ggml_blocks import TWO_BIT
+from qgplm.export.converters.ggml_blocks import TWO_BIT
 
 USAGE = ("python -m qgplm.export ckpt=<run dir or .ckpt> out=<dir> [position_bits=8] [fp16=true] "
          "[format=qgplm|onnx|gguf] [gguf_2bit=q2_0|q4_0]")
@@ -35,7 +35,7 @@ def _bits(key: str, value: int | None) -> None:
 
 def check_args(args: dict) -> None:
     """Type and range of every argument, before anything is read or written."""
-    from qgplm.export.format import empty_out_dir
+    from qgplm.export.format.manifest import empty_out_dir
 
     if (args["ckpt"] is None) == (args["model"] is None):
         raise QgplmError(f"pass exactly one of ckpt=<run dir or .ckpt> or model=<saved HF model dir>: usage: {USAGE}")
@@ -66,7 +66,7 @@ def check_args(args: dict) -> None:
 def main(argv: list[str]) -> int:
     args = parse_kv(argv, SPEC, USAGE)
     check_args(args)
-    from qgplm.export.exporter import export_model
+    from qgplm.export.format.writer import export_model
 
     if args["ckpt"] is not None:
         from qgplm.train.student import load_student
@@ -80,12 +80,12 @@ def main(argv: list[str]) -> int:
     options = dict(weight_bits=args["weight_bits"], embedding_bits=args["embedding_bits"],
                    quantizer=args["quantizer"], position_bits=args["position_bits"], fp16=args["fp16"])
     if args["format"] == "onnx":
-        from qgplm.export.onnx import DEFAULT_BLOCK, export_onnx
+        from qgplm.export.converters.onnx import DEFAULT_BLOCK, export_onnx
 
         report = export_onnx(model, args["out"], tokenizer, block_size=args["block_size"] or DEFAULT_BLOCK,
                              **options)
     elif args["format"] == "gguf":
-        from qgplm.export.gguf import DEFAULT_TWO_BIT, export_gguf
+        from qgplm.export.converters.gguf import DEFAULT_TWO_BIT, export_gguf
 
         report = export_gguf(model, args["out"], tokenizer, gguf_2bit=args["gguf_2bit"] or DEFAULT_TWO_BIT, **options)
     else:

@@ -20,7 +20,7 @@ import torch
 from qgplm.checks import choice
 from qgplm.cli.args import parse_kv, run_main
 from qgplm.errors import QgplmError
-from qgplm.export.gguf_arch import context_length
+from qgplm.export.runtimes.llamacpp import context_length
 
 USAGE = ('python -m qgplm.generate dir=<export dir> prompt="..." [mode=dequantize|int8|lowbit|gguf] '
          '[max_new_tokens=32] [threads=N] [block_size=64]')
@@ -91,7 +91,7 @@ def generate_gguf(export_dir: str, prompt: str, max_new_tokens: int, threads: in
     """Greedy continuation on llama.cpp of a format=gguf dir (its tokenizer files sit beside model.gguf)."""
     from transformers import AutoConfig
 
-    from qgplm.export.gguf import LlamaCppLM, gguf_path
+    from qgplm.export.runtimes.llamacpp import LlamaCppLM, gguf_path
     from qgplm.models.loading import load_tokenizer
 
     gguf_path(export_dir)
