@@ -318,7 +318,7 @@ def test_cli_export_and_generate(tmp_path):
 
 @pytest.mark.parametrize("module, call, match", [
     ("gguf", lambda tmp: export_gguf(student(2), tmp / "g"), "format=gguf needs the gguf package.*format=onnx"),
-    ("llama_cpp", lambda tmp: LlamaCppLM(tmp), "needs llama-cpp-python.*mode=lowbit"),
+    ("llama_cpp", lambda tmp: LlamaCppLM(tmp), "needs the llama-cpp-python package.*mode=lowbit"),
 ])
 def test_missing_runtime_is_one_line(tmp_path, monkeypatch, module, call, match):
     import sys

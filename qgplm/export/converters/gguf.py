@@ -69,8 +69,7 @@ FILE_TYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 7, "TQ2_0": 37, "Q2_0": 41}  # llama.
 
 
 def _gguf():
-    return optional_module("gguf", "format=gguf needs the gguf package: pip install gguf (make install does "
-                                   "it), or use format=onnx")
+    return optional_module("gguf", "format=gguf", "use format=onnx")
 
 
 def check_supported(model_class: str, config: Any = None) -> None:

@@ -58,8 +58,7 @@ SUPPORTED = {"GPT2LMHeadModel": "GPT-2 (GPT2LMHeadModel)",
 
 
 def _onnx():
-    return optional_module("onnx", "format=onnx needs the onnx package: pip install onnx onnxruntime "
-                                   "(make install does it)")
+    return optional_module("onnx", "format=onnx")
 
 
 def check_supported(model_class: str) -> None:

@@ -17,8 +17,7 @@ GGUF_FILE = "model.gguf"
 
 
 def _llama_cpp():
-    return optional_module("llama_cpp", "running a GGUF file needs llama-cpp-python: pip install "
-                                        "llama-cpp-python (make install does it), or use mode=lowbit")
+    return optional_module("llama_cpp", "running a GGUF file (mode=gguf)", "use mode=lowbit")
 
 
 def context_length(config: Any) -> int:

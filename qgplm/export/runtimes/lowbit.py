@@ -48,8 +48,7 @@ _ALIGN = 65536  # external-data offsets aligned to the page/allocation granulari
 
 
 def onnxruntime_module():
-    return optional_module("onnxruntime", "mode=lowbit needs onnxruntime: pip install onnxruntime (make install "
-                                          "does it), or use mode=int8 / mode=dequantize")
+    return optional_module("onnxruntime", "mode=lowbit", "use mode=int8 / mode=dequantize")
 
 
 def kernel_bits(bits: int) -> int:
