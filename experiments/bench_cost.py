@@ -126,10 +126,10 @@ def torchao_student(teacher):
 
 def build_module(setting: str, teacher, a: argparse.Namespace):
     """(LightningModule, memory bank or None) of one setting, on the device."""
-    from qgplm.config import DistillConfig, OptimConfig
     from qgplm.distill import MemoryBank
-    from qgplm.module import DistillModule, TeacherModule
     from qgplm.quant import QuantConfig, initialize_quantizers, quantize_model
+    from qgplm.train.config import DistillConfig, OptimConfig
+    from qgplm.train.module import DistillModule, TeacherModule
 
     optim = OptimConfig(lr=1e-4)
     if setting == "fp":
@@ -157,7 +157,7 @@ def time_contrastive(module, bank, batch, a: argparse.Namespace, sync, autocast)
     import torch
 
     from qgplm.distill import token_contrastive_loss
-    from qgplm.module import model_forward
+    from qgplm.train.module import model_forward
 
     d = module.distill
     with torch.no_grad(), autocast:

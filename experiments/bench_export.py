@@ -14,7 +14,7 @@ Each (model, mode) runs in its own subprocess, so resident memory (RSS) is not s
   weights as they sit in RAM, whoever holds them (torch tensors or onnxruntime's packed kernels);
 - RSS MiB: the same after the forward and generate runs (adds activations, KV cache, logits);
 - gguf (GPT-2 only: llama.cpp has no BART): the export written with format=gguf, run by llama.cpp
-  through llama-cpp-python (qgplm.export.gguf.LlamaCppLM, token ids in and out, greedy, KV cache).
+  through llama-cpp-python (qgplm.export.runtimes.llamacpp.LlamaCppLM, token ids in and out, greedy, KV cache).
   llama.cpp memory-maps model.gguf and computes on it in place, so its resident weights are the
   resident pages of that mapping (/proc/self/smaps); the process growth after loading and one
   token ("RSS 1st token") also holds the KV cache and compute buffer llama.cpp reserves for its
@@ -127,7 +127,7 @@ def gguf_worker(args: argparse.Namespace) -> None:
     """The gguf mode's measurements: llama.cpp through llama-cpp-python, same figures as worker()."""
     import numpy as np
 
-    from qgplm.export.gguf import LlamaCppLM, gguf_path
+    from qgplm.export.runtimes.llamacpp import LlamaCppLM, gguf_path
 
     path = str(gguf_path(args.dir).resolve())
     n_ctx = max(args.seq, args.prompt + args.new)
@@ -157,8 +157,8 @@ def _warm_kernels(threads: int) -> None:
     """Run every mode's kernels once on a tiny layer before the baseline RSS, in every mode: the
     libraries' code pages (onnxruntime's MLAS, oneDNN) are then in the baseline, not counted as
     weights."""
-    from qgplm.export.int8 import Int8Linear
-    from qgplm.export.lowbit import LowBitLinear, _SessionFactory
+    from qgplm.export.runtimes.int8 import Int8Linear
+    from qgplm.export.runtimes.lowbit import LowBitLinear, _SessionFactory
     from qgplm.quant import ActivationQuantizer
 
     codes, step, x = torch.randint(-1, 2, (64, 64), dtype=torch.int8), torch.tensor(0.01), torch.randn(2, 64)
@@ -195,7 +195,7 @@ def memory_worker(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401
 
     import qgplm.export.loader as loader
-    import qgplm.export.lowbit  # noqa: F401
+    import qgplm.export.runtimes.lowbit  # noqa: F401
 
     _warm_kernels(args.threads)
     gc.collect()
@@ -227,7 +227,7 @@ def worker(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401
 
     import qgplm.export.loader as loader
-    import qgplm.export.lowbit  # noqa: F401
+    import qgplm.export.runtimes.lowbit  # noqa: F401
 
     _warm_kernels(args.threads)
     base = rss()
@@ -266,7 +266,7 @@ def kernels(threads: int) -> list[str]:
     """Median time of one 768 -> 3072 layer with each candidate CPU kernel (torchao's if installed)."""
     import warnings
 
-    from qgplm.export.int8 import Int8Linear
+    from qgplm.export.runtimes.int8 import Int8Linear
     from qgplm.quant import ActivationQuantizer
 
     torch.set_num_threads(threads)
@@ -292,7 +292,7 @@ def kernels(threads: int) -> list[str]:
                 cands[f"torchao {cfg}"] = m
         except ImportError:
             pass
-    from qgplm.export.lowbit import LowBitLinear, _SessionFactory
+    from qgplm.export.runtimes.lowbit import LowBitLinear, _SessionFactory
 
     for block, acc in ((32, 4), (64, 4), (128, 4), (256, 4), (64, 0)):
         cands[f"MatMulNBits 2-bit block {block} acc {acc}"] = LowBitLinear(
@@ -325,7 +325,7 @@ def random_init_dirs(name: str, tmp: Path, modes: list[str]) -> tuple[str, dict[
     from size_export import build
 
     from qgplm.export import export_model
-    from qgplm.export.gguf import export_gguf
+    from qgplm.export.converters.gguf import export_gguf
     from qgplm.quant import QuantConfig
 
     quant = QuantConfig(weight_bits=2, embedding_bits=2, quantizer_kwargs={"gamma_init": "fixed"})
@@ -346,7 +346,7 @@ def trained_dirs(run: Path, tmp: Path, modes: list[str]) -> tuple[str, dict[str,
     """(kind, mode -> dir) of a trained run: its FP32 teacher (same shape as the student) and its export."""
     from transformers import AutoConfig
 
-    from qgplm.export.gguf import export_gguf
+    from qgplm.export.converters.gguf import export_gguf
 
     seq2seq = AutoConfig.from_pretrained(run / "export").is_encoder_decoder
     dirs = {m: run / "export" for m in modes if not m.endswith("_compact") and m != "gguf"}

@@ -20,11 +20,11 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import OmegaConf
 
-from qgplm.config import RunConfig
 from qgplm.export import load_quantized
-from qgplm.module import LMModule
-from qgplm.pipeline import prepare_data
 from qgplm.tasks import build_task
+from qgplm.train.config import RunConfig
+from qgplm.train.module import LMModule
+from qgplm.train.pipeline import prepare_data
 
 
 def run_config(run_dir: Path) -> RunConfig:
@@ -41,7 +41,8 @@ def load(run_dir: Path, mode: str, tmp: Path, threads: int) -> torch.nn.Module:
         return load_quantized(run_dir / "export", mode)
     from transformers import AutoConfig
 
-    from qgplm.export.gguf import LlamaCppCausalLM, export_gguf
+    from qgplm.export.converters.gguf import export_gguf
+    from qgplm.export.runtimes.llamacpp import LlamaCppCausalLM
 
     export_gguf(run_dir / "export", tmp / "gguf")
     return LlamaCppCausalLM(tmp / "gguf", AutoConfig.from_pretrained(run_dir / "export"), threads=threads)

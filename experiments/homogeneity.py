@@ -21,8 +21,8 @@ import torch
 from table import label, load_run  # experiments/table.py: the runs and row names of the comparison tables
 
 from qgplm.distill.metrics import token_homogeneity
-from qgplm.export.checkpoint import load_student
 from qgplm.models import load_pretrained, load_tokenizer
+from qgplm.train.student import load_student
 
 
 def windows(tokenizer, data_file: Path, n: int, block: int = 128) -> torch.Tensor:

@@ -6,7 +6,7 @@ every row built as a GGUF file and measured through llama.cpp (llama-cpp-python)
         [--data ../shared/data/wikitext-2] [--tokens 32768] [--threads 2] [--cache <dir>] [--rows ...]
 
 Rows:
-- the teacher at F16 (qgplm/export/gguf_float.py: the layout and tokenizer of format=gguf), and a
+- the teacher at F16 (qgplm/export/converters/gguf_float.py: the layout and tokenizer of format=gguf), and a
   shipped file of the pretrained model (before fine-tuning), if given;
 - llama.cpp's quantization of that F16 file with `llama_model_quantize` (llama.cpp's own choice of
   type per tensor, with its fallbacks where a row is not a multiple of the type's block): Q4_0,
@@ -21,7 +21,7 @@ over the first --imatrix-tokens tokens of the training split in chunks of 512, a
 `llama_model_quantize` through its `imatrix` parameter.
 
 Measured for every row, each in a fresh subprocess that imports only numpy and llama_cpp:
-- WikiText-2 test perplexity through llama.cpp, qgplm's protocol (qgplm/data/lm.py): the test text
+- WikiText-2 test perplexity through llama.cpp, qgplm's protocol (qgplm/data/token_stream.py): the test text
   tokenized line by line with the teacher's tokenizer, the first --tokens ids, windows of --block
   tokens advancing by --block - 1, every token after the first scored once, PPL = exp(mean NLL),
   the NLL computed here from llama.cpp's logits (a fresh context per window);
@@ -67,7 +67,7 @@ class CompareError(Exception):
 
 def eval_windows(n: int, block: int, stride: int) -> list[tuple[int, int]]:
     """(start, first scored position inside the window) of qgplm's evaluation windows
-    (qgplm/data/lm.py EvalWindows): every token after the first is scored exactly once."""
+    (qgplm/data/token_stream.py EvalWindows): every token after the first is scored exactly once."""
     if n < block + 1:
         raise CompareError(f"{n} tokens are fewer than one window ({block}) + 1: lower --block or raise --tokens")
     stride = min(stride, block - 1)
@@ -260,7 +260,7 @@ def hf_dir(run_dir: Path) -> Path:
 
 def test_ids(tokenizer, data_dir: Path, tokens: int) -> np.ndarray:
     """qgplm's tokenization of the WikiText-2 test split (line by line, newlines kept), its first `tokens`."""
-    from qgplm.data.lm import tokenize_stream
+    from qgplm.data.token_stream import tokenize_stream
 
     f = data_dir / "wiki.test.tokens"
     if not f.is_file():
@@ -273,7 +273,7 @@ def collect_imatrix(model, ids: np.ndarray, chunk: int = 512) -> dict[str, np.nd
     input of the matrix multiplication (per input column), GGUF tensor names as keys."""
     import torch
 
-    from qgplm.export.gguf_arch import arch_of
+    from qgplm.export.converters.gguf_arch import arch_of
 
     arch, _ = arch_of(type(model).__name__, model.config)
     sums: dict[str, torch.Tensor] = {}
@@ -319,7 +319,7 @@ def build_rows(args: argparse.Namespace, cache: Path) -> tuple[list[Row], Path]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qgplm.export.gguf_float import export_gguf_float
+    from qgplm.export.converters.gguf_float import export_gguf_float
 
     teacher = hf_dir(Path(args.teacher).expanduser())
     record = cache / "source.json"
@@ -369,7 +369,7 @@ def build_rows(args: argparse.Namespace, cache: Path) -> tuple[list[Row], Path]:
                         model = AutoModelForCausalLM.from_pretrained(teacher, local_files_only=True,
                                                                      dtype=torch.float32).eval()
                     train = Path(args.data) / "wiki.train.tokens"
-                    from qgplm.data.lm import tokenize_stream
+                    from qgplm.data.token_stream import tokenize_stream
 
                     text = train.read_text(encoding="utf-8")[: args.imatrix_tokens * 16]
                     calib = tokenize_stream(tokenizer, text)[: args.imatrix_tokens].numpy()
@@ -388,7 +388,7 @@ def build_rows(args: argparse.Namespace, cache: Path) -> tuple[list[Row], Path]:
 def build_students(args: argparse.Namespace, cache: Path, fresh: bool) -> list[Row]:
     """format=gguf of each student run, one file per `--student-2bit` layout of the 2-bit rows that are not a
     multiple of 256 (Q2_0: 2.25 bits, no fast x86 kernel; Q4_0: 4.5 bits, fast kernels; both exact)."""
-    from qgplm.export.gguf import GGUF_FILE, export_gguf
+    from qgplm.export.converters.gguf import GGUF_FILE, export_gguf
 
     rows = []
     for spec in args.student:
@@ -400,7 +400,7 @@ def build_students(args: argparse.Namespace, cache: Path, fresh: bool) -> list[R
             if fresh or not (out / GGUF_FILE).is_file():
                 import shutil
 
-                from qgplm.export.checkpoint import load_student
+                from qgplm.train.student import load_student
 
                 shutil.rmtree(out, ignore_errors=True)
                 model, tokenizer = load_student(str(run))

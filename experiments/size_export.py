@@ -19,7 +19,7 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel
 
 from qgplm.export import export_model
-from qgplm.export.format import WEIGHTS
+from qgplm.export.format.manifest import WEIGHTS
 from qgplm.quant import QuantConfig
 
 MIB = 2**20

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from size_export import MIB, build, save_fp32
 
 from qgplm.export import export_model
-from qgplm.export.onnx import ONNX_FILE, export_onnx
+from qgplm.export.converters.onnx import ONNX_FILE, export_onnx
 from qgplm.quant import QuantConfig
 
 

@@ -1,6 +1,6 @@
 """Range checks of config values, each failing with one line that names the key and the fix.
 
-Shared by the run config (qgplm.config) and the task configs (qgplm.tasks), which must not import
+Shared by the run config (qgplm.train.config) and the task configs (qgplm.tasks), which must not import
 each other's modules at import time.
 """
 

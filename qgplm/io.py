@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -34,15 +30,3 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written to a temp file and renamed into place: a crash (or SIGKILL)
-    mid-save leaves the previous `last.ckpt` intact instead of a truncated one."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO does not take storage_options")
-        buf = io.BytesIO()
-        torch.save(checkpoint, buf)
-        atomic_write_bytes(Path(path), buf.getvalue())

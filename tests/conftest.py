@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from qgplm.run import quote_int_group_overrides
+from qgplm.cli.run import quote_int_group_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -52,10 +52,10 @@ def tiny_cfg(tmp_path):
 
 
 def main_error(main, argv: list[str], capsys) -> str:
-    """Run a `key=value` CLI's main in-process as `python -m` does (qgplm.export.cli.run_main) and
+    """Run a `key=value` CLI's main in-process as `python -m` does (qgplm.cli.args.run_main) and
     return its one `error:` line, asserting exit code 2 and no traceback (an exception other than
     QgplmError propagates and fails the test)."""
-    from qgplm.export.cli import run_main
+    from qgplm.cli.args import run_main
 
     old = sys.argv
     sys.argv = ["qgplm", *argv]

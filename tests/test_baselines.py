@@ -16,8 +16,6 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import qgplm.quant.baselines  # noqa: F401  (registers the baselines)
-from qgplm.callbacks.laq import LAQCurvatureCallback
-from qgplm.config import RunConfig
 from qgplm.errors import QgplmError
 from qgplm.quant import (
     WEIGHT_QUANTIZERS,
@@ -40,6 +38,8 @@ from qgplm.quant.baselines import (
     lsq_quantize,
     pact_quantize,
 )
+from qgplm.train.callbacks.laq import LAQCurvatureCallback
+from qgplm.train.config import RunConfig
 from tests.conftest import compose_cfg
 
 F64 = torch.float64

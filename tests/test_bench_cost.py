@@ -165,8 +165,8 @@ def test_gpu_check_qat_run_overrides_validate(tmp_path):
     """The overrides of the script's QAT run compose and validate (GPT-2 small's shape)."""
     from hydra import compose, initialize_config_dir
 
-    from qgplm.config import RunConfig
-    from qgplm.run import quote_int_group_overrides
+    from qgplm.cli.run import quote_int_group_overrides
+    from qgplm.train.config import RunConfig
 
     overrides = [*_bash_array("QAT_TRAINER"), "task=wikitext2", f"task.data_dir={SHARED_DATA / 'wikitext-2'}",
                  f"model.tokenizer={SHARED_DATA / 'gpt2-tokenizer'}", *_bash_array("QAT_SIZE"),
@@ -185,8 +185,8 @@ def test_gpu_check_smollm2_step_overrides_validate(tmp_path):
     """Step 4's run: experiment=paper_smollm2_wt2 with the check's shorter budget, from a GGUF path."""
     from hydra import compose, initialize_config_dir
 
-    from qgplm.config import RunConfig
-    from qgplm.run import quote_int_group_overrides
+    from qgplm.cli.run import quote_int_group_overrides
+    from qgplm.train.config import RunConfig
 
     assert _bash_array("SMOL_SIZE") == [] and _bash_array("SMOL_TRAINER") == []  # the preset's sizes, its GPU
     overrides = ["experiment=paper_smollm2_wt2", "model.gguf_file=/gpu/shared/models/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -302,7 +302,7 @@ def test_run_end_without_a_wandb_logger_never_imports_wandb(monkeypatch):
     """A GPU image without wandb runs logger=csv: the end of a stage must not import it."""
     import types
 
-    from qgplm.pipeline import StageRunner
+    from qgplm.train.pipeline import StageRunner
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
     logged = []

@@ -12,13 +12,13 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from qgplm.callbacks import MemoryBankCallback, ScaleWarmupCallback
-from qgplm.config import DistillConfig, OptimConfig
 from qgplm.distill import MemoryBank, soft_cross_entropy, token_contrastive_loss
-from qgplm.module import DistillModule
 from qgplm.quant import WEIGHT_QUANTIZERS, QuantConfig, initialize_quantizers, quantize_model, scale_parameters
 from qgplm.quant.functional import minmax_activation_quantize
 from qgplm.quant.quantizers import ActivationQuantizer
+from qgplm.train.callbacks import MemoryBankCallback, ScaleWarmupCallback
+from qgplm.train.config import DistillConfig, OptimConfig
+from qgplm.train.module import DistillModule
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 CASES = [(name, bits) for name in sorted(WEIGHT_QUANTIZERS) for bits in (2, 4, 8)

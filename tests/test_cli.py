@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from qgplm.run import quote_int_group_overrides
+from qgplm.cli.run import quote_int_group_overrides
 from tests.conftest import TINY, run_cli
 
 
@@ -120,11 +120,35 @@ def test_multirun_sweep_over_bits_writes_one_run_dir_each(tmp_path):
 
 
 def test_entry_point_works_when_imported_from_another_dir(tmp_path):
-    """What the `qgplm-run` console script does: import qgplm.run and call cli(), from any cwd."""
+    """What the `qgplm-run` console script does: import qgplm.cli.run and call cli(), from any cwd."""
     import subprocess
     import sys
 
-    code = "import sys; from qgplm.run import cli; sys.argv = ['qgplm-run', '--cfg', 'job']; cli()"
+    code = "import sys; from qgplm.cli.run import cli; sys.argv = ['qgplm-run', '--cfg', 'job']; cli()"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stage: pipeline" in proc.stdout
+
+
+def test_quiet_console_drops_handlers_left_on_closed_streams():
+    """A handler of an earlier in-process run, on a stream closed since, would print logging's own
+    "--- Logging error ---" for each record: quiet_console removes it and keeps the open ones."""
+    import io
+    import logging
+
+    from qgplm.train.console import quiet_console
+
+    closed, open_ = io.StringIO(), io.StringIO()
+    logger = logging.getLogger("qgplm.tests.closed_stream")
+    stale, live = logging.StreamHandler(closed), logging.StreamHandler(open_)
+    logger.addHandler(stale)
+    logger.addHandler(live)
+    closed.close()
+    try:
+        quiet_console()
+        assert stale not in logger.handlers and live in logger.handlers
+        logger.warning("still printed")
+        assert "still printed" in open_.getvalue()
+    finally:
+        logger.removeHandler(live)
+        logger.removeHandler(stale)

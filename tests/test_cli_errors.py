@@ -123,8 +123,8 @@ def files(tmp_path_factory):
 
 
 def mains():
-    from qgplm.export.__main__ import main as export_main
-    from qgplm.generate import main as generate_main
+    from qgplm.cli.export import main as export_main
+    from qgplm.cli.generate import main as generate_main
 
     return {"export": export_main, "generate": generate_main}
 
@@ -144,7 +144,7 @@ def test_cli_mistake_ends_in_one_clear_line(files, capsys, cli, args, expected):
 
 def test_generate_runs_at_the_edge_of_the_positions(files, capsys):
     """The check is exact: 2 prompt tokens + 30 new tokens fill the 32 positions and generate."""
-    from qgplm.generate import main
+    from qgplm.cli.generate import main
 
     assert main([f"dir={files['export']}", "prompt=the cat", "max_new_tokens=30"]) == 0
     assert capsys.readouterr().err == ""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qgplm.data.lm import IGNORE_INDEX, EvalWindows, LMDataModule, TrainBlocks
 from qgplm.data.sources import load_texts
+from qgplm.data.token_stream import IGNORE_INDEX, EvalWindows, LMDataModule, TrainBlocks
 from qgplm.errors import QgplmError
 from qgplm.tasks.lm import LMTaskConfig
 from tests.conftest import SHARED_DATA
@@ -97,7 +97,7 @@ def test_saved_config_naming_a_task_source_reads_as_its_task_class(tmp_path):
     with the file names and hub column the name implied (so `qgplm.export` can rebuild its student)."""
     from omegaconf import OmegaConf
 
-    from qgplm.config import RunConfig
+    from qgplm.train.config import RunConfig
     from tests.conftest import compose_cfg
 
     cfg = OmegaConf.to_container(compose_cfg(["task=ptb"], tmp_path), resolve=True)

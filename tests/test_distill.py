@@ -203,7 +203,7 @@ def test_disable_dropout_covers_functional_dropout():
     forward of the student must still be deterministic once dropout is disabled."""
     from transformers import BartConfig, BartForConditionalGeneration
 
-    from qgplm.module import disable_dropout
+    from qgplm.train.module import disable_dropout
 
     torch.manual_seed(0)
     bart = BartForConditionalGeneration(BartConfig(

@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from qgplm.distributed import gather_valid_rows
+from qgplm.train.distributed import gather_valid_rows
 from tests.conftest import TINY, run_cli
 from tests.test_seq2seq import TINY_BART, TINY_PERSONA
 

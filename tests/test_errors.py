@@ -19,10 +19,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from qgplm.config import ModelConfig, RunConfig
 from qgplm.errors import QgplmError
 from qgplm.models import build_model, check_compatible, load_pretrained, load_tokenizer
-from qgplm.resume import read_identity
+from qgplm.train.config import ModelConfig, RunConfig
+from qgplm.train.resume import read_identity
 from tests.conftest import SHARED_DATA, TINY, run_cli
 
 
@@ -76,8 +76,8 @@ def test_unknown_arch_for_random_init():
 
 
 def test_nan_loss_stops_with_step_and_term(tiny_cfg):
-    from qgplm.config import RunConfig
-    from qgplm.module import TeacherModule
+    from qgplm.train.config import RunConfig
+    from qgplm.train.module import TeacherModule
 
     run = RunConfig.from_hydra(tiny_cfg())
     module = TeacherModule(_tiny(50), run.teacher.optim, 1)
@@ -373,7 +373,7 @@ def test_user_mistake_ends_in_one_clear_line(world, tmp_path, args, expected, ti
 
 
 def _run(cfg):
-    from qgplm.pipeline import run_stages
+    from qgplm.train.pipeline import run_stages
 
     run = RunConfig.from_hydra(cfg)
     return run_stages(run, cfg.trainer, cfg.get("logger"), cfg.get("callbacks"))
@@ -382,7 +382,7 @@ def _run(cfg):
 def test_nan_loss_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
     """kd turns NaN at the 4th student step: the error names step and term, and last.ckpt of the
     eval at step 2 stays on disk, finite, loadable and resumable."""
-    import qgplm.module as module
+    import qgplm.train.module as module
 
     real, calls = module.soft_cross_entropy, {"n": 0}
 
@@ -422,7 +422,7 @@ def test_negative_gamma_is_clamped_and_warned_once(tiny_cfg, tmp_path):
 @pytest.mark.parametrize("hook, key", [("training_step", "task.batch_size=4: lower it, e.g. task.batch_size=2"),
                                        ("test_step", "task.eval_batch_size=8: lower it, e.g. task.eval_batch_size=4")])
 def test_out_of_gpu_memory_names_the_batch_size(tiny_cfg, monkeypatch, hook, key):
-    from qgplm.module import TeacherModule
+    from qgplm.train.module import TeacherModule
 
     def oom(self, *a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -434,7 +434,7 @@ def test_out_of_gpu_memory_names_the_batch_size(tiny_cfg, monkeypatch, hook, key
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS])
 def test_full_or_read_only_disk_is_one_line_and_leaves_no_partial_file(tiny_cfg, tmp_path, monkeypatch, capsys, err):
-    from qgplm.run import execute
+    from qgplm.cli.run import execute
 
     def no_space(src, dst):
         raise OSError(err, os.strerror(err), str(dst))

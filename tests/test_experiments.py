@@ -129,7 +129,7 @@ def test_compare_harness_end_to_end_tiny(tmp_path):
 def test_every_experiment_config_composes_and_validates(name, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from qgplm.config import RunConfig
+    from qgplm.train.config import RunConfig
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         run = RunConfig.from_hydra(compose(config_name="run", overrides=[f"experiment={name}",

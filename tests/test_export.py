@@ -18,9 +18,9 @@ from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, G
 import qgplm
 from qgplm.errors import QgplmError
 from qgplm.export import export_model, load_export_tokenizer, load_quantized
-from qgplm.export.format import MANIFEST, WEIGHTS
-from qgplm.export.int8 import KERNELS, Int8Embedding, Int8Linear
-from qgplm.export.pack import code_range, pack_codes, packed_nbytes, unpack_codes
+from qgplm.export.format.manifest import MANIFEST, WEIGHTS
+from qgplm.export.format.pack import code_range, pack_codes, packed_nbytes, unpack_codes
+from qgplm.export.runtimes.int8 import KERNELS, Int8Embedding, Int8Linear
 from qgplm.models.loading import load_tokenizer
 from qgplm.quant import ActivationQuantizer, QuantConfig, initialize_quantizers, quantize_model, quantized_modules
 from qgplm.quant.api import oriented_weight
@@ -306,7 +306,7 @@ def test_int8_bart_generates(tmp_path):
 
 
 def test_generate_text_bart_summary(tmp_path):
-    from qgplm.generate import generate_text
+    from qgplm.cli.generate import generate_text
 
     tok = load_tokenizer(str(SHARED_DATA / "bart-tokenizer"))
     export_model(tiny_bart(vocab=len(tok)), tmp_path / "e", tok, weight_bits=8, embedding_bits=8)
@@ -346,7 +346,7 @@ def test_cli_pipeline_export_and_generate(tmp_path):
 
 
 def test_cli_argument_errors(tmp_path):
-    from qgplm.export.__main__ import main
+    from qgplm.cli.export import main
 
     with pytest.raises(QgplmError, match="ckpt=.* does not exist"):
         main([f"ckpt={tmp_path / 'nope'}", f"out={tmp_path / 'f'}"])

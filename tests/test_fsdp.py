@@ -1,7 +1,7 @@
 """FSDP with QAT, on CPU.
 
 Run here (2 CPU processes, gloo):
-- torch's FSDP2 (`fully_shard`, through qgplm.fsdp) on a tiny quantized GPT-2 in raw
+- torch's FSDP2 (`fully_shard`, through qgplm.train.fsdp) on a tiny quantized GPT-2 in raw
   torch.multiprocessing: the student is quantized and its scales initialised from the full weights
   *before* sharding (as qgplm does: quantize_model in the pipeline, ScaleWarmupCallback.setup);
   the sharded forward/backward, the gradient norm (sharded + replicated) and the gathered
@@ -57,7 +57,7 @@ def _loss(student, teacher, x):
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-    from qgplm.fsdp import (
+    from qgplm.train.fsdp import (
         clip_grad_norm_,
         fully_shard_quantized,
         gather_full_model,
@@ -147,10 +147,10 @@ def test_scales_are_initialised_before_the_strategy_wraps_the_model(tmp_path):
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
-    from qgplm.callbacks import ScaleWarmupCallback
-    from qgplm.config import DistillConfig, OptimConfig
-    from qgplm.module import DistillModule
     from qgplm.quant.quantizers import WeightQuantizer
+    from qgplm.train.callbacks import ScaleWarmupCallback
+    from qgplm.train.config import DistillConfig, OptimConfig
+    from qgplm.train.module import DistillModule
 
     seen: list[list[bool]] = []
 
@@ -224,7 +224,7 @@ def test_trainer_fsdp2_composes_model_parallel_with_full_checkpoints(tmp_path):
 def test_transformer_blocks_and_the_shard_mesh():
     from transformers import BartConfig, BartForConditionalGeneration
 
-    from qgplm.fsdp import shard_mesh, transformer_blocks
+    from qgplm.train.fsdp import shard_mesh, transformer_blocks
 
     _, student = _student()
     assert transformer_blocks(student) == list(student.transformer.h)
@@ -252,8 +252,8 @@ def test_transformer_blocks_and_the_shard_mesh():
 
 
 def test_configure_model_is_a_no_op_outside_model_parallel():
-    from qgplm.config import DistillConfig, OptimConfig
-    from qgplm.module import DistillModule
+    from qgplm.train.config import DistillConfig, OptimConfig
+    from qgplm.train.module import DistillModule
 
     teacher, student = _student()
     module = DistillModule(student, teacher, DistillConfig(contrastive_weight=0.0), OptimConfig(), 2)
@@ -339,9 +339,9 @@ def test_fsdp2_sim_resumed_run_equals_the_uninterrupted_run(fsdp_runs):
 def test_projection_check_on_resume_reads_the_checkpoint_metadata_under_fsdp2():
     """ModelParallelStrategy loads the weights itself and hands on_load_checkpoint the rest: the
     head's presence comes from checkpoint["qgplm"]["projection"] (written by every run)."""
-    from qgplm.config import DistillConfig, OptimConfig
     from qgplm.errors import QgplmError
-    from qgplm.module import DistillModule
+    from qgplm.train.config import DistillConfig, OptimConfig
+    from qgplm.train.module import DistillModule
 
     teacher, student = _student()
     module = DistillModule(student, teacher, DistillConfig(contrastive_weight=0.0), OptimConfig(), 2)

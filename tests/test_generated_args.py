@@ -68,7 +68,7 @@ def _argv(draw, spec: dict, paths: dict[str, list[str]]) -> list[str]:
 
 
 def _check_cli(main, argv: list[str], root: Path, capsys) -> None:
-    from qgplm.export.cli import run_main
+    from qgplm.cli.args import run_main
 
     before = _digest(root / "kept")
     old = sys.argv
@@ -86,7 +86,7 @@ def _check_cli(main, argv: list[str], root: Path, capsys) -> None:
 
 
 def _generate_case(world, capsys, data):
-    from qgplm.generate import SPEC, main
+    from qgplm.cli.generate import SPEC, main
 
     kept = world / "kept"
     paths = {"dir": [str(kept / "export"), str(kept / "a_file"), str(world / "nowhere")],
@@ -95,7 +95,7 @@ def _generate_case(world, capsys, data):
 
 
 def _export_case(world, capsys, data):
-    from qgplm.export.__main__ import SPEC, main
+    from qgplm.cli.export import SPEC, main
 
     kept = world / "kept"
     paths = {"ckpt": [str(kept), str(kept / "export"), str(world / "nowhere")],
@@ -113,8 +113,8 @@ RUN_KEYS = ["seed", "generate_samples", "task.block_size", "task.batch_size", "t
 
 
 def _run_case(world, data):
-    from qgplm.config import RunConfig
-    from qgplm.targets import check_targets
+    from qgplm.train.config import RunConfig
+    from qgplm.train.targets import check_targets
 
     cfg = compose_cfg([], world / "scratch" / "run")
     for key in data.draw(st.lists(st.sampled_from(RUN_KEYS), min_size=1, max_size=4)):

@@ -1,4 +1,4 @@
-"""format=gguf (qgplm/export/gguf.py): the student's codes in llama.cpp's TQ2_0 / Q4_0 / Q8_0 blocks,
+"""format=gguf (qgplm/export/converters/gguf.py): the student's codes in llama.cpp's TQ2_0 / Q4_0 / Q8_0 blocks,
 read back with gguf's reference dequantization, and run by llama.cpp (llama-cpp-python)."""
 
 from __future__ import annotations
@@ -14,19 +14,18 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from qgplm.errors import QgplmError
 from qgplm.export import export_model
-from qgplm.export.format import read_manifest
-from qgplm.export.gguf import (
+from qgplm.export.converters.gguf import (
     GGUF_FILE,
-    LlamaCppCausalLM,
-    LlamaCppLM,
     encode_q4_0,
     encode_q8_0,
     encode_tq2_0,
     export_gguf,
     ggml_type,
 )
-from qgplm.export.gguf_arch import GPT2
-from qgplm.export.loader import _read_tensors, decode
+from qgplm.export.converters.gguf_arch import GPT2
+from qgplm.export.format.manifest import read_manifest
+from qgplm.export.loader import decode, read_tensors
+from qgplm.export.runtimes.llamacpp import LlamaCppCausalLM, LlamaCppLM
 from qgplm.quant import QuantConfig, quantize_model
 from qgplm.quant.api import initialize_quantizers
 from tests.conftest import SHARED_DATA
@@ -134,7 +133,7 @@ def test_dequantized_file_weights_equal_the_codes(tmp_path, bits, kw, qtype):
     s = student(bits, **kw)
     report, g = exported(tmp_path, s)
     _, manifest = read_manifest(tmp_path / "e")
-    tensors = _read_tensors(tmp_path / "e")
+    tensors = read_tensors(tmp_path / "e")
     reader = gguf.GGUFReader(g / GGUF_FILE)
     by_name = {t.name: t for t in reader.tensors}
     assert "output.weight" not in by_name  # tied head: one table, read by llama.cpp as its output matrix
@@ -201,7 +200,7 @@ def test_a_wrong_scale_would_be_caught(tmp_path):
     file whose full-grid rows kept a positive scale."""
     s = student(2, quantizer_kwargs={"grid": "full"})
     export_model(s, tmp_path / "e")
-    import qgplm.export.gguf as g
+    import qgplm.export.converters.gguf as g
 
     real = g.encode_tq2_0
     g.ENCODERS["TQ2_0"] = lambda codes, step: real(codes.clamp(-1, 1), step)  # -2 lost
@@ -309,7 +308,7 @@ def test_cli_export_and_generate(tmp_path):
                 "threads=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip()
-    from qgplm.generate import main
+    from qgplm.cli.generate import main
 
     with pytest.raises(QgplmError, match="exceed the model's 64 positions"):
         main([f"dir={tmp_path / 'g'}", "prompt=Hello", "mode=gguf", "max_new_tokens=500"])
@@ -319,7 +318,7 @@ def test_cli_export_and_generate(tmp_path):
 
 @pytest.mark.parametrize("module, call, match", [
     ("gguf", lambda tmp: export_gguf(student(2), tmp / "g"), "format=gguf needs the gguf package.*format=onnx"),
-    ("llama_cpp", lambda tmp: LlamaCppLM(tmp), "needs llama-cpp-python.*mode=lowbit"),
+    ("llama_cpp", lambda tmp: LlamaCppLM(tmp), "needs the llama-cpp-python package.*mode=lowbit"),
 ])
 def test_missing_runtime_is_one_line(tmp_path, monkeypatch, module, call, match):
     import sys

@@ -1,4 +1,4 @@
-"""format=gguf for Llama-family students (qgplm/export/gguf.py, gguf_arch.py, gguf_vocab.py): the file
+"""format=gguf for Llama-family students (qgplm/export/converters/gguf.py, gguf_arch.py, gguf_vocab.py): the file
 read back by llama.cpp's own code (tests/ggml_ref.py: its GGUF reader and its dequantization of
 each type, Q2_0 included), its logits against the fake-quant student, greedy decoding, the
 tokenizer, the metadata, and the error lines."""
@@ -16,10 +16,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from qgplm.errors import QgplmError
 from qgplm.export import export_model
-from qgplm.export.format import read_manifest
-from qgplm.export.gguf import GGUF_FILE, LlamaCppCausalLM, LlamaCppLM, encode_q2_0, export_gguf, ggml_type
-from qgplm.export.gguf_arch import LLAMA, QWEN2, arch_of
-from qgplm.export.loader import _read_tensors, decode
+from qgplm.export.converters.gguf import GGUF_FILE, encode_q2_0, export_gguf, ggml_type
+from qgplm.export.converters.gguf_arch import LLAMA, QWEN2, arch_of
+from qgplm.export.format.manifest import read_manifest
+from qgplm.export.loader import decode, read_tensors
+from qgplm.export.runtimes.llamacpp import LlamaCppCausalLM, LlamaCppLM
 from tests.ggml_ref import read_gguf
 from tests.test_gguf import IDS, VOCAB, student
 
@@ -134,7 +135,7 @@ def test_dequantized_file_weights_equal_the_codes(exports, case):
     codes * fp16(step) (norms and biases: the student's fp32 values), bit for bit."""
     s, e, g, report = exports(case)
     _, manifest = read_manifest(e)
-    tensors, arch = _read_tensors(e), arch_of(manifest["model_class"])[0]
+    tensors, arch = read_tensors(e), arch_of(manifest["model_class"])[0]
     file = read_gguf(g / GGUF_FILE)
     assert ("output.weight" in file) == (not s.config.tie_word_embeddings)
     for kind in ("packed", "fp"):
@@ -194,7 +195,7 @@ def _assert_close(got, ref):
 
 def test_a_missing_permutation_would_be_caught(exports, tmp_path, monkeypatch):
     """The tolerance above sees a wrong Q/K layout: without the permutation the same check fails."""
-    import qgplm.export.gguf_arch as ga
+    import qgplm.export.converters.gguf_arch as ga
 
     s, e, _, _ = exports("llama192-q2_0")
     monkeypatch.setitem(ga.ARCHS, "LlamaForCausalLM", dataclasses.replace(ga.LLAMA, permute_qk=False))
@@ -299,8 +300,8 @@ def test_llama_metadata(exports, tmp_path):
 
 
 def test_cli_export_and_generate_a_llama(tmp_path, capsys):
-    from qgplm.export.__main__ import main as export_main
-    from qgplm.generate import main as generate_main
+    from qgplm.cli.export import main as export_main
+    from qgplm.cli.generate import main as generate_main
 
     tok = bpe_tokenizer(digits=True)
     tiny("llama192", vocab=320, layers=1).save_pretrained(tmp_path / "hf")

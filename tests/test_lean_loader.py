@@ -1,5 +1,5 @@
 """load_quantized never holds the float model: it builds the model with meta parameters and fills it
-layer by layer (qgplm/export/skeleton.py, loader.py). Checked here: no full-size float weight is
+layer by layer (qgplm/export/format/skeleton.py, loader.py). Checked here: no full-size float weight is
 ever materialised in the int8 / lowbit modes, the skeleton allocates no parameter, and every mode's
 logits equal those of the previous path (the whole model loaded first, every code decoded up front,
 then converted) on GPT-2, BART and Llama, bit for bit."""
@@ -17,8 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from qgplm.errors import QgplmError
 from qgplm.export import export_model, load_quantized
 from qgplm.export import loader as L
-from qgplm.export.format import read_manifest
-from qgplm.export.skeleton import check_materialised, meta_tensors, parameters_on_meta
+from qgplm.export.format.manifest import read_manifest
+from qgplm.export.format.skeleton import check_materialised, meta_tensors, parameters_on_meta
 from qgplm.quant import QuantConfig, initialize_quantizers, quantize_model
 from tests.test_export import IDS, VOCAB, logits, student
 
@@ -91,7 +91,7 @@ def previous_path(export_dir, mode: str) -> nn.Module:
     tensor decoded up front, then converted to kernel layers."""
     model = load_quantized(export_dir, "dequantize")
     d, manifest = read_manifest(export_dir)
-    tensors = L._read_tensors(d)
+    tensors = L.read_tensors(d)
     codes_of = {k: L.decode(tensors, k, e) for k, e in manifest["packed"].items()}
     if mode != "dequantize":
         L._convert_to_kernels(model, mode, manifest, codes_of, L._int8_lookup_tables(model, manifest), {})
@@ -134,10 +134,10 @@ def test_kernel_modes_never_materialise_a_float_weight(exports, arch, mode):
     d, _ = exports[arch]
     _, manifest = read_manifest(d)
     packed = {e["shape"][0] * e["shape"][1] for e in manifest["packed"].values()}
-    kept = {t.numel() for t in L._read_tensors(d).values()}
+    kept = {t.numel() for t in L.read_tensors(d).values()}
     suspects = packed - kept  # sizes that only a dequantized weight can have
     assert suspects
-    kept_bytes = sum(4 * t.numel() for t in L._read_tensors(d).values() if t.is_floating_point())  # FP parts, scales
+    kept_bytes = sum(4 * t.numel() for t in L.read_tensors(d).values() if t.is_floating_point())  # FP parts, scales
     with MaterialisedFloats() as seen:
         model = load_quantized(d, mode)
     assert not meta_tensors(model)

@@ -1,5 +1,5 @@
 """experiments/llamacpp_compare.py's pieces on tiny random Llamas: the float GGUF writer
-(qgplm/export/gguf_float.py) against the HF model's logits, llama.cpp's own quantization through
+(qgplm/export/converters/gguf_float.py) against the HF model's logits, llama.cpp's own quantization through
 `llama_model_quantize` (with and without an importance matrix), the perplexity protocol against
 qgplm's evaluation windows and a by-hand NLL of llama.cpp's logits, the table and the error lines."""
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from qgplm.data.lm import IGNORE_INDEX, EvalWindows
-from qgplm.export.gguf import LlamaCppLM
-from qgplm.export.gguf_float import export_gguf_float, float_tensors
+from qgplm.data.token_stream import IGNORE_INDEX, EvalWindows
+from qgplm.export.converters.gguf_float import export_gguf_float, float_tensors
+from qgplm.export.runtimes.llamacpp import LlamaCppLM
 from tests.conftest import ROOT
 from tests.test_gguf_llama import tiny
 

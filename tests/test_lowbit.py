@@ -11,7 +11,14 @@ import torch
 
 from qgplm.errors import QgplmError
 from qgplm.export import export_model, load_quantized
-from qgplm.export.lowbit import LowBitEmbedding, LowBitLinear, _SessionFactory, kernel_bits, pack_rows, unpack_rows
+from qgplm.export.runtimes.lowbit import (
+    LowBitEmbedding,
+    LowBitLinear,
+    _SessionFactory,
+    kernel_bits,
+    pack_rows,
+    unpack_rows,
+)
 from qgplm.quant import quantized_modules
 from qgplm.quant.api import oriented_weight
 from tests.test_export import IDS, VOCAB, _ppl, logits, student

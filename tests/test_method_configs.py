@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from qgplm.run import quote_int_group_overrides
+from qgplm.cli.run import quote_int_group_overrides
 from tests.conftest import CONF, ROOT
 
 RECORDED = json.loads((ROOT / "tests" / "fixtures" / "method_bits_composed.json").read_text())
@@ -42,7 +42,7 @@ def test_shared_method_block_is_the_dataclass_defaults():
     override), so a key left out of a method file means the same in YAML and in Python."""
     import dataclasses
 
-    from qgplm.config import MethodConfig
+    from qgplm.train.config import MethodConfig
 
     shared = OmegaConf.to_container(OmegaConf.load(CONF / "method" / "base" / "common.yaml"))
     defaults = dataclasses.asdict(MethodConfig(name="x"))

@@ -1,4 +1,4 @@
-"""format=onnx (qgplm/export/onnx.py): standalone ONNX graphs of GPT-2 and BART students.
+"""format=onnx (qgplm/export/converters/onnx.py): standalone ONNX graphs of GPT-2 and BART students.
 
 The weights in the file are the student's codes exactly; onnxruntime alone (a subprocess that
 imports neither torch nor qgplm) reproduces lowbit mode's logits and greedy generation."""
@@ -20,8 +20,8 @@ from onnx import numpy_helper  # noqa: E402
 
 from qgplm.errors import QgplmError  # noqa: E402
 from qgplm.export import export_model, load_quantized  # noqa: E402
-from qgplm.export.lowbit import kernel_bits, unpack_rows  # noqa: E402
-from qgplm.export.onnx import DATA_FILE, ONNX_FILE, PAST_FILE, export_onnx  # noqa: E402
+from qgplm.export.converters.onnx import DATA_FILE, ONNX_FILE, PAST_FILE, export_onnx  # noqa: E402
+from qgplm.export.runtimes.lowbit import kernel_bits, unpack_rows  # noqa: E402
 from qgplm.quant import QuantConfig, initialize_quantizers, quantize_model, quantized_modules  # noqa: E402
 from qgplm.quant.api import oriented_weight  # noqa: E402
 from qgplm.quant.modules import QuantEmbedding  # noqa: E402
@@ -212,7 +212,7 @@ def test_unsupported_architecture_is_one_line(tmp_path):
         assert "\n" not in msg and "OPTForCausalLM" in msg and "GPT-2" in msg and "BART" in msg, msg
     assert not (tmp_path / "o").exists()
     export_model(student("gpt2", 2), tmp_path / "g")
-    with pytest.raises(QgplmError, match="lowbit or int8 mode"):
+    with pytest.raises(QgplmError, match="in (lowbit|int8) mode"):
         export_onnx(load_quantized(tmp_path / "g", mode="lowbit"), tmp_path / "o")
 
 
@@ -233,7 +233,7 @@ def test_cli_format_onnx(tmp_path):
     out = ort_run(tmp_path, tmp_path / "o", "logits", **feed_of("gpt2", IDS[:1, :5], torch.ones_like(IDS[:1, :5])))
     assert out["logits"].shape == (1, 5, VOCAB)
 
-    from qgplm.export.__main__ import main
+    from qgplm.cli.export import main
 
     with pytest.raises(QgplmError, match="format='tflite' is not valid: choose one of qgplm, onnx, gguf"):
         main([f"model={hf}", f"out={tmp_path / 'x'}", "format=tflite"])

@@ -25,9 +25,9 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel
 
 from qgplm.export import export_model, load_quantized
-from qgplm.module import disable_dropout, model_forward
 from qgplm.quant import QuantConfig, initialize_quantizers, quantize_model
 from qgplm.quant.functional import minmax_activation_codes
+from qgplm.train.module import disable_dropout, model_forward
 
 VOCAB, T, EXTRA = 100, 16, 16
 GPT2_PAD, BART_PAD = 0, 1

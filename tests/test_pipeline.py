@@ -8,9 +8,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from qgplm.config import RunConfig
-from qgplm.pipeline import run_stages
 from qgplm.quant import quantized_modules
+from qgplm.train.config import RunConfig
+from qgplm.train.pipeline import run_stages
 from tests.conftest import SHARED_DATA
 
 
@@ -60,9 +60,9 @@ def test_bits_fp_student_starts_equal_to_teacher(tiny_cfg):
 
     from qgplm.distill import soft_cross_entropy
     from qgplm.models import build_model
-    from qgplm.module import DistillModule
-    from qgplm.pipeline import prepare_data
     from qgplm.quant import quantize_model
+    from qgplm.train.module import DistillModule
+    from qgplm.train.pipeline import prepare_data
 
     run = RunConfig.from_hydra(tiny_cfg("bits=fp"))
     tok, dm = prepare_data(run)
@@ -116,11 +116,11 @@ def test_scales_initialised_at_fit_start_and_kept_on_resume(tiny_cfg, tmp_path):
     """ScaleWarmupCallback initialises gamma once; a resumed fit keeps the checkpointed scales."""
     import copy
 
-    from qgplm.callbacks import MemoryBankCallback, ScaleWarmupCallback
     from qgplm.models import build_model
-    from qgplm.module import DistillModule
-    from qgplm.pipeline import prepare_data
     from qgplm.quant import quantize_model, weight_quantizers
+    from qgplm.train.callbacks import MemoryBankCallback, ScaleWarmupCallback
+    from qgplm.train.module import DistillModule
+    from qgplm.train.pipeline import prepare_data
 
     run = RunConfig.from_hydra(tiny_cfg())
     tok, dm = prepare_data(run)
@@ -180,12 +180,12 @@ def test_memory_bank_updated_once_per_optimizer_step_with_gradient_accumulation(
 
     from lightning.pytorch.callbacks import Callback
 
-    from qgplm.callbacks import MemoryBankCallback, ScaleWarmupCallback
     from qgplm.distill import MemoryBank
     from qgplm.models import build_model
-    from qgplm.module import DistillModule
-    from qgplm.pipeline import prepare_data
     from qgplm.quant import quantize_model
+    from qgplm.train.callbacks import MemoryBankCallback, ScaleWarmupCallback
+    from qgplm.train.module import DistillModule
+    from qgplm.train.pipeline import prepare_data
 
     run = RunConfig.from_hydra(tiny_cfg())
     tok, dm = prepare_data(run)
@@ -239,8 +239,8 @@ def test_memory_bank_queue_joins_micro_batches_of_different_lengths():
     queries across them."""
     from types import SimpleNamespace
 
-    from qgplm.callbacks import MemoryBankCallback
     from qgplm.distill import MemoryBank
+    from qgplm.train.callbacks import MemoryBankCallback
 
     cb = MemoryBankCallback(momentum=0.5)
     cb.bank = MemoryBank(6, 2, 0.5)
@@ -284,9 +284,9 @@ def test_contrastive_projection_head_starts_as_identity_and_gets_gradient(tiny_c
     import copy
 
     from qgplm.models import build_model
-    from qgplm.module import DistillModule
-    from qgplm.pipeline import prepare_data
     from qgplm.quant import quantize_model
+    from qgplm.train.module import DistillModule
+    from qgplm.train.pipeline import prepare_data
 
     def step(projection):
         run = RunConfig.from_hydra(tiny_cfg(f"method.distill.projection={projection}"))

@@ -11,9 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qgplm.config import RunConfig
 from qgplm.errors import QgplmError
-from qgplm.pipeline import run_stages
+from qgplm.train.config import RunConfig
+from qgplm.train.pipeline import run_stages
 from tests.conftest import ROOT, TINY, compose_cfg, run_cli
 
 PLUGINS = ROOT / "tests" / "plugins"
@@ -22,8 +22,8 @@ SEARCH_PATH = f"hydra.searchpath=[file://{PLUGINS / 'conf'}]"
 
 def test_plugin_quantizer_trains_with_its_callback_and_exports_exactly(tmp_path):
     from qgplm.export import load_quantized
-    from qgplm.export.checkpoint import load_student
     from qgplm.quant import quantized_modules
+    from qgplm.train.student import load_student
 
     cfg = compose_cfg([SEARCH_PATH, "method=toy", "generate_samples=0"], tmp_path)
     run = RunConfig.from_hydra(cfg)
@@ -91,8 +91,8 @@ def test_a_kind_without_codes_is_refused_by_the_export_in_one_line(tmp_path):
 
 def test_only_laq_among_qgplm_kinds_brings_a_callback():
     """The registry carries what `train_student` used to special-case by name: LAQ's curvature feed."""
-    from qgplm.callbacks import LAQCurvatureCallback
     from qgplm.quant import QUANTIZER_KINDS
+    from qgplm.train.callbacks import LAQCurvatureCallback
 
     builtin = {"quantgpt", "pact", "lsq", "laq", "twn", "minmax", "quantgpt_pact_grad"}
     assert builtin <= set(QUANTIZER_KINDS)

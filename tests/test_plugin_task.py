@@ -8,10 +8,10 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 
-from qgplm.config import RunConfig
+from qgplm.cli.run import quote_int_group_overrides
 from qgplm.errors import QgplmError
-from qgplm.pipeline import run_stages
-from qgplm.run import quote_int_group_overrides
+from qgplm.train.config import RunConfig
+from qgplm.train.pipeline import run_stages
 from tests.conftest import CONF, ROOT, run_cli
 
 PLUGIN_CONF = ROOT / "tests" / "plugins" / "conf"
@@ -51,8 +51,8 @@ def test_toy_task_values_are_validated_at_start_up(tmp_path):
     with pytest.raises(QgplmError, match="task=toy needs a causal model"):
         RunConfig.from_hydra(_compose([SEARCH, "task=toy", "model=tiny_bart"], tmp_path))
     with pytest.raises(QgplmError, match=r"task.block_size=64 exceeds the model's 32 positions"):
-        from qgplm.pipeline import check_model_fits
         from qgplm.tasks import build_task
+        from qgplm.train.pipeline import check_model_fits
 
         run = RunConfig.from_hydra(_compose([*TINY_TOY, "task.block_size=64"], tmp_path))
         check_model_fits(run, build_task(run.task), type("C", (), {"n_positions": 32})())
@@ -61,8 +61,8 @@ def test_toy_task_values_are_validated_at_start_up(tmp_path):
 def test_task_target_that_is_not_a_task_is_one_line_error(tmp_path):
     with pytest.raises(QgplmError, match=r"task._target_=tests.plugins.nope.Counting cannot be imported"):
         RunConfig.from_hydra(_compose([*TINY_TOY, "task._target_=tests.plugins.nope.Counting"], tmp_path))
-    with pytest.raises(QgplmError, match=r"task._target_=qgplm.config.RunConfig is not a qgplm.tasks.Task"):
-        RunConfig.from_hydra(_compose([*TINY_TOY, "task._target_=qgplm.config.RunConfig"], tmp_path))
+    with pytest.raises(QgplmError, match=r"task._target_=qgplm.train.config.RunConfig is not a qgplm.tasks.Task"):
+        RunConfig.from_hydra(_compose([*TINY_TOY, "task._target_=qgplm.train.config.RunConfig"], tmp_path))
 
 
 def test_toy_task_through_the_command_line(tmp_path):

@@ -11,8 +11,8 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from qgplm.config import RunConfig
-from qgplm.run import quote_int_group_overrides
+from qgplm.cli.run import quote_int_group_overrides
+from qgplm.train.config import RunConfig
 from tests.conftest import CONF, ROOT
 
 PRESETS = {  # preset -> (task, model kind, hub model)

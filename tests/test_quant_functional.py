@@ -594,7 +594,7 @@ def test_scale_warmup_sets_the_ramp_factor_only_when_it_changes():
 
     from torch import nn
 
-    from qgplm.callbacks.scale_warmup import ScaleWarmupCallback
+    from qgplm.train.callbacks.scale_warmup import ScaleWarmupCallback
 
     class Counting(nn.Module):
         def __init__(self):

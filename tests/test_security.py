@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import logging
 import os
 import pickle
 import re
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 from qgplm.errors import QgplmError
-from qgplm.resume import read_identity
+from qgplm.train.resume import read_identity
 from tests.conftest import ROOT, SHARED_DATA, compose_cfg, main_error
 
 
@@ -45,22 +44,11 @@ def raw_payload(path: Path, marker: Path) -> None:
     path.write_bytes(pickle.dumps(_Payload(marker)))
 
 
-def _drop_closed_log_handlers() -> None:
-    """In-process runs of earlier tests leave logging handlers on pytest's captured streams, closed
-    since; a record sent to one prints logging's own "--- Logging error ---" traceback."""
-    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
-    for lg in loggers:
-        for h in list(lg.handlers):
-            if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
-                lg.removeHandler(h)
-
-
 def run_error(cfg, capsys) -> str:
-    """`qgplm.run` in-process on a composed config: exit 2 with one error line."""
-    from qgplm.run import execute
+    """`qgplm.run` in-process on a composed config: exit 2 with one error line (earlier in-process runs
+    left handlers on pytest's captured streams, closed since: quiet_console removes them)."""
+    from qgplm.cli.run import execute
 
-    _drop_closed_log_handlers()
     with pytest.raises(SystemExit) as e:
         execute(cfg)
     err = capsys.readouterr().err
@@ -110,7 +98,7 @@ def test_resume_from_a_run_dir_with_a_payload_checkpoint(tiny_cfg, tmp_path, cap
 
 
 def test_export_from_a_payload_checkpoint(tmp_path, capsys):
-    from qgplm.export.__main__ import main
+    from qgplm.cli.export import main
 
     marker = tmp_path / "ran"
     run = fake_run_dir(tmp_path)
@@ -127,8 +115,8 @@ def test_export_from_a_payload_checkpoint(tmp_path, capsys):
     ("+callbacks.evil._target_=os.system", "callbacks.evil._target_=os.system is not an allowed class"),
     ("trainer._target_=subprocess.Popen", "trainer._target_=subprocess.Popen is not an allowed class"),
     ("+trainer.strategy._target_=builtins.exec", "trainer.strategy._target_=builtins.exec is not an allowed"),
-    ("+callbacks.f._target_=qgplm.resume.read_identity",
-     "callbacks.f._target_=qgplm.resume.read_identity is not an importable class"),
+    ("+callbacks.f._target_=qgplm.train.resume.read_identity",
+     "callbacks.f._target_=qgplm.train.resume.read_identity is not an importable class"),
 ])
 def test_a_target_outside_the_allowlist_is_refused(tiny_cfg, tmp_path, capsys, override, expected):
     err = run_error(tiny_cfg("stage=teacher", override), capsys)
@@ -139,7 +127,7 @@ def test_a_target_outside_the_allowlist_is_refused(tiny_cfg, tmp_path, capsys, o
 def test_allowlist_extended_from_the_environment(monkeypatch):
     from omegaconf import OmegaConf
 
-    from qgplm.targets import check_targets
+    from qgplm.train.targets import check_targets
 
     cfg = OmegaConf.create({"mine": {"_target_": "collections.OrderedDict"}})
     with pytest.raises(QgplmError, match="is not an allowed class"):
@@ -214,7 +202,7 @@ def test_a_pickled_bin_beside_safetensors_is_never_read(tmp_path):
 
 def test_model_config_auto_map_is_not_imported(tmp_path, capsys, answer_yes):
     """export model=<dir> whose config.json points auto_map at Python files in the dir."""
-    from qgplm.export.__main__ import main
+    from qgplm.cli.export import main
 
     marker = tmp_path / "ran"
     d = tiny_model_dir(tmp_path / "m")
@@ -232,7 +220,7 @@ def test_model_config_auto_map_is_not_imported(tmp_path, capsys, answer_yes):
 
 def test_tokenizer_auto_map_is_not_imported(tmp_path, capsys, answer_yes):
     """export model=<dir> with sound weights whose tokenizer_config.json asks for tokenization_evil.py."""
-    from qgplm.export.__main__ import main
+    from qgplm.cli.export import main
 
     marker = tmp_path / "ran"
     d = tiny_model_dir(tmp_path / "m", tokenizer=False)
@@ -268,7 +256,7 @@ PYTHON_TAG = "!!python/object/apply:os.system [\"touch {marker}\"]"
 
 def test_run_config_with_a_python_tag_is_refused_by_export(tmp_path, capsys):
     """export ckpt=<run dir> whose .hydra/config.yaml carries a !!python tag."""
-    from qgplm.export.__main__ import main
+    from qgplm.cli.export import main
 
     marker = tmp_path / "ran"
     run = fake_run_dir(tmp_path)
@@ -284,7 +272,7 @@ def cli_error(argv: list[str], capsys) -> str:
     """`python -m qgplm.run <argv>` in-process (qgplm.run.cli, Hydra included): one error line, exit 2."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from qgplm.run import cli
+    from qgplm.cli.run import cli
 
     old = sys.argv
     sys.argv = ["qgplm.run", *argv]
@@ -334,7 +322,7 @@ def test_corrupt_gguf_file_is_one_error_line(tiny_cfg, tmp_path, capsys):
 def packed_export(tmp_path):
     from transformers import GPT2TokenizerFast
 
-    from qgplm.export.exporter import export_model
+    from qgplm.export.format.writer import export_model
     from qgplm.models import load_pretrained
 
     d = tiny_model_dir(tmp_path / "m")
@@ -345,7 +333,7 @@ def packed_export(tmp_path):
 
 def relist(export: Path, *names: str) -> None:
     """Record files in the manifest with their true checksums (a tamperer can rewrite it too)."""
-    from qgplm.export.format import MANIFEST, sha256_file
+    from qgplm.export.format.manifest import MANIFEST, sha256_file
 
     manifest = json.loads((export / MANIFEST).read_text())
     for name in names:
@@ -356,7 +344,7 @@ def relist(export: Path, *names: str) -> None:
 def test_packed_export_never_unpickles_an_extra_file(packed_export, tmp_path, capsys):
     """A pytorch_model.bin payload beside the export's safetensors, even listed in the manifest:
     generate reads the safetensors only."""
-    from qgplm.generate import main
+    from qgplm.cli.generate import main
 
     marker = tmp_path / "ran"
     torch_payload(packed_export / "pytorch_model.bin", marker)
@@ -368,8 +356,8 @@ def test_packed_export_never_unpickles_an_extra_file(packed_export, tmp_path, ca
 
 @pytest.mark.parametrize("tamper", ["auto_map", "model_class"])
 def test_packed_export_with_a_tampered_manifest_or_config(packed_export, tmp_path, capsys, answer_yes, tamper):
-    from qgplm.export.format import MANIFEST
-    from qgplm.generate import main
+    from qgplm.cli.generate import main
+    from qgplm.export.format.manifest import MANIFEST
 
     marker = tmp_path / "ran"
     if tamper == "auto_map":

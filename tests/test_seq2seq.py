@@ -10,12 +10,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from qgplm.config import RunConfig
+from qgplm.cli.run import quote_int_group_overrides
 from qgplm.errors import QgplmError
-from qgplm.pipeline import prepare_data, run_stages
-from qgplm.run import quote_int_group_overrides
 from qgplm.tasks.persona_chat import PersonaChatTaskConfig
 from qgplm.tasks.summarization import SummarizationTaskConfig
+from qgplm.train.config import RunConfig
+from qgplm.train.pipeline import prepare_data, run_stages
 from tests.conftest import CONF, ROOT, SHARED_DATA, run_cli
 
 FIXTURE = ROOT / "tests" / "fixtures" / "personachat"
@@ -200,7 +200,7 @@ def test_personachat_eval_rows_have_gold_last_and_reply_only_labels(tmp_path):
 
 # ----------------------------------------------------------------------------- metrics / losses
 def test_rouge_scores_and_sentence_split():
-    from qgplm.evaluation import rouge_scores, split_sentences
+    from qgplm.tasks.evaluation import rouge_scores, split_sentences
 
     assert split_sentences("A cat sat. It ran!\nThen home") == "A cat sat.\nIt ran!\nThen home"
     same = rouge_scores(["the cats sat on the mat"], ["The cat sat on the mat."], ["rouge1", "rouge2", "rougeLsum"])
@@ -210,7 +210,7 @@ def test_rouge_scores_and_sentence_split():
 
 
 def test_ranking_evaluator_counts_gold_first():
-    from qgplm.evaluation import RankingEvaluator
+    from qgplm.tasks.evaluation import RankingEvaluator
 
     class Fake(torch.nn.Module):
         def forward(self, input_ids, attention_mask):  # log-probs favour token 5
@@ -245,9 +245,9 @@ def _tiny_bart_pair():
 
 
 def test_distill_seq2seq_contrasts_decoder_states_and_optionally_encoder():
-    from qgplm.config import DistillConfig, OptimConfig
     from qgplm.distill import MemoryBank
-    from qgplm.module import DistillModule, model_forward
+    from qgplm.train.config import DistillConfig, OptimConfig
+    from qgplm.train.module import DistillModule, model_forward
 
     teacher, student, batch = _tiny_bart_pair()
     fwd = model_forward(student, batch, layer=-1)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from qgplm.callbacks import ThroughputCallback
-from qgplm.callbacks.throughput import batch_tokens
+from qgplm.train.callbacks import ThroughputCallback
+from qgplm.train.callbacks.throughput import batch_tokens
 
 
 def test_batch_tokens_counts_the_attention_mask():
@@ -90,9 +90,9 @@ def test_fast_dev_run_times_its_one_batch():
 def test_metrics_json_has_each_stages_train_throughput(tiny_cfg, tmp_path):
     """A fast_dev_run pipeline (1 teacher batch, 1 student batch of 4 x 32 tokens), then a run whose teacher
     trains no step (its figure is None) and whose student runs 8 steps (the first 3 skipped)."""
-    from qgplm.config import RunConfig
-    from qgplm.pipeline import run_stages
-    from qgplm.summary import print_summary
+    from qgplm.train.config import RunConfig
+    from qgplm.train.pipeline import run_stages
+    from qgplm.train.summary import print_summary
 
     cfg = tiny_cfg("trainer.fast_dev_run=true")
     run_stages(RunConfig.from_hydra(cfg), cfg.trainer, cfg.get("logger"), cfg.get("callbacks"))

@@ -18,7 +18,7 @@ context is truncated from the left to fit `task.block_size`.
   dialogue domain; the student distils every position).
 - Evaluation: one row per candidate (the last `task.num_candidates`, gold included), labels only
   on the reply tokens; the gold reply's PPL is the validation metric, and test accuracy = the
-  gold candidate has the highest mean token log-likelihood (qgplm.evaluation.RankingEvaluator).
+  gold candidate has the highest mean token log-likelihood (qgplm.tasks.evaluation.RankingEvaluator).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from qgplm.data.examples import ExampleDataModule
-from qgplm.data.lm import IGNORE_INDEX
 from qgplm.data.settings import PersonaChatSettings
+from qgplm.data.token_stream import IGNORE_INDEX
 from qgplm.errors import QgplmError
 
 DEFAULT_FILE = "personachat_self_original.json"

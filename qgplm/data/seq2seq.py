@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 from qgplm.data.examples import ExampleDataModule
-from qgplm.data.lm import IGNORE_INDEX
 from qgplm.data.settings import SummarizationSettings
-from qgplm.errors import QgplmError
+from qgplm.data.token_stream import IGNORE_INDEX
+from qgplm.errors import QgplmError, optional_module
 from qgplm.hub import hub_reachable
 
 log = logging.getLogger("qgplm")
@@ -163,11 +163,7 @@ def split_examples(examples: list[Example], task: SummarizationSettings) -> dict
 
 
 def _read_hub(task: SummarizationSettings) -> dict[str, list[Example]]:
-    try:
-        import datasets
-    except ImportError:
-        raise QgplmError("hub data sets need the `datasets` package: pip install 'qgplm[hub]' "
-                         "(or pass task.data_dir=<local folder>)") from None
+    datasets = optional_module("datasets", "a hub data set", "pass task.data_dir=<local folder>")
     doc_col, sum_col = task.document_column, task.summary_column
     ds = datasets.load_dataset(task.hub_path, task.hub_name)
     return {split: [{"id": str(r.get("id", i)), "document": r[doc_col], "summary": r[sum_col]}

@@ -60,5 +60,5 @@ class SummarizationSettings(Source, Protocol):
     max_eval_examples: int | None
     max_source_length: int
     max_target_length: int
-    generation: Any  # qgplm.evaluation.GenerationConfig
+    generation: Any  # qgplm.tasks.evaluation.GenerationConfig
     rouge_keys: list[str]

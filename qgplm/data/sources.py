@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qgplm.data.settings import LMSettings
-from qgplm.errors import QgplmError
+from qgplm.errors import QgplmError, optional_module
 from qgplm.hub import hub_reachable
 
 SPLITS = ("train", "valid", "test")
@@ -52,11 +52,7 @@ def _read_hub(task: LMSettings) -> dict[str, str]:
     if not hub_reachable():
         raise QgplmError(f"the Hugging Face hub is unreachable, so {task.hub_path}/{task.hub_name} cannot be "
                          f"downloaded: pass task.data_dir=<local folder> (offline copy: ../shared/data)")
-    try:
-        import datasets
-    except ImportError:
-        raise QgplmError("hub data sets need the `datasets` package: pip install 'qgplm[hub]' "
-                         "(or pass task.data_dir=<local folder>)") from None
+    datasets = optional_module("datasets", "a hub data set", "pass task.data_dir=<local folder>")
     ds = datasets.load_dataset(task.hub_path, task.hub_name)
     return {split: "".join(_with_newline(t) for t in ds[HUB_SPLITS[split]][task.text_column]) for split in SPLITS}
 

@@ -9,7 +9,7 @@ lazily from the first representation seen (so q_i = h^S_i the first time a token
 
 The bank is a plain nn.Module with buffers so that its state is a state_dict; ownership (when
 it is created, updated, gathered across ranks and checkpointed) belongs to
-`qgplm.callbacks.MemoryBankCallback`.
+`qgplm.train.callbacks.MemoryBankCallback`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
     python -m qgplm.export ckpt=<run dir or .ckpt> out=<dir>     (__main__.py)
 """
 
-from qgplm.export.exporter import ExportReport, export_model
+from qgplm.export.format.writer import ExportReport, export_model
 from qgplm.export.loader import load_export_tokenizer, load_quantized
 
 __all__ = ["ExportReport", "export_model", "load_export_tokenizer", "load_quantized"]

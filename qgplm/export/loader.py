@@ -41,9 +41,10 @@ from transformers import AutoConfig
 
 import qgplm.quant.attention  # noqa: F401  (registers the quantized attention implementation)
 from qgplm.errors import QgplmError
-from qgplm.export.format import WEIGHTS, read_manifest, verify_checksums
-from qgplm.export.pack import unpack_codes
-from qgplm.export.skeleton import check_materialised, parameters_on_meta
+from qgplm.export.format.manifest import WEIGHTS, read_manifest, verify_checksums
+from qgplm.export.format.pack import unpack_codes
+from qgplm.export.format.skeleton import check_materialised, parameters_on_meta
+from qgplm.export.runtimes.heap import release_freed_heap
 from qgplm.quant.api import IdentityQuantizer, quantize_attention_inputs
 from qgplm.quant.modules import QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
@@ -163,7 +164,7 @@ class _LazyCodes:
         return self._steps[key]
 
 
-def _read_tensors(export_dir: Path) -> dict[str, Tensor]:
+def read_tensors(export_dir: Path) -> dict[str, Tensor]:
     """Owned copies, not views of a memory map: the tensors kept as they are (position embeddings,
     LayerNorms) would otherwise pin the whole file's pages, codes included, in the resident set."""
     try:
@@ -228,9 +229,9 @@ def _kernel_held_keys(mode: str, manifest: dict[str, Any], tables: dict[str, str
     if mode == "int8":
         return _int8_keys(manifest) | set(tables.values())
     if mode == "lowbit":
-        from qgplm.export.lowbit import _ort
+        from qgplm.export.runtimes.lowbit import onnxruntime_module
 
-        _ort()  # a missing onnxruntime is one line, before anything is built
+        onnxruntime_module()  # a missing onnxruntime is one line, before anything is built
         return _lowbit_keys(manifest) | set(tables.values())
     return set()
 
@@ -273,12 +274,12 @@ def _state_dict_of(tensors: _TensorFile, manifest: dict[str, Any], skip: set[str
 def _convert_to_kernels(model: nn.Module, mode: str, manifest: dict[str, Any],
                         codes_of: Any, tables: dict[str, str],
                         kernel_options: dict[str, Any]) -> None:
-    from qgplm.export.int8 import Int8Embedding, convert_int8
+    from qgplm.export.runtimes.int8 import Int8Embedding, convert_int8
 
     if mode == "int8":
         convert_int8(model, codes_of)
     else:
-        from qgplm.export.lowbit import convert_lowbit
+        from qgplm.export.runtimes.lowbit import convert_lowbit
 
         bits_of = {key: entry["bits"] for key, entry in manifest["packed"].items()}
         convert_lowbit(model, codes_of, bits_of, **kernel_options)
@@ -321,26 +322,6 @@ def load_quantized(export_dir: str | Path, mode: str = "dequantize", **kernel_op
     check_materialised(model, f"load_quantized(mode={mode!r})")
     release_freed_heap()
     return model
-
-
-def release_freed_heap() -> None:
-    """Hand the heap that loading freed back to the system (glibc's malloc_trim; elsewhere a no-op).
-
-    Building the kernels frees many mid-sized temporaries (code unpacking, onnxruntime's repacking)
-    between allocations that stay; glibc keeps such holes resident, and only malloc_trim returns
-    them. Measured on GPT-2 small in lowbit mode: 229 MiB of growth without it, 80 MiB with it
-    (docs/deploy.md, "Loading memory")."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
-        return
-    trim(0)
 
 
 def _install_quant_layers(model: nn.Module, manifest: dict[str, Any], steps: dict[str, Tensor]) -> None:

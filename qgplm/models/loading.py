@@ -22,10 +22,10 @@ from transformers import (
     PreTrainedModel,
 )
 
-from qgplm.config import ModelConfig
 from qgplm.errors import QgplmError
 from qgplm.hub import hub_reachable
 from qgplm.models.gguf import gguf_source, load_gguf_model
+from qgplm.models.spec import ModelConfig
 from qgplm.safeload import refused_global
 
 # Passed to every from_pretrained: False, not transformers' default None, which on a folder whose

@@ -11,9 +11,9 @@ from qgplm.quant.api import (
     set_quantization_enabled,
     weight_quantizers,
 )
-from qgplm.quant.config import QuantConfig
 from qgplm.quant.modules import QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer, DynamicScaleQuantizer, WeightQuantizer
+from qgplm.quant.recipe import QuantConfig
 from qgplm.quant.registry import (
     QUANTIZER_KINDS,
     WEIGHT_QUANTIZERS,

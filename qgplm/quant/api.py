@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from qgplm.errors import QgplmError
-from qgplm.quant.config import QuantConfig
 from qgplm.quant.modules import QUANT_MODULES, QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
+from qgplm.quant.recipe import QuantConfig
 from qgplm.quant.registry import quantizer_kind
 from qgplm.quant.token_mask import install_token_mask_hooks
 from qgplm.quant.walk import swap_modules

@@ -313,7 +313,7 @@ class STEClipQuantize(torch.autograd.Function):
 
 
 # LAQ's alpha needs D = sqrt(Adam's second moment), fed from the optimizer every step by its callback
-@register_weight_quantizer("laq", callbacks="qgplm.callbacks.laq.LAQCurvatureCallback")
+@register_weight_quantizer("laq", callbacks="qgplm.train.callbacks.laq.LAQCurvatureCallback")
 class LAQQuantizer(WeightQuantizer):
     """Loss-aware quantization: alpha from the curvature-weighted alternating closed form.
 

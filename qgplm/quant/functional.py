@@ -119,7 +119,7 @@ def minmax_activation_codes(x: Tensor, bits: int = 8, symmetric: bool = False,
     Asymmetric (default): the range [min(x), max(x)] is split into 2^b - 1 steps with an integer
     zero point; codes in [0, 2^b - 1]. Symmetric: the range is [-max|x|, max|x|] with
     2^(b-1) - 1 levels per side; codes in [-n, n], zero point 0. The one rounding rule of the
-    student's fake quantization and of the int8 inference kernels (qgplm.export.int8).
+    student's fake quantization and of the int8 inference kernels (qgplm.export.runtimes.int8).
     `mask` (bool, broadcastable to x): only its True elements (real tokens, qgplm.quant.token_mask)
     set the range, which every element is then quantized to; all False counts as all True.
     """

@@ -8,6 +8,8 @@ scale entries (`<layer>.weight_quantizer.gamma`, ...).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
@@ -99,3 +101,11 @@ class QuantEmbedding(nn.Embedding):
 
 
 QUANT_MODULES = (QuantLinear, QuantConv1D, QuantEmbedding)
+
+
+class KernelLayer(nn.Module):
+    """A layer of a model loaded to run on an inference kernel (`load_quantized(mode="int8"|"lowbit")`).
+    It holds its codes in the kernel's own layout, so such a model is neither trained nor exported
+    again: exporters recognise it by this type and name its `mode` in the refusal."""
+
+    mode: ClassVar[str] = ""

@@ -17,12 +17,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from torch import nn
 
 from qgplm.errors import QgplmError
-
-if TYPE_CHECKING:
-    from qgplm.quant.quantizers import WeightQuantizer
 
 # "codes": packed integer codes plus the step, checked to reproduce the forward bit for bit;
 # "none": the kind has no integer codes (a packed export is refused with a one-line error)
@@ -46,7 +45,7 @@ class QuantizerKind:
     """
 
     name: str
-    factory: type[WeightQuantizer]
+    factory: type[nn.Module]
     callbacks: Callable[[], list[Any]] | str = no_callbacks
     export: str = "codes"
 
@@ -65,7 +64,7 @@ class QuantizerKind:
 
 QUANTIZER_KINDS: dict[str, QuantizerKind] = {}
 # name -> class, the registry's view kept for callers that only need the class
-WEIGHT_QUANTIZERS: dict[str, type[WeightQuantizer]] = {}
+WEIGHT_QUANTIZERS: dict[str, type[nn.Module]] = {}
 
 
 def register_weight_quantizer(name: str, *, callbacks: Callable[[], list[Any]] | str = no_callbacks,
@@ -109,7 +108,7 @@ def _imported_kind(path: str) -> QuantizerKind | None:
     return kind
 
 
-def kind_of(quantizer: WeightQuantizer) -> QuantizerKind | None:
+def kind_of(quantizer: nn.Module) -> QuantizerKind | None:
     """The registered kind of a quantizer instance (None for qgplm's internal ones: identity, stored)."""
     kind = QUANTIZER_KINDS.get(getattr(quantizer, "scheme", ""))
     return kind if kind is not None and isinstance(quantizer, kind.factory) else None

@@ -2,7 +2,7 @@
 
 A task YAML (conf/task/*.yaml) names its class with `_target_`, as lightning-hydra-template's
 model and datamodule configs do; the rest of the YAML is that class's `Config` dataclass, built
-and validated once at start-up by qgplm.config. The pipeline then only calls the protocol below,
+and validated once at start-up by qgplm.train.config. The pipeline then only calls the protocol below,
 so a new task kind is one module with a `Task` subclass plus one YAML (tests/plugins/toy_task.py
 is such a kind, kept outside the package).
 
@@ -75,7 +75,7 @@ class TaskDataModule(Protocol):
 
 
 class Evaluator(Protocol):
-    """A test-time metric beyond perplexity, driven by the test loop of qgplm.module.LMModule."""
+    """A test-time metric beyond perplexity, driven by the test loop of qgplm.train.module.LMModule."""
 
     def reset(self) -> None: ...
 

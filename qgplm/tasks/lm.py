@@ -1,6 +1,6 @@
 """Language modelling (WikiText, PTB, the builtin corpus): perplexity of a token stream.
 
-The protocol itself (blocks, strided windows) is qgplm.data.lm's; where the text comes from is
+The protocol itself (blocks, strided windows) is qgplm.data.token_stream's; where the text comes from is
 qgplm.data.sources'. Here: the task's config, and the greedy continuations it adds to the report.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from qgplm.checks import count_or_none, positive
-from qgplm.data.lm import LMDataModule
+from qgplm.data.token_stream import LMDataModule
 from qgplm.errors import QgplmError
 from qgplm.tasks.base import BlockSized, Task, TaskConfig
 

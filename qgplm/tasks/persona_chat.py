@@ -1,7 +1,7 @@
 """Next-utterance prediction (Persona-Chat) with causal LMs: accuracy of ranking the gold reply first.
 
 Reading the ConvAI2 JSON and laying out sequences is qgplm.data.personachat's, the ranking metric
-qgplm.evaluation's. Here: the task's config and its tokenizer corpus.
+qgplm.tasks.evaluation's. Here: the task's config and its tokenizer corpus.
 """
 
 from __future__ import annotations
@@ -60,6 +60,6 @@ class NextUtterance(Task):
         return PersonaChatDataModule(self.cfg, tokenizer, data, seed=seed)
 
     def evaluator(self, tokenizer: Any, dm: PersonaChatDataModule) -> Any:
-        from qgplm.evaluation import RankingEvaluator
+        from qgplm.tasks.evaluation import RankingEvaluator
 
         return RankingEvaluator()

@@ -1,6 +1,6 @@
 """Summarization (XSum, CNN/DailyMail) with encoder-decoder models: ROUGE of beam-search summaries.
 
-Reading the data and batching it is qgplm.data.seq2seq's, ROUGE qgplm.evaluation's. Here: the
+Reading the data and batching it is qgplm.data.seq2seq's, ROUGE qgplm.tasks.evaluation's. Here: the
 task's config, its tokenizer corpus (documents and summaries) and the summaries it reports.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from qgplm.checks import choice, count_or_none, positive
 from qgplm.data.seq2seq import Example, Seq2SeqDataModule
-from qgplm.evaluation import GenerationConfig
 from qgplm.tasks.base import Task, TaskConfig
+from qgplm.tasks.evaluation import GenerationConfig
 
 log = logging.getLogger("qgplm")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -77,7 +77,7 @@ class Summarization(Task):
         return Seq2SeqDataModule(self.cfg, tokenizer, examples, source, seed=seed)
 
     def evaluator(self, tokenizer: Any, dm: Seq2SeqDataModule) -> Any:
-        from qgplm.evaluation import SummaryEvaluator
+        from qgplm.tasks.evaluation import SummaryEvaluator
 
         return SummaryEvaluator(tokenizer, self.cfg.generation, self.cfg.rouge_keys, dm.examples["test"])
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from qgplm.checks import positive
-from qgplm.data.lm import IGNORE_INDEX, TrainBlocks, tokenize_stream
+from qgplm.data.token_stream import IGNORE_INDEX, TrainBlocks, tokenize_stream
 from qgplm.tasks import Task, TaskConfig
 from qgplm.tasks.base import BlockSized
 

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from qgplm.errors import QgplmError
-from qgplm.export.gguf_arch import arch_of
-from qgplm.export.gguf_vocab import add_tokenizer
+from qgplm.export.converters.gguf_arch import arch_of
+from qgplm.export.converters.gguf_vocab import add_tokenizer
 
 FLOAT_TYPES = {"f16": (np.float16, 1), "f32": (np.float32, 0)}  # numpy type, llama.h's LLAMA_FTYPE_*
 

@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
-from qgplm.targets import check_targets
+from qgplm.train.targets import check_targets
 
 log = logging.getLogger("qgplm")
 

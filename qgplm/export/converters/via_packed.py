@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qgplm.errors import QgplmError
+from qgplm.quant.modules import KernelLayer
 
 
 def via_packed_export(source: Any, tokenizer: Any, export_kwargs: dict[str, Any], check_model: Callable[[Any], None],
@@ -21,9 +22,10 @@ def via_packed_export(source: Any, tokenizer: Any, export_kwargs: dict[str, Any]
             raise QgplmError("a qgplm export directory already holds its tokenizer and bit-widths: pass only the dir")
         return convert(Path(source))
     check_model(source)
-    if any(type(m).__name__.startswith(("LowBit", "Int8")) for m in source.modules()):
-        raise QgplmError("cannot export a model loaded in lowbit or int8 mode: pass its qgplm export directory")
-    from qgplm.export.exporter import export_model
+    kernel = next((m for m in source.modules() if isinstance(m, KernelLayer)), None)
+    if kernel is not None:
+        raise QgplmError(f"cannot export a model loaded in {kernel.mode} mode: pass its qgplm export directory")
+    from qgplm.export.format.writer import export_model
 
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         export_model(source, Path(tmp) / "packed", tokenizer, **export_kwargs)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qgplm.checks import at_least, finite, positive
-from qgplm.data.lm import IGNORE_INDEX
+from qgplm.data.token_stream import IGNORE_INDEX
 from qgplm.errors import QgplmError
 
 

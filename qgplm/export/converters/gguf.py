@@ -42,13 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from qgplm.errors import QgplmError, optional_module
-from qgplm.export.convert import via_packed_export
-from qgplm.export.format import MANIFEST, WEIGHTS, empty_out_dir, read_manifest, verify_checksums
-from qgplm.export.ggml_blocks import (
+from qgplm.export.converters.ggml_blocks import (
     BLOCKS,
     DEFAULT_TWO_BIT,
     ENCODERS,
@@ -60,23 +57,19 @@ from qgplm.export.ggml_blocks import (
     encode_tq2_0,
     ggml_type,
 )
-from qgplm.export.gguf_arch import SUPPORTED, GGUFArch, arch_of, context_length
-from qgplm.export.gguf_vocab import add_tokenizer
-from qgplm.export.pack import row_steps
+from qgplm.export.converters.gguf_arch import SUPPORTED, GGUFArch, arch_of
+from qgplm.export.converters.gguf_vocab import add_tokenizer
+from qgplm.export.converters.via_packed import via_packed_export
+from qgplm.export.format.manifest import MANIFEST, WEIGHTS, empty_out_dir, read_manifest, verify_checksums
+from qgplm.export.format.pack import row_steps
+from qgplm.export.runtimes.llamacpp import GGUF_FILE
+from qgplm.quant.size import MIB
 
-GGUF_FILE = "model.gguf"
 FILE_TYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 7, "TQ2_0": 37, "Q2_0": 41}  # llama.h's LLAMA_FTYPE_MOSTLY_*
-MIB = 2**20
 
 
 def _gguf():
-    return optional_module("gguf", "format=gguf needs the gguf package: pip install gguf (make install does "
-                                   "it), or use format=onnx")
-
-
-def _llama_cpp():
-    return optional_module("llama_cpp", "running a GGUF file needs llama-cpp-python: pip install "
-                                        "llama-cpp-python (make install does it), or use mode=lowbit")
+    return optional_module("gguf", "format=gguf", "use format=onnx")
 
 
 def check_supported(model_class: str, config: Any = None) -> None:
@@ -231,7 +224,7 @@ def _from_dir(export_dir: Path, out: Path, two_bit: str = DEFAULT_TWO_BIT) -> GG
     gguf = _gguf()
     from transformers import AutoConfig
 
-    from qgplm.export.loader import _read_tensors
+    from qgplm.export.loader import read_tensors
 
     export_dir, manifest = read_manifest(export_dir)
     config = AutoConfig.from_pretrained(export_dir, local_files_only=True, trust_remote_code=False)
@@ -241,7 +234,7 @@ def _from_dir(export_dir: Path, out: Path, two_bit: str = DEFAULT_TWO_BIT) -> GG
         notes.append("attention fake quantization (quantize_attention) is not applied: llama.cpp runs attention in "
                      "fp32/fp16")
     report = GGUFReport(str(out), 0, manifest["size"]["fp32_bytes"], notes=notes)
-    arrays = _file_tensors(manifest, _read_tensors(export_dir), arch, config, two_bit, report)
+    arrays = _file_tensors(manifest, read_tensors(export_dir), arch, config, two_bit, report)
     out.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out / GGUF_FILE), arch.arch)
     _add_metadata(writer, gguf, arch, config, export_dir, manifest, arrays)
@@ -258,89 +251,5 @@ def _from_dir(export_dir: Path, out: Path, two_bit: str = DEFAULT_TWO_BIT) -> GG
     return report
 
 
-# ---------------------------------------------------------------- running it (llama-cpp-python)
-
-
-def gguf_path(path: str | Path) -> Path:
-    """The model.gguf of an export dir, or a .gguf file itself."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / GGUF_FILE
-    if not p.is_file():
-        raise QgplmError(f"{p} does not exist: write it with python -m qgplm.export ... format=gguf")
-    return p
-
-
-class LlamaCppLM:
-    """A GGUF model on llama.cpp (through llama-cpp-python): logits of token ids and greedy decoding.
-
-    Token ids in, token ids out (the tokenizer stays the export's HF tokenizer, so qgplm's and
-    llama.cpp's runs are compared on the same ids); `n_ctx` is the longest sequence it holds."""
-
-    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int | None = None):
-        llama_cpp = _llama_cpp()
-        threads = threads or torch.get_num_threads()
-        try:
-            self.llm = llama_cpp.Llama(model_path=str(gguf_path(path)), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                       n_threads=threads, n_threads_batch=threads, logits_all=True,
-                                       verbose=False, use_mmap=True)
-        except ValueError as e:
-            raise QgplmError(f"llama.cpp cannot load {path} ({e}): export it again with format=gguf") from None
-        self.n_ctx = n_ctx
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """float32 [len(ids), vocab]: the logits after every prefix (a fresh context)."""
-        if not 0 < len(ids) <= self.n_ctx:
-            raise QgplmError(f"{len(ids)} tokens do not fit n_ctx={self.n_ctx}: pass 1..{self.n_ctx} tokens")
-        self.llm.reset()
-        self.llm.eval(list(map(int, ids)))
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
-
-    def greedy(self, ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
-        """The greedy continuation of `ids` (KV-cached: one token per step after the prompt)."""
-        if len(ids) + max_new_tokens > self.n_ctx:
-            raise QgplmError(f"{len(ids)} + {max_new_tokens} tokens do not fit n_ctx={self.n_ctx}")
-        self.llm.reset()
-        self.llm.eval(list(map(int, ids)))
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            nxt = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            new.append(nxt)
-            if nxt == eos_token_id:
-                break
-            self.llm.eval([nxt])
-        return new
-
-    def close(self) -> None:
-        self.llm.close()
-
-
-class LlamaCppCausalLM(torch.nn.Module):
-    """A GGUF model behind the interface of a HF causal LM forward, for qgplm's evaluation code
-    (perplexity, `experiments/bench_lowbit_quality.py`): `forward(input_ids, attention_mask)`
-    returns an object with `.logits` [batch, seq, vocab]. Rows run one at a time on llama.cpp;
-    right padding is skipped (its logits are 0: qgplm's losses ignore padded labels), left padding
-    is refused (llama.cpp's positions would differ from HF's)."""
-
-    def __init__(self, path: str | Path, config: Any, n_ctx: int | None = None, threads: int | None = None):
-        super().__init__()
-        self.config = config
-        self.lm = LlamaCppLM(path, n_ctx=n_ctx or context_length(config), threads=threads)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **_: Any) -> Any:
-        from types import SimpleNamespace
-
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        out = torch.zeros(*input_ids.shape, self.config.vocab_size)
-        for i, (row, m) in enumerate(zip(input_ids.tolist(), mask.bool(), strict=True)):
-            n = int(m.sum())
-            if not bool(m[:n].all()):
-                raise QgplmError("llama.cpp rows must be right-padded (or unpadded): left padding shifts positions")
-            if n:
-                out[i, :n] = torch.from_numpy(self.lm.logits(row[:n]))
-        return SimpleNamespace(logits=out, loss=None, hidden_states=None)
-
-
-__all__ = ["DEFAULT_TWO_BIT", "GGUF_FILE", "GGUFReport", "LlamaCppCausalLM", "LlamaCppLM", "SUPPORTED", "TWO_BIT",
-           "check_supported", "context_length", "encode_q2_0", "encode_q4_0", "encode_q8_0", "encode_tq2_0",
-           "export_gguf", "ggml_type", "gguf_path"]
+__all__ = ["DEFAULT_TWO_BIT", "GGUF_FILE", "GGUFReport", "SUPPORTED", "TWO_BIT", "check_supported", "encode_q2_0",
+           "encode_q4_0", "encode_q8_0", "encode_tq2_0", "export_gguf", "ggml_type"]

@@ -5,7 +5,7 @@ Why onnxruntime (docs/deploy.md has the measurements): its MLAS kernel multiplie
 2/4/8-bit weights with int8-quantized activations (accuracy_level=4) on x86 and ARM, it takes the
 student's codes as they are (unsigned code = code + 2^(b-1) with the kernel's default zero point
 2^(b-1), one fp32 scale per block), and the same operator runs whole exported GPT-2 and BART graphs
-(`export/onnx.py`), so one runtime covers both architectures. llama.cpp has faster ternary formats
+(`export/converters/onnx.py`), so one runtime covers both architectures. llama.cpp has faster ternary formats
 but no BART.
 
 Mapping of the student's codes (exact, no re-quantization):
@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qgplm.errors import QgplmError, optional_module
-from qgplm.export.pack import row_steps
+from qgplm.export.format.pack import row_steps
+from qgplm.export.runtimes.heap import release_freed_heap
+from qgplm.quant.modules import KernelLayer
 
 KERNEL_BITS = (2, 4, 8)
 DEFAULT_BLOCK = 64
@@ -45,9 +47,8 @@ DEFAULT_ACCURACY_LEVEL = 4
 _ALIGN = 65536  # external-data offsets aligned to the page/allocation granularity, so they are mmapped
 
 
-def _ort():
-    return optional_module("onnxruntime", "mode=lowbit needs onnxruntime: pip install onnxruntime (make install "
-                                          "does it), or use mode=int8 / mode=dequantize")
+def onnxruntime_module():
+    return optional_module("onnxruntime", "mode=lowbit", "use mode=int8 / mode=dequantize")
 
 
 def kernel_bits(bits: int) -> int:
@@ -149,7 +150,7 @@ class _SessionFactory:
     temporary directory that lives as long as the model (its files are memory-mapped)."""
 
     def __init__(self, threads: int):
-        ort = _ort()
+        ort = onnxruntime_module()
         self.ort = ort
         self.dir = tempfile.TemporaryDirectory(prefix="qgplm-lowbit-")
         self.count = 0
@@ -191,9 +192,11 @@ class _SessionFactory:
         return sess
 
 
-class LowBitLinear(nn.Module):
+class LowBitLinear(KernelLayer):
     """y = MatMulNBits(x, codes, step) + bias for nn.Linear and GPT-2's Conv1D; `codes` is
     [out, in] (the quantizer's orientation). Float32 in and out; the kernel holds the weights."""
+
+    mode = "lowbit"
 
     def __init__(self, codes: Tensor, step: Tensor, bits: int, bias: Tensor | None, factory: _SessionFactory,
                  block_size: int = DEFAULT_BLOCK, accuracy_level: int = DEFAULT_ACCURACY_LEVEL):
@@ -221,9 +224,11 @@ class LowBitLinear(nn.Module):
                 f"(kernel {self.kernel_bits}-bit), block_size={self.block_size}")
 
 
-class LowBitEmbedding(nn.Module):
+class LowBitEmbedding(KernelLayer):
     """Token embedding whose codes stay packed (8 // bits per byte, row-major): looked-up rows are
     unpacked and scaled as (u - zero) * step, the same float product as the dequantized table."""
+
+    mode = "lowbit"
 
     def __init__(self, codes: Tensor, step: Tensor, bits: int, padding_idx: int | None,
                  embed_scale: float | Tensor | None, packed: Tensor | None = None):
@@ -263,7 +268,6 @@ def convert_lowbit(model: nn.Module, codes_of: dict[str, tuple[Tensor, Tensor]],
                    threads: int | None = None) -> nn.Module:
     """Replace the loaded quantized layers by low-bit ones in place: every quantized linear layer
     (and a tied LM head) runs on MatMulNBits, every quantized embedding keeps packed codes."""
-    from qgplm.export.loader import release_freed_heap
     from qgplm.quant.modules import QUANT_MODULES, QuantEmbedding
     from qgplm.quant.walk import swap_modules
 

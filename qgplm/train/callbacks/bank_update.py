@@ -4,7 +4,7 @@ It creates the bank at set-up (vocab x hidden of the student), attaches it to th
 applies the momentum update once per optimizer step, after it (with gradient accumulation the
 micro-batches' updates are queued and written together: see `on_train_batch_end`),
 gathering the valid (token id, query) pairs of every rank first so that all ranks hold the same
-bank (`qgplm.distributed.gather_valid_rows`: the ranks' batches may be padded to different
+bank (`qgplm.train.distributed.gather_valid_rows`: the ranks' batches may be padded to different
 lengths), and saves / restores the bank with Lightning checkpoints (callback state). With
 `encoder=True` (seq2seq, distill.contrast_encoder) a second bank of the same shape serves the
 encoder's contrast: encoder and decoder representations of a token differ, so they are not
@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from qgplm.distill import MemoryBank
-from qgplm.distributed import gather_valid_rows
+from qgplm.train.distributed import gather_valid_rows
 
 
 class MemoryBankCallback(Callback):

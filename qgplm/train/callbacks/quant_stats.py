@@ -16,10 +16,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from qgplm.distill.metrics import token_homogeneity
-from qgplm.fsdp import unsharded
-from qgplm.loggers import wandb_runs
 from qgplm.quant.api import weight_quantizers
 from qgplm.quant.functional import levels
+from qgplm.train.fsdp import unsharded
+from qgplm.train.loggers import wandb_runs
 
 
 @torch.no_grad()
@@ -48,7 +48,7 @@ class QuantStatsCallback(Callback):
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch_idx != 0 or trainer.sanity_checking or "labels" not in batch:
             return
-        from qgplm.module import model_forward
+        from qgplm.train.module import model_forward
 
         def homogeneity(model: torch.nn.Module) -> torch.Tensor:
             out = model_forward(model, batch, layer=-1)  # last (decoder) layer, its token mask

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from qgplm.errors import QgplmError
-from qgplm.export.pack import row_steps
+from qgplm.export.format.pack import row_steps
 
 # ggml type ids (ggml.h) and block geometry (weights, bytes) of the types written here
 GGML_TYPE_IDS = {"F32": 0, "Q4_0": 2, "Q8_0": 8, "TQ2_0": 35, "Q2_0": 42}

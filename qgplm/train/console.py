@@ -10,6 +10,9 @@ Why each step:
   letting the records propagate gives one console line and a `run.log` line for each.
 - Lightning's trainer logs "💡 Tip: ... try installing litlogger / litmodels" on every fit: an
   advertisement, not about the run; dropped by a filter on the one logger that emits it.
+- A console handler whose stream is closed (an earlier in-process run in the same interpreter, a test's
+  captured stream, configured its handlers on a stream closed since) turns every record into logging's own
+  "--- Logging error ---" traceback: such handlers are removed before the run logs anything.
 - `lightning.pytorch.utilities._pytree` still uses torch's deprecated `LeafSpec` (a FutureWarning
   on every fit), which a qgplm user cannot change: ignored by its exact message, category and the
   module it is reported from, not globally.
@@ -41,12 +44,24 @@ class _DropTips(logging.Filter):
 _DROP_TIPS = _DropTips()
 
 
+def drop_closed_stream_handlers() -> None:
+    """Remove every StreamHandler (root and named loggers) whose stream is closed: it can only fail."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                logger.removeHandler(handler)
+
+
 def quiet_console() -> None:
     """Route Lightning's log records through the root handlers (Hydra's console + run.log) once each,
-    drop its tips and ignore the listed unactionable warnings. Idempotent; a no-op for the handlers
-    when the root logger has none (qgplm used as a library without Hydra: Lightning's own console
-    handler is then the only one, and is kept)."""
+    drop its tips and ignore the listed unactionable warnings, after removing handlers left on closed
+    streams. Idempotent; a no-op for Lightning's handlers when the root logger has none (qgplm used as
+    a library without Hydra: Lightning's own console handler is then the only one, and is kept)."""
     import lightning  # noqa: F401  (importing it is what adds the handlers removed here)
+
+    drop_closed_stream_handlers()
 
     if logging.getLogger().handlers:
         for name in _LIGHTNING_LOGGERS:

@@ -5,7 +5,7 @@ that knows how to run either on a batch (seq2seq: decoder inputs built from the 
 model's own `prepare_decoder_input_ids_from_labels`), and what to distil (logits at the target
 positions; hidden states of the last decoder layer, or of the causal LM, for the contrastive loss;
 optionally the encoder's last layer too). Task metrics beyond PPL (ROUGE, candidate ranking)
-come from an evaluator (qgplm.evaluation) run in the test loop.
+come from an evaluator (qgplm.tasks.evaluation) run in the test loop.
 
 `DistillModule` holds the frozen teacher (eval mode, no grad, never in the optimizer or the
 checkpoint) and the quantized student initialised from it, and computes
@@ -27,12 +27,12 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 
-from qgplm.config import DistillConfig, OptimConfig
-from qgplm.data.lm import IGNORE_INDEX
+from qgplm.data.token_stream import IGNORE_INDEX
 from qgplm.distill import MemoryBank, soft_cross_entropy, token_contrastive_loss
 from qgplm.errors import QgplmError
 from qgplm.quant import WeightQuantizer, scale_parameters
 from qgplm.quant.quantizers import clamp_scales_
+from qgplm.train.config import DistillConfig, OptimConfig
 
 log = logging.getLogger("qgplm")
 
@@ -104,7 +104,7 @@ class LMModule(pl.LightningModule):
         super().__init__()
         self.model = model
         self.optim, self.max_steps = optim, max_steps
-        # who wrote a checkpoint (model, task, method, bits, ...): checked on resume (qgplm.resume)
+        # who wrote a checkpoint (model, task, method, bits, ...): checked on resume (qgplm.train.resume)
         self.run_identity: dict[str, Any] = {}
         self.evaluator = evaluator
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
@@ -160,7 +160,7 @@ class LMModule(pl.LightningModule):
     def configure_model(self) -> None:
         """Under ModelParallelStrategy only (a no-op under every other strategy): FSDP2-shard the
         trained model (`self.model`, the student of a DistillModule) per transformer block over the
-        strategy's device mesh, its quantizer scales replicated (qgplm.fsdp). Lightning calls this
+        strategy's device mesh, its quantizer scales replicated (qgplm.train.fsdp). Lightning calls this
         after the callbacks' `setup`, so ScaleWarmupCallback has initialised the scales from the
         full weights, and before the strategy moves the module and restores a checkpoint (`ckpt_path=`:
         the checkpoint's scales and `initialized` flags then replace those). Only a fit shards: an
@@ -173,7 +173,7 @@ class LMModule(pl.LightningModule):
         it would save one copy of its weights per rank at the price of an all-gather per block
         for every training and validation forward; it also stays an ordinary module for what reads
         its weights directly (distill.negatives=random indexes its embedding table)."""
-        from qgplm.fsdp import fully_shard_quantized, is_sharded, meta_template, shard_mesh, transformer_blocks
+        from qgplm.train.fsdp import fully_shard_quantized, is_sharded, meta_template, shard_mesh, transformer_blocks
 
         if not self._fsdp2() or self.trainer.state.fn != "fit" or is_sharded(self.model):
             return
@@ -186,7 +186,7 @@ class LMModule(pl.LightningModule):
     def gather_full_model(self) -> nn.Module:
         """After a stage under trainer=fsdp2: replace the sharded `self.model` by an ordinary copy
         with the same state, on every rank (collective), and return it; otherwise `self.model`."""
-        from qgplm.fsdp import gather_full_model, is_sharded
+        from qgplm.train.fsdp import gather_full_model, is_sharded
 
         template = self.__dict__.get("_full_template")
         if template is None or not is_sharded(self.model):
@@ -199,7 +199,7 @@ class LMModule(pl.LightningModule):
         """Under FSDP2: average the gradients FSDP does not reduce (the replicated quantizer
         scales, a projection head), before gradient clipping and the step."""
         if self._fsdp2():
-            from qgplm.fsdp import sync_replicated_grads
+            from qgplm.train.fsdp import sync_replicated_grads
 
             sync_replicated_grads(p for g in optimizer.param_groups for p in g["params"])
 
@@ -208,7 +208,7 @@ class LMModule(pl.LightningModule):
         """Under FSDP2, clip by the global norm of sharded and replicated gradients together
         (torch's clip_grad_norm_ cannot mix DTensor and plain gradients)."""
         if self._fsdp2() and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            from qgplm.fsdp import clip_grad_norm_
+            from qgplm.train.fsdp import clip_grad_norm_
 
             clip_grad_norm_((p for g in optimizer.param_groups for p in g["params"]), gradient_clip_val)
             return

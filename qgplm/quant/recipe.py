@@ -10,7 +10,7 @@ from typing import Any
 @dataclass(kw_only=True)
 class QuantRecipe:
     """How to quantize, whatever the bit-widths: shared by `QuantConfig` and the `method=` config
-    group (`qgplm.config.MethodConfig`), so a method declares exactly the knobs `quantize_model` has.
+    group (`qgplm.train.config.MethodConfig`), so a method declares exactly the knobs `quantize_model` has.
 
     quantizer: a registered quantizer kind (`qgplm.quant.registry`), or the import path of a kind's
         class defined outside qgplm.

@@ -43,9 +43,10 @@ import numpy as np
 import torch
 
 from qgplm.errors import QgplmError, optional_module
-from qgplm.export.convert import via_packed_export
-from qgplm.export.format import MANIFEST, WEIGHTS, empty_out_dir, read_manifest, verify_checksums
-from qgplm.export.lowbit import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK, block_scales, kernel_bits, pack_rows
+from qgplm.export.converters.via_packed import via_packed_export
+from qgplm.export.format.manifest import MANIFEST, WEIGHTS, empty_out_dir, read_manifest, verify_checksums
+from qgplm.export.runtimes.lowbit import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK, block_scales, kernel_bits, pack_rows
+from qgplm.quant.size import MIB
 
 ONNX_FILE = "model.onnx"
 PAST_FILE = "model_with_past.onnx"  # GPT-2 only: the KV-cache graph, sharing model.onnx.data
@@ -54,12 +55,10 @@ OPSET = 18
 IR_VERSION = 10  # onnxruntime >= 1.20 reads it
 SUPPORTED = {"GPT2LMHeadModel": "GPT-2 (GPT2LMHeadModel)",
              "BartForConditionalGeneration": "BART (BartForConditionalGeneration)"}
-MIB = 2**20
 
 
 def _onnx():
-    return optional_module("onnx", "format=onnx needs the onnx package: pip install onnx onnxruntime "
-                                   "(make install does it)")
+    return optional_module("onnx", "format=onnx")
 
 
 def check_supported(model_class: str) -> None:
@@ -471,13 +470,13 @@ def _from_dir(export_dir: Path, out: Path, block_size: int, accuracy_level: int)
     from onnx import helper
     from transformers import AutoConfig
 
-    from qgplm.export.loader import _read_tensors
+    from qgplm.export.loader import read_tensors
 
     export_dir, manifest = read_manifest(export_dir)
     check_supported(manifest["model_class"])
     verify_checksums(export_dir, manifest)
     config = AutoConfig.from_pretrained(export_dir, local_files_only=True, trust_remote_code=False)
-    tensors = _read_tensors(export_dir)
+    tensors = read_tensors(export_dir)
     meta = {"model_class": manifest["model_class"], "bits": json.dumps(manifest["bits"]),
             "quantizer": ",".join(manifest["quantizer"]), "block_size": str(block_size),
             "accuracy_level": str(accuracy_level)}

@@ -2,7 +2,7 @@
 
 Two FSDP paths exist:
 - `trainer=fsdp2` / `trainer=fsdp2_sim` (Lightning's ModelParallelStrategy): the LightningModule's
-  `configure_model` (qgplm.module.LMModule) shards the trained model with `fully_shard_quantized`
+  `configure_model` (qgplm.train.module.LMModule) shards the trained model with `fully_shard_quantized`
   per transformer block (`transformer_blocks`), over the strategy's device mesh (`shard_mesh`).
   It runs on CPU processes with gloo (`trainer=fsdp2_sim`, tests/test_fsdp.py) as on GPUs.
 - `trainer=fsdp` (Lightning's FSDPStrategy, FSDP1, flat parameters): GPUs only. Lightning's

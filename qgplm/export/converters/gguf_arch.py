@@ -186,9 +186,4 @@ def arch_of(model_class: str, config: Any = None) -> tuple[GGUFArch, list[str]]:
     return arch, (arch.check(config) if config is not None else [])
 
 
-def context_length(config: Any) -> int:
-    """The longest sequence the model has positions for (GPT-2's n_positions, Llama's max_position_embeddings)."""
-    return getattr(config, "n_positions", None) or config.max_position_embeddings
-
-
-__all__ = ["ARCHS", "GGUFArch", "GPT2", "LLAMA", "QWEN2", "SUPPORTED", "TANH_GELU", "arch_of", "context_length"]
+__all__ = ["ARCHS", "GGUFArch", "GPT2", "LLAMA", "QWEN2", "SUPPORTED", "TANH_GELU", "arch_of"]

@@ -23,15 +23,14 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from qgplm.errors import QgplmError
-from qgplm.export.format import MANIFEST, WEIGHTS, empty_out_dir, write_manifest
-from qgplm.export.pack import pack_codes, packed_nbytes
+from qgplm.export.format.manifest import MANIFEST, WEIGHTS, empty_out_dir, write_manifest
+from qgplm.export.format.pack import pack_codes, packed_nbytes
 from qgplm.quant.api import IdentityQuantizer, initialize_quantizers, oriented_weight, quantize_model
-from qgplm.quant.config import QuantConfig
-from qgplm.quant.modules import QUANT_MODULES, QuantConv1D, QuantEmbedding, QuantLinear
+from qgplm.quant.modules import QUANT_MODULES, KernelLayer, QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
+from qgplm.quant.recipe import QuantConfig
 from qgplm.quant.registry import kind_of
-
-MIB = 2**20
+from qgplm.quant.size import MIB
 
 
 @dataclass
@@ -114,11 +113,10 @@ def _module_type(mod: nn.Module) -> str:
 
 def _prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     """A quantized model as is; a float model quantized post-training (a copy, scales initialised)."""
-    kernel_mode = next((prefix for m in model.modules() for prefix in ("Int8", "LowBit")
-                        if type(m).__name__.startswith(prefix)), None)
-    if kernel_mode is not None:
-        mode = "int8" if kernel_mode == "Int8" else "lowbit"
-        raise QgplmError(f"cannot export a model loaded in {mode} mode: load it with mode='dequantize' to export it")
+    kernel = next((m for m in model.modules() if isinstance(m, KernelLayer)), None)
+    if kernel is not None:
+        raise QgplmError(f"cannot export a model loaded in {kernel.mode} mode: load it with mode='dequantize' to "
+                         f"export it")
     if any(isinstance(m, QUANT_MODULES) for m in model.modules()):
         return model
     if config.weight_bits is None and config.embedding_bits is None:

@@ -3,7 +3,7 @@
 `run_stages` is what `qgplm.run` calls once the config is validated; it only orchestrates named
 steps (open the run dir, check the model fits, prepare data, teacher step, student step, the
 task's report, metrics.json). Everything task-specific comes from the run's `qgplm.tasks.Task`
-(data, tokenizer, datamodule, evaluator, report); run-dir paths from `qgplm.rundir`.
+(data, tokenizer, datamodule, evaluator, report); run-dir paths from `qgplm.train.rundir`.
 Everything lands in the run directory:
     teacher/                  the FP teacher as a HF model + tokenizer (stage teacher/pipeline)
     checkpoints/teacher/      Lightning checkpoints of the teacher stage (best.ckpt, last.ckpt)
@@ -29,19 +29,8 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from qgplm.callbacks import (
-    KillAtStepCallback,
-    MemoryBankCallback,
-    QuantStatsCallback,
-    RNGStateCallback,
-    ScaleWarmupCallback,
-    ThroughputCallback,
-)
-from qgplm.config import RunConfig, StageConfig
-from qgplm.distributed import global_rank, is_launched_rank
 from qgplm.errors import QgplmError
-from qgplm.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
-from qgplm.loggers import build_loggers, finish_loggers, wandb_runs
+from qgplm.io import atomic_write_json, atomic_write_text
 from qgplm.models import (
     build_model,
     check_compatible,
@@ -51,13 +40,25 @@ from qgplm.models import (
     load_tokenizer,
     save_model,
 )
-from qgplm.module import DistillModule, LMModule, TeacherModule
-from qgplm.oom import explain_out_of_memory
 from qgplm.quant import model_size, quantize_model, quantizer_kind
-from qgplm.resume import ResumePoint, resume_point, run_identity
-from qgplm.rundir import TEACHER_METRICS, check_fresh_run_dir, teacher_dir
-from qgplm.targets import instantiate_checked
 from qgplm.tasks import Task, build_task
+from qgplm.train.callbacks import (
+    KillAtStepCallback,
+    MemoryBankCallback,
+    QuantStatsCallback,
+    RNGStateCallback,
+    ScaleWarmupCallback,
+    ThroughputCallback,
+)
+from qgplm.train.checkpoint_io import AtomicCheckpointIO
+from qgplm.train.config import RunConfig, StageConfig
+from qgplm.train.distributed import global_rank, is_launched_rank
+from qgplm.train.loggers import build_loggers, finish_loggers, wandb_runs
+from qgplm.train.module import DistillModule, LMModule, TeacherModule
+from qgplm.train.oom import explain_out_of_memory
+from qgplm.train.resume import ResumePoint, resume_point, run_identity
+from qgplm.train.rundir import TEACHER_METRICS, check_fresh_run_dir, teacher_dir
+from qgplm.train.targets import instantiate_checked
 
 log = logging.getLogger("qgplm")
 

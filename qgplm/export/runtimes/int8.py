@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qgplm.quant.functional import minmax_activation_codes
-from qgplm.quant.modules import QUANT_MODULES, QuantEmbedding
+from qgplm.quant.modules import QUANT_MODULES, KernelLayer, QuantEmbedding
 from qgplm.quant.quantizers import ActivationQuantizer
 from qgplm.quant.token_mask import activation_mask
 from qgplm.quant.walk import swap_modules
@@ -88,13 +88,15 @@ def rowsums(codes: Tensor) -> Tensor:
     return torch.cat([c.sum(dim=1, dtype=torch.int32) for c in codes.split(_CHUNK_ROWS)])
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(KernelLayer):
     """y = dequant(intmatmul(quant8(x), codes^T)) + bias, for nn.Linear and GPT-2's Conv1D.
 
     `codes` is [out, in] int8 (the quantizer's orientation), `step` the weight step (scalar, or
     [out, 1] per row). kernel="onednn" holds oneDNN's prepacked copy of the codes and drops them;
     kernel="int_mm" holds the codes themselves (so a tied LM head shares the embedding's).
     """
+
+    mode = "int8"
 
     def __init__(self, codes: Tensor, step: Tensor, bias: Tensor | None, act: ActivationQuantizer,
                  kernel: str = "onednn"):
@@ -148,9 +150,11 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, act_bits={self.act_bits}, kernel={self.kernel}"
 
 
-class Int8Embedding(nn.Module):
+class Int8Embedding(KernelLayer):
     """Token embedding holding int8 codes: rows are gathered as codes, then scaled (codes * step,
     the same float op as the dequantized table, so lookups equal the student's)."""
+
+    mode = "int8"
 
     def __init__(self, codes: Tensor, step: Tensor, padding_idx: int | None, embed_scale: float | Tensor | None):
         super().__init__()

@@ -18,10 +18,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from qgplm.fsdp import unsharded
 from qgplm.quant.api import oriented_weight, quantized_modules
 from qgplm.quant.baselines import LAQQuantizer
 from qgplm.quant.modules import QuantConv1D
+from qgplm.train.fsdp import unsharded
 
 
 class LAQCurvatureCallback(Callback):

@@ -46,10 +46,10 @@ def load_student(ckpt: str) -> tuple[nn.Module, Any]:
     """(quantized student with the checkpoint's weights, eval mode; its tokenizer)."""
     from omegaconf import OmegaConf
 
-    from qgplm.config import RunConfig
     from qgplm.models import load_pretrained, load_tokenizer
     from qgplm.quant import quantize_model
-    from qgplm.rundir import teacher_dir
+    from qgplm.train.config import RunConfig
+    from qgplm.train.rundir import teacher_dir
 
     run_dir, ckpt_file = resolve_checkpoint(ckpt)
     try:  # YAML's safe loader: a !!python tag is refused, never constructed

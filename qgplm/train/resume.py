@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qgplm.config import RunConfig
 from qgplm.errors import QgplmError
 from qgplm.safeload import load_torch_file
+from qgplm.train.config import RunConfig
 
 # what must match between the checkpoint and the resumed run
 IDENTITY_KEYS = ("model", "task", "method", "quantizer", "bits", "seed")
