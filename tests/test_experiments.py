@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from qgplm.data.bpe import train_bpe_tokenizer
 from tests.conftest import ROOT, SHARED_DATA
@@ -196,3 +197,30 @@ def test_smollm2_rows_script_skips_done_rows_and_refuses_unknown_groups(tmp_path
     done = subprocess.run(["bash", str(script), "wt2_core"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [w for row in rows for w in ("done:", f"smollm2_wt2/{row}")]
+
+
+def test_ptq_error_sources_rows_on_a_tiny_llama(tmp_path):
+    """experiments/ptq_error_sources.py: one row per quantized part, FP32 first, its ratio 1.00; bad input is
+    one error line with exit code 2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text = (SHARED_DATA / "wikitext-2" / "wiki.valid.tokens").read_text()[:20000]
+    tok = train_bpe_tokenizer(text, 300)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "test.txt").write_text(text)
+    script = str(ROOT / "experiments" / "ptq_error_sources.py")
+    run = lambda *a: subprocess.run([sys.executable, script, *a], capture_output=True, text=True)  # noqa: E731
+    proc = run(str(tmp_path / "m"), "--tokens", "300", "--data", str(tmp_path / "test.txt"), "--rows", "0,1,5")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r[0] for r in rows[1:]] == ["| FP32", "| A8 (per-tensor min-max, asymmetric)", "| W4E4"]
+    fp, a8, w4 = (float(r[1]) for r in rows[1:])
+    assert rows[1][2] == "1.00" and fp != a8 and fp != w4
+    for args, match in (((str(tmp_path),), "holds no HF model"), ((str(tmp_path / "m"), "--rows", "9"), "--rows")):
+        proc = run(*args, "--data", str(tmp_path / "test.txt"))
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert match in proc.stderr
