@@ -4,7 +4,7 @@
 
 Loads a teacher (a `stage=teacher` run dir or an HF model dir) once per row, quantizes only the parts
 the row names with `quantize_model` (each quantizer's initial scale, no training: post-training
-quantization), and scores the first `--tokens` WikiText-2 test tokens with qgplm's protocol (128-token
+quantization), and scores `--tokens` tokens of the WikiText-2 test split with qgplm's protocol (128-token
 windows advancing by 127, every token after the first scored once). A row whose activations alone
 (weights in FP32) already lose much of the teacher's perplexity says that no amount of weight QAT can
 reach the teacher at that activation setting.
@@ -67,7 +67,7 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, block: int = 128) -> f
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("teacher", type=Path, help="a stage=teacher run dir or an HF model dir")
-    ap.add_argument("--tokens", type=int, default=2048, help="first test tokens scored")
+    ap.add_argument("--tokens", type=int, default=2048, help="test tokens scored (the first tokens + 1 read)")
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
                     / "wikitext-2" / "wiki.test.tokens")
     ap.add_argument("--rows", default=",".join(str(i) for i in range(len(ROWS))),
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.tokens < 2 or not all(r.isdigit() and int(r) < len(ROWS) for r in rows):
         fail(f"--tokens must be at least 2 and --rows numbers from 0 to {len(ROWS) - 1}")
     d = model_dir(args.teacher)
-    ids = tokenize_stream(load_tokenizer(str(d)), args.data.read_text(encoding="utf-8"))[: args.tokens]
+    ids = tokenize_stream(load_tokenizer(str(d)), args.data.read_text(encoding="utf-8"))[: args.tokens + 1]
     torch.manual_seed(0)
-    print(f"{d}: first {len(ids)} test tokens, 128-token windows, post-training quantization (initial scales)")
+    print(f"{d}: {len(ids) - 1} test tokens scored, 128-token windows, post-training quantization (initial scales)")
     print("| row | test PPL | / FP32 | seconds |\n|---|---|---|---|")
     fp = None
     for i in (int(r) for r in rows):
