@@ -2,7 +2,7 @@
 
 - CUDA's own rules emulated on the CPU (always run): `torch._int_mm` on a GPU refuses what the CPU
   kernel takes (at most 16 rows, dimensions not multiples of 8: a generation step is one row), so
-  qgplm.export.int8.int_mm pads to them; these tests check, with the rules enforced on every call,
+  qgplm.export.runtimes.int8.int_mm pads to them; these tests check, with the rules enforced on every call,
   that the padded product is exact.
 - The same code on a CUDA device (skipped without one; experiments/gpu_check.sh runs them): the
   int8 linear at generation shapes, a quantized student's forward/backward under bf16 autocast, a
@@ -19,7 +19,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from qgplm.distill import soft_cross_entropy
-from qgplm.export import int8
+from qgplm.export.runtimes import int8
 from qgplm.quant import QuantConfig, initialize_quantizers, quantize_model, scale_parameters
 from qgplm.quant.quantizers import ActivationQuantizer
 
