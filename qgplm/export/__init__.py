@@ -1,6 +1,6 @@
 """Packed export of quantized models and their loading for inference.
 
-    export_model(model, out_dir, tokenizer)   -> ExportReport   (exporter.py)
+    export_model(model, out_dir, tokenizer)   -> ExportReport   (format/writer.py)
     load_quantized(dir, mode="dequantize"|"int8"|"lowbit") -> HF model   (loader.py)
     python -m qgplm.export ckpt=<run dir or .ckpt> out=<dir>     (__main__.py)
 """
