@@ -182,7 +182,7 @@ def test_lowbit_errors(tmp_path, monkeypatch):
     with pytest.raises(QgplmError, match="lowbit mode"):
         export_model(m, tmp_path / "again")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
-    with pytest.raises(QgplmError, match="pip install onnxruntime"):
+    with pytest.raises(QgplmError, match=r"mode=lowbit needs the onnxruntime package: pip install 'qgplm\[onnx\]'"):
         load_quantized(tmp_path / "e", mode="lowbit")
 
 
