@@ -97,6 +97,20 @@ def test_stage_quantize_reuses_a_saved_teacher(tiny_cfg, tmp_path):
     assert metrics["teacher"]["test_ppl"] == pytest.approx(metrics_t["teacher"]["test_ppl"], rel=1e-5)
 
 
+def test_student_max_steps_0_is_post_training_quantization(tiny_cfg, tmp_path):
+    """student.max_steps=0 takes no optimizer step (no fit, no checkpoint, no training batch): the test
+    PPL is that of the teacher's weights under each quantizer's initial scale."""
+    from tests.conftest import compose_cfg
+
+    teacher_run = tmp_path / "teacher_run"
+    _run(compose_cfg(["stage=teacher", "teacher.max_steps=2"], teacher_run))
+    _, metrics = _run(compose_cfg(["stage=quantize", f"teacher_path={teacher_run}", "student.max_steps=0"],
+                                  tmp_path / "ptq"))
+    assert not list((tmp_path / "ptq" / "checkpoints").rglob("*.ckpt"))  # no fit: no checkpoint written
+    assert not (metrics["student"].get("train_throughput") or {}).get("batches_timed")  # no training batch
+    assert metrics["student"]["test_ppl"] > 1
+
+
 def test_wikitext2_local_files(tiny_cfg):
     data_dir = SHARED_DATA / "wikitext-2"
     if not data_dir.is_dir():

@@ -40,7 +40,7 @@ from qgplm.models import (
     load_tokenizer,
     save_model,
 )
-from qgplm.quant import model_size, quantize_model, quantizer_kind
+from qgplm.quant import initialize_quantizers, model_size, quantize_model, quantizer_kind
 from qgplm.tasks import Task, build_task
 from qgplm.train.callbacks import (
     KillAtStepCallback,
@@ -207,8 +207,12 @@ def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: Any, evalua
         extra.append(MemoryBankCallback(cfg.method.distill.momentum, encoder=cfg.method.distill.contrast_encoder))
     extra += quantizer_kind(cfg.method.quantizer).make_callbacks()  # what the quantizer kind needs (LAQ: its curvature)
     trainer = runner.trainer("student", cfg.student, extra)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
-    test = runner.test(trainer, module, dm, fitted=True)
+    fitted = cfg.student.max_steps > 0
+    if fitted:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+    else:  # student.max_steps=0: post-training quantization, each quantizer's initial scale, no optimizer step
+        initialize_quantizers(student)
+    test = runner.test(trainer, module, dm, fitted=fitted)
     module.gather_full_model()  # trainer=fsdp2: export, sizes and samples need the whole student on every rank
     best_val = _best_score(trainer)
     return module, test, best_val, trainer
