@@ -2,7 +2,7 @@
 # Every row of the SmolLM2-135M comparison (docs/results.md), one `qgplm.run` per row, in the order that
 # decides the most first: WikiText-2's central ablation and LSQ, post-training quantization, a second seed,
 # the other QAT methods, W4, then Penn Treebank's four decisive rows. On 2 CPU cores a QAT row took 22-30
-# minutes with other jobs sharing the cores (docs/results.md), a post-training row about five.
+# minutes with other jobs sharing the cores (docs/results.md), a post-training row 11 (its validation and test).
 #
 #   bash experiments/smollm2_rows.sh               # all rows; rows already done (metrics.json) are skipped
 #   bash experiments/smollm2_rows.sh wt2_core      # one group: wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 ptb
