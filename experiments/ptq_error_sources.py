@@ -4,10 +4,11 @@
 
 Loads a teacher (a `stage=teacher` run dir or an HF model dir) once per row, quantizes only the parts
 the row names with `quantize_model` (each quantizer's initial scale, no training: post-training
-quantization), and scores `--tokens` tokens of the WikiText-2 test split with qgplm's protocol (128-token
-windows advancing by 127, every token after the first scored once). A row whose activations alone
-(weights in FP32) already lose much of the teacher's perplexity says that no amount of weight QAT can
-reach the teacher at that activation setting.
+quantization), and scores `--tokens` tokens of the WikiText-2 test split (128-token windows advancing by
+127, every token after the first scored once; unlike the training tables' `EvalWindows`, the last window is
+a short one rather than a full window ending at the last token, so its few tokens see less context).
+A row whose activations alone (weights in FP32) already lose much of the teacher's perplexity says
+that no amount of weight QAT can reach the teacher at that activation setting.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def model_dir(path: Path) -> Path:
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, block: int = 128) -> float:
-    """qgplm's protocol: windows of `block` advancing by block - 1, each token after the first scored once."""
+    """Windows of `block` advancing by block - 1, each token after the first scored once (the last window
+    short; `qgplm.data.token_stream.EvalWindows` ends with a full window instead)."""
     nll, count = 0.0, 0
     for start in range(0, max(len(ids) - 1, 1), block - 1):
         window = ids[start: start + block].unsqueeze(0)
