@@ -125,6 +125,7 @@ def test_bad_input_is_one_line(tmp_path):
     script = str(ROOT / "experiments" / "llamacpp_compare.py")
     for argv, match in ((["--teacher", str(tmp_path), "--rows", "Q3_K"], "unknown row 'Q3_K'"),
                         (["--rows", "Q4_0"], "pass --teacher"),
+                        (["--teacher", str(tmp_path), "--student-2bit", "q3_0"], "--student-2bit takes q2_0, q4_0"),
                         (["--teacher", str(tmp_path), "--cache", str(tmp_path / "c")], "holds no HF model")):
         proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
