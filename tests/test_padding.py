@@ -71,7 +71,10 @@ def _built(kind: str, arch: str) -> torch.nn.Module:
     if kind == "student_copy":  # a deep copy of a quantized model keeps the hooks
         return copy.deepcopy(_built("student", arch))
     return student(arch, **{"attention": {"quantize_attention": True},
-                            "symmetric": {"activation_symmetric": True}}.get(kind, {}))
+                            "symmetric": {"activation_symmetric": True},
+                            "per_token": {"activation_granularity": "token"},
+                            "per_token_attention": {"activation_granularity": "token", "quantize_attention": True},
+                            }.get(kind, {}))
 
 
 def model_under_test(kind: str, arch: str, exports) -> torch.nn.Module:
@@ -144,12 +147,25 @@ CASES = [("gpt2", "right"), ("gpt2", "left"), ("bart", "right"), ("bart", "left"
 
 # ----------------------------------------------------------------------------- forward
 @pytest.mark.parametrize("arch,side", CASES)
-@pytest.mark.parametrize("kind", ["student", "attention", "symmetric", "student_copy", "dequantize", "int8"])
+@pytest.mark.parametrize("kind", ["student", "attention", "symmetric", "per_token", "student_copy", "dequantize",
+                                  "int8"])
 def test_real_token_logits_do_not_depend_on_padding(arch, side, kind, exports):
     a, b = PAIRS[arch](FP[arch], side)
     assert torch.equal(a, b), "precondition: the FP model is bit-identical on these shapes"
     a, b = PAIRS[arch](model_under_test(kind, arch, exports), side)
     assert torch.equal(a, b), f"max |diff| {(a - b).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("arch,side", CASES)
+def test_per_token_attention_ranges_ignore_padding(arch, side):
+    """Per-token attention quantization takes each query's range over its allowed keys. Equal up to
+    float rounding only: a softmax over 16 more (masked) keys sums in another order, a row's largest
+    probability can move by one ulp, and per token that one value sets the whole row's step (per
+    tensor the coarser range absorbs it): measured up to 2e-6 of the logits' scale (BART, right
+    pads). Pad keys inside the rows' ranges (the leak this guards against) moved GPT-2's logits by
+    6e-5 (left pads) and 3e-3 (right pads) of their scale."""
+    a, b = PAIRS[arch](_built("per_token_attention", arch), side)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * a.abs().max().item())
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "bart"])

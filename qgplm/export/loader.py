@@ -343,7 +343,7 @@ def _install_quant_layers(model: nn.Module, manifest: dict[str, Any], steps: dic
     def rebuild(name: str, mod: nn.Module) -> nn.Module:
         entry = manifest["modules"][name]
         wq, act = weight_quantizer(entry["weight"]), entry["act"]
-        aq = None if act is None else ActivationQuantizer(act["bits"], symmetric=act["symmetric"])
+        aq = None if act is None else ActivationQuantizer.from_spec(act)
         if entry["type"] == "embedding":
             return QuantEmbedding.from_float(mod, wq)
         if entry["type"] == "conv1d":
@@ -353,7 +353,7 @@ def _install_quant_layers(model: nn.Module, manifest: dict[str, Any], steps: dic
     swap_modules(model, lambda name, mod: name in manifest["modules"], rebuild)
     attn = manifest.get("attention_act")
     if attn:
-        quantize_attention_inputs(model, attn["bits"], attn["symmetric"])
+        quantize_attention_inputs(model, attn["bits"], attn["symmetric"], attn.get("granularity", "tensor"))
 
 
 def load_export_tokenizer(export_dir: str | Path) -> Any:

@@ -62,7 +62,8 @@ def _make_weight_quantizer(config: QuantConfig, bits: int | None, weight_rows: i
 def _make_act_quantizer(config: QuantConfig) -> ActivationQuantizer | None:
     if config.activation_bits is None:
         return None
-    return ActivationQuantizer(config.activation_bits, symmetric=config.activation_symmetric)
+    return ActivationQuantizer(config.activation_bits, symmetric=config.activation_symmetric,
+                               granularity=config.activation_granularity)
 
 
 def _token_embedding_weights(model: nn.Module) -> set[int]:
@@ -133,14 +134,16 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         return model
     swap_modules(model, lambda name, mod: _selected(name, config), _QuantizedLayerFactory(model, config))
     if config.quantize_attention and config.activation_bits is not None:
-        quantize_attention_inputs(model, config.activation_bits, config.activation_symmetric)
+        quantize_attention_inputs(model, config.activation_bits, config.activation_symmetric,
+                                  config.activation_granularity)
     if config.activation_bits is not None:
         install_token_mask_hooks(model)  # activation ranges over real tokens only
     return model
 
 
-def quantize_attention_inputs(model: nn.Module, bits: int, symmetric: bool) -> None:
-    """Give every attention module an 8-bit quantizer for its matmul inputs (qgplm.quant.attention)."""
+def quantize_attention_inputs(model: nn.Module, bits: int, symmetric: bool, granularity: str = "tensor") -> None:
+    """Give every attention module an 8-bit quantizer for its matmul inputs (qgplm.quant.attention);
+    per token, a range is one head's query / key / value vector or one query's attention row."""
     from qgplm.quant.attention import IMPLEMENTATION, is_attention_module
 
     modules = [m for m in model.modules() if is_attention_module(m)]
@@ -148,7 +151,7 @@ def quantize_attention_inputs(model: nn.Module, bits: int, symmetric: bool) -> N
         raise QgplmError(f"quantize_attention: no attention module found in {type(model).__name__}: "
                          f"set method.quantize_attention=false")
     for m in modules:
-        m.attn_act_quantizer = ActivationQuantizer(bits, symmetric=symmetric)
+        m.attn_act_quantizer = ActivationQuantizer(bits, symmetric=symmetric, granularity=granularity)
     model.set_attn_implementation(IMPLEMENTATION)
 
 

@@ -112,17 +112,34 @@ def dynamic_scale_codes(w: Tensor, gamma: Tensor, bits: int, per_row: bool = Fal
     return codes, alpha / levels(bits)
 
 
+ACTIVATION_GRANULARITIES = ("tensor", "token")
+
+
 def minmax_activation_codes(x: Tensor, bits: int = 8, symmetric: bool = False,
-                            mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(codes, step, zero point) of dynamic per-tensor min-max quantization, x_q = (codes - zero) * step.
+                            mask: Tensor | None = None,
+                            granularity: str = "tensor") -> tuple[Tensor, Tensor, Tensor]:
+    """(codes, step, zero point) of dynamic min-max quantization, x_q = (codes - zero) * step.
 
     Asymmetric (default): the range [min(x), max(x)] is split into 2^b - 1 steps with an integer
     zero point; codes in [0, 2^b - 1]. Symmetric: the range is [-max|x|, max|x|] with
     2^(b-1) - 1 levels per side; codes in [-n, n], zero point 0. The one rounding rule of the
     student's fake quantization and of the int8 inference kernels (qgplm.export.runtimes.int8).
-    `mask` (bool, broadcastable to x): only its True elements (real tokens, qgplm.quant.token_mask)
-    set the range, which every element is then quantized to; all False counts as all True.
+
+    granularity="tensor" (the paper's): one range for the whole tensor. `mask` (bool, broadcastable
+    to x): only its True elements (real tokens, qgplm.quant.token_mask) set the range, which every
+    element is then quantized to; all False counts as all True. step and zero are 0-dim.
+    granularity="token": one range per row of the last dimension (per token for a layer input, as
+    torchao's int8 per-token activations and llama.cpp's Q8 blocks do), so one outlier token no
+    longer coarsens every other token's step; step and zero have x's shape with a last dimension
+    of 1. A layer input's row is one token, so padding cannot reach a real token's range; `mask`
+    still selects the elements within a row that set its range (an attention row's allowed keys:
+    a pad key's probability is 0 and would otherwise widen the row's range); a row with no True
+    element takes its whole range.
     """
+    if granularity == "token":
+        return _minmax_codes_per_token(x, bits, symmetric, mask)
+    if granularity != "tensor":
+        raise ValueError(f"granularity must be one of {ACTIVATION_GRANULARITIES}, got {granularity!r}")
     if mask is not None:
         mask = mask | ~mask.any()  # no real element: the whole tensor (no sync, no empty reduction)
     if symmetric:
@@ -140,15 +157,36 @@ def minmax_activation_codes(x: Tensor, bits: int = 8, symmetric: bool = False,
     return torch.clamp(torch.round(x / step) + zero, 0, qmax), step, zero
 
 
+def _minmax_codes_per_token(x: Tensor, bits: int, symmetric: bool,
+                            mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """`minmax_activation_codes` with one range per row of the last dimension (the same formulas)."""
+    if mask is not None:
+        mask = mask | ~mask.any(dim=-1, keepdim=True)  # a row with no real element: the whole row
+    if symmetric:
+        n = levels(bits)
+        a = x.abs() if mask is None else x.abs().masked_fill(~mask, 0)
+        step = (a.amax(dim=-1, keepdim=True) / n).clamp_min(EPS)
+        return torch.clamp(torch.round(x / step), -n, n), step, torch.zeros_like(step)
+    if mask is None:
+        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    else:
+        lo = x.masked_fill(~mask, float("inf")).amin(dim=-1, keepdim=True)
+        hi = x.masked_fill(~mask, float("-inf")).amax(dim=-1, keepdim=True)
+    qmax = 2**bits - 1
+    step = ((hi - lo) / qmax).clamp_min(EPS)
+    zero = torch.round(-lo / step)
+    return torch.clamp(torch.round(x / step) + zero, 0, qmax), step, zero
+
+
 def minmax_activation_quantize(x: Tensor, bits: int = 8, symmetric: bool = False,
-                               mask: Tensor | None = None) -> Tensor:
-    """Dynamic per-tensor min-max fake quantization (`minmax_activation_codes`, range over the
-    `mask`ed elements) with a straight-through gradient: the STE is the identity (elements outside
-    a masked range are pad positions, whose values are not used).
+                               mask: Tensor | None = None, granularity: str = "tensor") -> Tensor:
+    """Dynamic min-max fake quantization (`minmax_activation_codes`: per tensor, the range over the
+    `mask`ed elements, or per token) with a straight-through gradient: the STE is the identity
+    (elements outside a masked range are pad positions, whose values are not used).
     A half-precision x (bf16 under autocast) is quantized in fp32 and the result rounded once to
     x's dtype: in bf16 itself x / step and the STE's x + (x_q - x) would each lose code levels."""
     if x.dtype in (torch.float16, torch.bfloat16):
-        return minmax_activation_quantize(x.float(), bits, symmetric, mask).to(x.dtype)
-    codes, step, zero = minmax_activation_codes(x.detach(), bits, symmetric, mask)
+        return minmax_activation_quantize(x.float(), bits, symmetric, mask, granularity).to(x.dtype)
+    codes, step, zero = minmax_activation_codes(x.detach(), bits, symmetric, mask, granularity)
     xq = codes * step if symmetric else (codes - zero) * step
     return x + (xq - x).detach()

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from qgplm.quant.functional import (
+    ACTIVATION_GRANULARITIES,
     dynamic_scale_codes,
     dynamic_scale_quantize,
     minmax_activation_quantize,
@@ -218,25 +219,44 @@ _FROM_CONTEXT = object()
 
 
 class ActivationQuantizer(nn.Module):
-    """Dynamic per-tensor min-max quantizer for the input of a quantized layer (no parameters).
+    """Dynamic min-max quantizer for the input of a quantized layer (no parameters).
 
-    The range is taken over the real tokens' rows only: `mask` (bool, broadcastable to x), by
-    default the current token mask for x (`qgplm.quant.token_mask.activation_mask`), so padding
-    never changes a real token's output."""
+    granularity="tensor" (the paper's): one range per tensor, taken over the real tokens' rows only:
+    `mask` (bool, broadcastable to x), by default the current token mask for x
+    (`qgplm.quant.token_mask.activation_mask`), so padding never changes a real token's output.
+    granularity="token": one range per token (row of the last dimension): a layer input's token mask
+    is not needed (a row is one token), an explicit `mask` (attention's allowed keys) is honoured."""
 
-    def __init__(self, bits: int = 8, symmetric: bool = False):
+    def __init__(self, bits: int = 8, symmetric: bool = False, granularity: str = "tensor"):
         super().__init__()
+        if granularity not in ACTIVATION_GRANULARITIES:
+            raise ValueError(f"granularity must be one of {ACTIVATION_GRANULARITIES}, got {granularity!r}")
         self.bits = int(bits)
         self.symmetric = symmetric
+        self.granularity = granularity
         self.enabled = True
 
     def forward(self, x: Tensor, mask: Tensor | None | object = _FROM_CONTEXT) -> Tensor:
         if not self.enabled:
             return x
+        if self.granularity == "token":
+            mask = None if mask is _FROM_CONTEXT else mask
+            return minmax_activation_quantize(x, self.bits, self.symmetric, mask, "token")
         if mask is _FROM_CONTEXT:
             rows = activation_mask(x)
             mask = None if rows is None else rows.unsqueeze(-1)
         return minmax_activation_quantize(x, self.bits, self.symmetric, mask)
 
+    def spec(self) -> dict[str, object]:
+        """The rule as the export manifest records it (`qgplm.export.format.writer`)."""
+        return {"bits": self.bits, "symmetric": self.symmetric, "granularity": self.granularity}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, object]) -> ActivationQuantizer:
+        """The quantizer a manifest entry describes; an export written before per-token scales
+        existed has no granularity and was per tensor."""
+        return cls(int(spec["bits"]), symmetric=bool(spec["symmetric"]),
+                   granularity=str(spec.get("granularity", "tensor")))
+
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, symmetric={self.symmetric}"
+        return f"bits={self.bits}, symmetric={self.symmetric}, granularity={self.granularity}"

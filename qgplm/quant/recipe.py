@@ -17,6 +17,8 @@ class QuantRecipe:
     quantizer_kwargs: passed to the quantizer's constructor (e.g. gamma_init, detach_mean).
     per_row: one scale per output row instead of one per tensor.
     activation_symmetric: symmetric 8-bit activations (else asymmetric min-max with a zero point).
+    activation_granularity: "tensor" (the paper's: one dynamic range per activation tensor) or
+        "token" (one per token, as torchao's int8 per-token activations; docs/method.md).
     include / exclude: regexes on module names (re.search); a module is swapped if it matches
         any include pattern (or include is empty) and no exclude pattern.
     quantize_attention: also quantize the inputs of the attention score and value matmuls to
@@ -27,6 +29,7 @@ class QuantRecipe:
     quantizer_kwargs: dict[str, Any] = field(default_factory=dict)
     per_row: bool = False
     activation_symmetric: bool = False
+    activation_granularity: str = "tensor"
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     quantize_attention: bool = False

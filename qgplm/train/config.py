@@ -23,6 +23,7 @@ from qgplm.checks import choice as _choice
 from qgplm.checks import positive as _positive
 from qgplm.errors import QgplmError
 from qgplm.models.spec import ModelConfig
+from qgplm.quant.functional import ACTIVATION_GRANULARITIES
 from qgplm.quant.recipe import QuantConfig, QuantRecipe
 from qgplm.tasks.base import TaskConfig, task_class
 from qgplm.tasks.saved import with_target
@@ -134,6 +135,7 @@ class MethodConfig(QuantRecipe):
         if unknown:
             raise QgplmError(f"method.quantizer_kwargs.{unknown[0]} is not an option of quantizer {self.quantizer}: "
                              f"choose from {', '.join(options) or '(none)'}")
+        _choice("method.activation_granularity", self.activation_granularity, ACTIVATION_GRANULARITIES)
         self.distill.validate()
         self.warmup.validate()
 

@@ -188,20 +188,30 @@ class _Graph:
 
     # ------------------------------------------------------------ layers
 
-    def fake_quant(self, x: str, bits: int, symmetric: bool) -> str:
-        """functional.minmax_activation_quantize in eval: dynamic per-tensor min-max, x + (xq - x)."""
+    def fake_quant(self, x: str, spec: dict[str, Any], axis: int = -1) -> str:
+        """functional.minmax_activation_quantize in eval, x + (xq - x), for the manifest's rule `spec`:
+        one dynamic min-max range per tensor, or per token (`granularity: token`) along `axis`, the
+        dimension a token's values lie on (-1, or -2 for keys stored transposed)."""
+        bits, symmetric = spec["bits"], spec["symmetric"]
+        per_token = spec.get("granularity", "tensor") == "token"
+
+        def reduce(op: str, t: str) -> str:
+            if per_token:
+                return self.op(op, [t, self.const([axis], np.int64)], keepdims=1)
+            return self.op(op, [t], keepdims=0)
+
         eps = self.const(1e-8, np.float32)
         if symmetric:
             n = 2 ** (bits - 1) - 1
-            step = self.op("Max", [self.op("Div", [self.op("ReduceMax", [self.op("Abs", [x])], keepdims=0),
+            step = self.op("Max", [self.op("Div", [reduce("ReduceMax", self.op("Abs", [x])),
                                                    self.const(n, np.float32)]), eps])
             q = self.op("Clip", [self.op("Round", [self.op("Div", [x, step])]), self.const(-n, np.float32),
                                  self.const(n, np.float32)])
             xq = self.op("Mul", [q, step])
         else:
             qmax = 2**bits - 1
-            lo = self.op("ReduceMin", [x], keepdims=0)
-            hi = self.op("ReduceMax", [x], keepdims=0)
+            lo = reduce("ReduceMin", x)
+            hi = reduce("ReduceMax", x)
             step = self.op("Max", [self.op("Div", [self.op("Sub", [hi, lo]), self.const(qmax, np.float32)]), eps])
             zero = self.op("Round", [self.op("Div", [self.op("Neg", [lo]), step])])
             q = self.op("Clip", [self.op("Add", [self.op("Round", [self.op("Div", [x, step])]), zero]),
@@ -219,7 +229,7 @@ class _Graph:
             self.nodes[-1].name = name  # MatMulNBits nodes are named after their module
         else:
             if name in self.act:
-                x = self.fake_quant(x, self.act[name]["bits"], self.act[name]["symmetric"])
+                x = self.fake_quant(x, self.act[name])
             y = self.op("MatMul", [x, self.fp(f"{name}.weight", transpose=not conv1d)], hint=name)
         if self.has(f"{name}.bias"):
             y = self.op("Add", [y, self.fp(f"{name}.bias")], hint=name)
@@ -299,15 +309,15 @@ class _Graph:
             present = (kfull, vh)
             kh = self.op("Transpose", [kfull], hint=hint, perm=[0, 1, 3, 2])
         if quant:
-            qh = self.fake_quant(qh, quant["bits"], quant["symmetric"])
-            kh = self.fake_quant(kh, quant["bits"], quant["symmetric"])
+            qh = self.fake_quant(qh, quant)
+            kh = self.fake_quant(kh, quant, axis=-2)  # keys are [batch, heads, head_dim, seq] here
         scores = self.op("Mul", [self.op("MatMul", [qh, kh], hint=hint), self.const(scaling, np.float32)], hint=hint)
         if mask is not None:
             scores = self.op("Add", [scores, mask], hint=hint)
         probs = self.op("Softmax", [scores], hint=hint, axis=-1)
         if quant:
-            probs = self.fake_quant(probs, quant["bits"], quant["symmetric"])
-            vh = self.fake_quant(vh, quant["bits"], quant["symmetric"])
+            probs = self.fake_quant(probs, quant)
+            vh = self.fake_quant(vh, quant)
         out = self.op("Transpose", [self.op("MatMul", [probs, vh], hint=hint)], hint=hint, perm=[0, 2, 1, 3])
         out = self.op("Reshape", [out, self.const([0, 0, heads * head_dim], np.int64)], hint=hint)
         return out if past is None else (out, present)

@@ -179,7 +179,7 @@ def _pack_quantized_layers(model: nn.Module, key_of: dict[tuple, str], out: _Con
         aq, q = getattr(mod, "act_quantizer", None), mod.weight_quantizer
         quantized = _exports_codes(q)
         out.modules[name] = {"type": _module_type(mod), "weight": key if quantized else None,
-                             "act": None if aq is None else {"bits": aq.bits, "symmetric": aq.symmetric}}
+                             "act": None if aq is None else aq.spec()}
         if not quantized:
             continue
         codes, step = _quantizer_codes(name, mod)
@@ -237,7 +237,7 @@ def _manifest(model: nn.Module, contents: _Contents, report: ExportReport, optio
         "bits": {k: sorted(v) for k, v in contents.bits.items()},
         "options": options,
         "packed": contents.packed, "fp": contents.fp, "modules": contents.modules,
-        "attention_act": {"bits": attn[0].bits, "symmetric": attn[0].symmetric} if attn else None,
+        "attention_act": attn[0].spec() if attn else None,
         "size": {k: v for k, v in report.as_dict().items() if k != "out_dir"},
         "tokenizer": tokenizer is not None,
     }

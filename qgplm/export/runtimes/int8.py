@@ -1,7 +1,8 @@
 """int8 inference: integer codes in memory, 8-bit activations quantized on the fly, int32 matmuls.
 
-Activations are quantized with exactly the student's rule (dynamic per-tensor min-max, asymmetric
-with a zero point, or symmetric, the range over real tokens only: qgplm.quant.token_mask), then
+Activations are quantized with exactly the student's rule (dynamic min-max, asymmetric with a zero
+point, or symmetric; per tensor with the range over real tokens only, qgplm.quant.token_mask, or
+per token), then
 multiplied with the int8 weight codes by one of two CPU integer kernels, picked by measurement
 (docs/deploy.md, `experiments/bench_export.py --kernels`):
 
@@ -16,7 +17,8 @@ multiplied with the int8 weight codes by one of two CPU integer kernels, picked 
   Asymmetric 8-bit activations q in [0, 255] with zero point z do not fit int8, so they are shifted:
       x_q = (q - z) * s_x = (q' + c) * s_x      with q' = q - 128 in int8 and c = 128 - z
       x_q @ W_q^T = s_x * s_w * (q' @ C^T + c * rowsum(C))       (C: int8 weight codes)
-  The bracket is computed exactly in int32; only the final scaling is float.
+  The bracket is computed exactly in int32; only the final scaling is float. Per-token activations
+  (one s_x and c per row) take this kernel too: oneDNN's takes one activation scale per tensor.
 
 Both give the fake-quant student's result up to float rounding of the final scaling. Rejected by
 measurement: fbgemm's dynamic quantized linear (`quantize_dynamic`; picks its own reduced-range
@@ -67,12 +69,16 @@ def int_mm(a: Tensor, b: Tensor, cuda_rules: bool | None = None) -> Tensor:
     return torch._int_mm(a, b)[:m, :n]
 
 
-def quantize_activation_u8(x: Tensor, bits: int, symmetric: bool,
-                           mask: Tensor | None = None) -> tuple[Tensor, float, int]:
+def quantize_activation_u8(x: Tensor, bits: int, symmetric: bool, mask: Tensor | None = None,
+                           granularity: str = "tensor") -> tuple[Tensor, float | Tensor, int | Tensor]:
     """(uint8 q, scale, zero point) with x_q = (q - zero) * scale: the student's codes
-    (`minmax_activation_codes`, range over the `mask`ed rows: real tokens); symmetric codes are
-    stored shifted by 128, an exact change of zero point."""
-    codes, step, zero = minmax_activation_codes(x, bits, symmetric, mask)
+    (`minmax_activation_codes`, range over the `mask`ed rows: real tokens, or per token); symmetric
+    codes are stored shifted by 128, an exact change of zero point. Per token, scale and zero point
+    are [rows, 1] tensors (float, int32); per tensor, Python numbers (oneDNN's arguments)."""
+    codes, step, zero = minmax_activation_codes(x, bits, symmetric, mask, granularity)
+    if granularity == "token":
+        zero = torch.full_like(step, 128) if symmetric else zero
+        return (codes + 128 if symmetric else codes).to(torch.uint8), step, zero.to(torch.int32)
     if symmetric:
         return codes.add_(128).to(torch.uint8), step.item(), 128
     return codes.to(torch.uint8), step.item(), int(zero.item())
@@ -103,7 +109,8 @@ class Int8Linear(KernelLayer):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r}: choose one of {', '.join(KERNELS)}")
-        if kernel == "onednn" and (not onednn_available() or codes.device.type != "cpu"):
+        if kernel == "onednn" and (not onednn_available() or codes.device.type != "cpu"
+                                   or act.granularity == "token"):
             kernel = "int_mm"
         self.kernel = kernel
         self.out_features, self.in_features = codes.shape
@@ -116,11 +123,11 @@ class Int8Linear(KernelLayer):
             self.register_buffer("codes", codes)
             self.register_buffer("rowsum", rowsums(codes))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.act_bits, self.act_symmetric = act.bits, act.symmetric
+        self.act_bits, self.act_symmetric, self.act_granularity = act.bits, act.symmetric, act.granularity
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape[:-1] + (self.out_features,)
-        rows = activation_mask(x)  # real tokens set the activation range, as in the student
+        rows = activation_mask(x) if self.act_granularity == "tensor" else None  # real tokens set the range
         rows = None if rows is None else rows.reshape(-1, 1)
         if self.kernel == "onednn":
             q, sx, zx = quantize_activation_u8(x.reshape(-1, self.in_features), self.act_bits, self.act_symmetric,
@@ -131,7 +138,7 @@ class Int8Linear(KernelLayer):
         # int8 operands for _int_mm: q - 128 (flipping the top bit of the uint8 code), offset c
         # = 128 - zero folded in below through the row sums (c = 0 for symmetric codes)
         qu, sx, zx = quantize_activation_u8(x.reshape(-1, self.in_features), self.act_bits, self.act_symmetric,
-                                            rows)
+                                            rows, self.act_granularity)
         q, c = qu.bitwise_xor_(128).view(torch.int8), 128 - zx
         if q.shape[0] < 16 or self.out_features >= 16 * self.in_features:
             # codes @ q^T: oneDNN is faster with the long dimension as rows (measured on the 2-core
@@ -147,7 +154,8 @@ class Int8Linear(KernelLayer):
         return out.reshape(shape)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, act_bits={self.act_bits}, kernel={self.kernel}"
+        return (f"in={self.in_features}, out={self.out_features}, act_bits={self.act_bits}, "
+                f"act_granularity={self.act_granularity}, kernel={self.kernel}")
 
 
 class Int8Embedding(KernelLayer):
