@@ -4,11 +4,12 @@
 
 Loads a teacher (a `stage=teacher` run dir or an HF model dir) once per row, quantizes only the parts
 the row names with `quantize_model` (each quantizer's initial scale, no training: post-training
-quantization), and scores `--tokens` tokens of the WikiText-2 test split (128-token windows advancing by
-127, every token after the first scored once; unlike the training tables' `EvalWindows`, the last window is
-a short one rather than a full window ending at the last token, so its few tokens see less context).
+quantization), and scores the first `--tokens` + 1 tokens of the WikiText-2 test split with the
+training runs' evaluation windows (`qgplm.data.token_stream.EvalWindows`: 128 tokens advancing by 127,
+every token after the first scored once, the last window ending at the last token).
 A row whose activations alone (weights in FP32) already lose much of the teacher's perplexity says
-that no amount of weight QAT can reach the teacher at that activation setting.
+that no amount of weight QAT can reach the teacher at that activation setting. The 8-bit activation
+rows come per tensor (the paper's) and per token (`activation_granularity=token`).
 """
 
 from __future__ import annotations
@@ -21,20 +22,25 @@ from pathlib import Path
 
 import torch
 
-from qgplm.data.token_stream import tokenize_stream
+from qgplm.data.token_stream import IGNORE_INDEX, EvalWindows, tokenize_stream
 from qgplm.models import load_pretrained, load_tokenizer
 from qgplm.quant import QuantConfig, initialize_quantizers, quantize_model
 
-# (row, weight bits, embedding bits, activation bits, symmetric activations); None: full precision
-ROWS: tuple[tuple[str, int | None, int | None, int | None, bool], ...] = (
-    ("FP32", None, None, None, False),
-    ("A8 (per-tensor min-max, asymmetric)", None, None, 8, False),
-    ("A8 (per-tensor, symmetric)", None, None, 8, True),
-    ("W8E8", 8, 8, None, False),
-    ("W8E8A8", 8, 8, 8, False),
-    ("W4E4", 4, 4, None, False),
-    ("W4E4A8", 4, 4, 8, False),
-    ("W2E2", 2, 2, None, False),
+# (row, weight bits, embedding bits, activation bits, symmetric activations, activation granularity);
+# None: full precision. New rows go at the end: row numbers are how the docs' commands name them.
+ROWS: tuple[tuple[str, int | None, int | None, int | None, bool, str], ...] = (
+    ("FP32", None, None, None, False, "tensor"),
+    ("A8 (per-tensor min-max, asymmetric)", None, None, 8, False, "tensor"),
+    ("A8 (per-tensor, symmetric)", None, None, 8, True, "tensor"),
+    ("W8E8", 8, 8, None, False, "tensor"),
+    ("W8E8A8", 8, 8, 8, False, "tensor"),
+    ("W4E4", 4, 4, None, False, "tensor"),
+    ("W4E4A8", 4, 4, 8, False, "tensor"),
+    ("W2E2", 2, 2, None, False, "tensor"),
+    ("A8 (per-token min-max, asymmetric)", None, None, 8, False, "token"),
+    ("A8 (per-token, symmetric)", None, None, 8, True, "token"),
+    ("W8E8A8 (per-token A8)", 8, 8, 8, False, "token"),
+    ("W4E4A8 (per-token A8)", 4, 4, 8, False, "token"),
 )
 
 
@@ -53,16 +59,15 @@ def model_dir(path: Path) -> Path:
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, block: int = 128) -> float:
-    """Windows of `block` advancing by block - 1, each token after the first scored once (the last window
-    short; `qgplm.data.token_stream.EvalWindows` ends with a full window instead)."""
+    """Perplexity over `EvalWindows(ids, block, block - 1)`, the training runs' test protocol."""
     nll, count = 0.0, 0
-    for start in range(0, max(len(ids) - 1, 1), block - 1):
-        window = ids[start: start + block].unsqueeze(0)
-        if window.shape[1] < 2:
-            break
-        logp = torch.log_softmax(model(input_ids=window).logits[0, :-1].float(), dim=-1)
-        nll -= float(logp.gather(-1, window[0, 1:, None]).sum())
-        count += window.shape[1] - 1
+    for window in EvalWindows(ids, block, block - 1):
+        logits = model(input_ids=window["input_ids"].unsqueeze(0)).logits[0, :-1].float()
+        labels = window["labels"][1:]
+        scored = labels != IGNORE_INDEX
+        logp = torch.log_softmax(logits[scored], dim=-1)
+        nll -= float(logp.gather(-1, labels[scored, None]).sum())
+        count += int(scored.sum())
     return math.exp(nll / count)
 
 
@@ -78,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.data.is_file():
         fail(f"{args.data} does not exist: pass --data <wiki.test.tokens>")
     rows = [r.strip() for r in args.rows.split(",")]
-    if args.tokens < 2 or not all(r.isdigit() and int(r) < len(ROWS) for r in rows):
-        fail(f"--tokens must be at least 2 and --rows numbers from 0 to {len(ROWS) - 1}")
+    if args.tokens < 128 or not all(r.isdigit() and int(r) < len(ROWS) for r in rows):
+        fail(f"--tokens must be at least 128 (one window) and --rows numbers from 0 to {len(ROWS) - 1}")
     d = model_dir(args.teacher)
     ids = tokenize_stream(load_tokenizer(str(d)), args.data.read_text(encoding="utf-8"))[: args.tokens + 1]
     torch.manual_seed(0)
@@ -87,12 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     print("| row | test PPL | / FP32 | seconds |\n|---|---|---|---|")
     fp = None
     for i in (int(r) for r in rows):
-        name, w, e, a, sym = ROWS[i]
+        name, w, e, a, sym, granularity = ROWS[i]
         t = time.perf_counter()
         model = load_pretrained(str(d)).float().eval()
         if (w, e, a) != (None, None, None):
             quantize_model(model, QuantConfig(weight_bits=w, embedding_bits=e, activation_bits=a,
-                                              activation_symmetric=sym))
+                                              activation_symmetric=sym, activation_granularity=granularity))
             initialize_quantizers(model)
         ppl = perplexity(model, ids)
         fp = ppl if fp is None and i == 0 else fp
