@@ -5,7 +5,8 @@
 # minutes with other jobs sharing the cores (docs/results.md), a post-training row 11 (its validation and test).
 #
 #   bash experiments/smollm2_rows.sh               # all rows; rows already done (metrics.json) are skipped
-#   bash experiments/smollm2_rows.sh wt2_core      # one group: wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 ptb
+#   bash experiments/smollm2_rows.sh wt2_core      # one group: wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4
+#                                                  #   wt2_token ptb
 #   RESULTS=<dir> bash experiments/smollm2_rows.sh # results elsewhere (default experiments/results)
 #   python experiments/table.py experiments/results/smollm2_wt2   # the tables, at any time
 #
@@ -56,16 +57,23 @@ wt2_methods() {
 wt2_w4() {
     for m in quantgpt lsq; do student smollm2_wt2 "w4/$m" "$m" 4; done
 }
+wt2_token() {  # per-token 8-bit activations (method.activation_granularity=token): the per-tensor A8 cost
+    student smollm2_wt2 w4/lsq_token lsq 4 method.activation_granularity=token
+    student smollm2_wt2 w2/quantgpt_token quantgpt 2 method.activation_granularity=token
+    student smollm2_wt2 w4/quantgpt_token quantgpt 4 method.activation_granularity=token
+    student smollm2_wt2 w2/quantgpt_no_contrastive_token quantgpt_no_contrastive 2 method.activation_granularity=token
+}
 ptb() {
     teacher smollm2_ptb
     for m in quantgpt quantgpt_no_contrastive lsq quantgpt_full_grid; do student smollm2_ptb "w2/$m" "$m" 2; done
 }
 
 groups=("$@")
-[[ ${#groups[@]} -gt 0 ]] || groups=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 ptb)
+[[ ${#groups[@]} -gt 0 ]] || groups=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token ptb)
 for g in "${groups[@]}"; do
     case "$g" in
-        wt2_core|wt2_ptq|wt2_seeds|wt2_methods|wt2_w4|ptb) "$g" ;;
-        *) echo "error: unknown group $g: choose from wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 ptb" >&2; exit 2 ;;
+        wt2_core|wt2_ptq|wt2_seeds|wt2_methods|wt2_w4|wt2_token|ptb) "$g" ;;
+        *) echo "error: unknown group $g: choose from wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token ptb" >&2
+           exit 2 ;;
     esac
 done
