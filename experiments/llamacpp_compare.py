@@ -28,7 +28,11 @@ Measured for every row, each in a fresh subprocess that imports only numpy and l
 - file size, bits per weight over the weight (2-D) tensors, the types llama.cpp holds them in;
 - resident memory: the process's VmRSS after loading the file (mmap) and one 64-token eval;
 - speed at batch 1 on --threads threads: prompt processing of 64 tokens and generation of 32
-  tokens one at a time (the best of 3), tokens per second.
+  tokens one at a time (the best of 3), tokens per second;
+- for the teacher and each student, the same perplexity computed in PyTorch on the same tokens and
+  windows (the FP32 teacher; the fake-quant student as it trained, its 8-bit activations included)
+  and how far llama.cpp's is from it: llama.cpp rounds the student's steps to fp16 and quantizes
+  activations its own way (8-bit per block of 32), so this column is the cost of the runtime.
 
 Built files are cached in --cache (default experiments/results/llamacpp_compare, git-ignored) and
 reused; --rebuild builds them again.
@@ -87,6 +91,32 @@ def window_nll(logits: np.ndarray, ids: np.ndarray, first: int) -> tuple[float, 
     lse = (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
     target = x[np.arange(x.shape[0]), ids[first:]]
     return float((lse - target).sum()), int(x.shape[0])
+
+
+def torch_perplexity(model, ids: np.ndarray, block: int, stride: int) -> float:
+    """The same perplexity as `measure`'s, from a PyTorch model's logits (same windows, same NLL)."""
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start, first in eval_windows(len(ids), block, stride):
+            window = ids[start: start + block]
+            logits = model(input_ids=torch.from_numpy(window.astype(np.int64))[None]).logits[0].float().numpy()
+            a, b = window_nll(logits, window, first)
+            nll, count = nll + a, count + b
+    return math.exp(nll / count)
+
+
+def cached_torch_ppl(cache: Path, key: str, compute) -> float:
+    """`compute()` once per key (source, tokens, windows), kept in cache/torch_ppl.json."""
+    f = cache / "torch_ppl.json"
+    known = json.loads(f.read_text()) if f.is_file() else {}
+    if key not in known:
+        t0 = time.time()
+        known[key] = compute()
+        print(f"PyTorch PPL {key}: {known[key]:.2f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+        f.write_text(json.dumps(known, indent=1))
+    return known[key]
 
 
 # ---------------------------------------------------------------- a GGUF file's tensor table (llama.cpp's reader)
@@ -312,6 +342,7 @@ class Row:
     why_not: str = ""
     result: dict = field(default_factory=dict)
     kind: str = ""  # its name in --rows
+    torch_ppl: float | None = None  # the same perplexity in PyTorch: FP32 teacher, fake-quant student
 
 
 def build_rows(args: argparse.Namespace, cache: Path) -> tuple[list[Row], Path]:
@@ -347,7 +378,15 @@ def build_rows(args: argparse.Namespace, cache: Path) -> tuple[list[Row], Path]:
         model = AutoModelForCausalLM.from_pretrained(teacher, local_files_only=True, dtype=torch.float32).eval()
         export_gguf_float(model, f16, tokenizer, "f16", name="teacher")
     if "teacher_f16" in want:
-        rows.append(Row("teacher F16", "fine-tuned teacher, qgplm gguf_float", f16, kind="teacher_f16"))
+        row = Row("teacher F16", "fine-tuned teacher, qgplm gguf_float", f16, kind="teacher_f16")
+
+        def teacher_ppl() -> float:
+            m = model or AutoModelForCausalLM.from_pretrained(teacher, local_files_only=True,
+                                                              dtype=torch.float32).eval()
+            return torch_perplexity(m, np.load(ids_file), args.block, args.stride)
+
+        row.torch_ppl = cached_torch_ppl(cache, f"teacher|{args.tokens}|{args.block}|{args.stride}", teacher_ppl)
+        rows.append(row)
     if "shipped" in want and args.shipped:
         p = Path(args.shipped).expanduser()
         if not p.is_file():
@@ -389,18 +428,21 @@ def build_students(args: argparse.Namespace, cache: Path, fresh: bool) -> list[R
     """format=gguf of each student run, one file per `--student-2bit` layout of the 2-bit rows that are not a
     multiple of 256 (Q2_0: 2.25 bits, no fast x86 kernel; Q4_0: 4.5 bits, fast kernels; both exact)."""
     from qgplm.export.converters.gguf import GGUF_FILE, export_gguf
+    from qgplm.train.student import load_student
 
     rows = []
+    ids = np.load(cache / f"wt2_test_ids_{args.tokens}.npy")
     for spec in args.student:
         run = Path(spec).expanduser()
         name = "/".join(run.resolve().parts[-2:])
+        key = f"student {run.resolve()}|{args.tokens}|{args.block}|{args.stride}"
+        ppl = cached_torch_ppl(cache, key, lambda run=run: torch_perplexity(load_student(str(run))[0].eval(), ids,
+                                                                            args.block, args.stride))
         variants = []
         for two_bit in args.student_2bit:
             out = cache / f"student-{name.replace('/', '-')}-{two_bit}"
             if fresh or not (out / GGUF_FILE).is_file():
                 import shutil
-
-                from qgplm.train.student import load_student
 
                 shutil.rmtree(out, ignore_errors=True)
                 model, tokenizer = load_student(str(run))
@@ -411,15 +453,15 @@ def build_students(args: argparse.Namespace, cache: Path, fresh: bool) -> list[R
             if i and mixes[two_bit] in [mixes[t] for t, _ in variants[:i]]:
                 continue  # no 2-bit row that the option changes (e.g. a W4 student)
             label = f" (gguf_2bit={two_bit})" if len(variants) == 1 or len(set(mixes.values())) > 1 else ""
-            rows.append(Row(f"qgplm {name}{label}", "QAT student, format=gguf", p, kind="students"))
+            rows.append(Row(f"qgplm {name}{label}", "QAT student, format=gguf", p, kind="students", torch_ppl=ppl))
     return rows
 
 
 # ---------------------------------------------------------------- the table
 
 
-COLUMNS = ("row", "source", "weight types", "file MiB", "bits/weight", "WT-2 test PPL", "RSS MiB", "pp64 tok/s",
-           "tg32 tok/s")
+COLUMNS = ("row", "source", "weight types", "file MiB", "bits/weight", "WT-2 test PPL", "PyTorch PPL (vs)", "RSS MiB",
+           "pp64 tok/s", "tg32 tok/s")
 
 
 def table(rows: list[Row]) -> str:
@@ -430,8 +472,9 @@ def table(rows: list[Row]) -> str:
             continue
         t = tensor_table(r.path)
         m = r.result
+        ref = "-" if r.torch_ppl is None else f"{r.torch_ppl:.2f} ({100 * (m['ppl'] / r.torch_ppl - 1):+.1f}%)"
         lines.append(f"| {r.label} | {r.source} | {type_mix(t)} | {r.path.stat().st_size / MIB:.1f} | "
-                     f"{weight_bits(t):.2f} | {m['ppl']:.2f} | {m['rss_mib']:.0f} | {m['pp_tok_s']:.0f} | "
+                     f"{weight_bits(t):.2f} | {m['ppl']:.2f} | {ref} | {m['rss_mib']:.0f} | {m['pp_tok_s']:.0f} | "
                      f"{m['tg_tok_s']:.1f} |")
     return "\n".join(lines)
 

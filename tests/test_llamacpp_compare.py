@@ -94,10 +94,26 @@ def test_quantize_q4_0_and_measure_by_hand(files):
     assert got["scored"] == len(ids) - 1 == len(nll)
     assert got["ppl"] == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-6)
     assert got["rss_mib"] > 0 and got["pp_tok_s"] > 0 and got["tg_tok_s"] > 0
-    row = lc.Row("llama.cpp Q4_0", "ptq", out, result=got)
+    row = lc.Row("llama.cpp Q4_0", "ptq", out, result=got, torch_ppl=got["ppl"] * 0.9)
     text = lc.table([row, lc.Row("llama.cpp IQ2_XS", "ptq", None, "no imatrix")])
     assert text.splitlines()[0] == "| " + " | ".join(lc.COLUMNS) + " |"
     assert "| llama.cpp Q4_0 | ptq | " in text and "not built: no imatrix" in text
+    assert f"| {got['ppl'] * 0.9:.2f} (+11.1%) |" in text
+
+
+def test_torch_perplexity_is_measures_protocol(files, tmp_path):
+    """The PyTorch column scores the same windows as `measure`: the F32 file through llama.cpp and the HF
+    model it was written from agree to float rounding; the value is computed once per key."""
+    ids = np.random.default_rng(1).integers(3, 300, 150).astype(np.int32)
+    got = lc.measure(files["f32"], ids, threads=1, block=64, stride=63)["ppl"]
+    calls = []
+
+    def compute() -> float:
+        calls.append(1)
+        return lc.torch_perplexity(files["model"], ids, 64, 63)
+
+    assert lc.cached_torch_ppl(tmp_path, "k", compute) == pytest.approx(got, rel=1e-4)
+    assert lc.cached_torch_ppl(tmp_path, "k", compute) == pytest.approx(got, rel=1e-4) and len(calls) == 1
 
 
 def test_imatrix_is_the_mean_squared_input_and_iq2_takes_it(tmp_path):
