@@ -5,9 +5,11 @@
 Each directory is one task's comparison (as written by compare.py): <dir>/teacher/metrics.json
 and every metrics.json of a stage=quantize run below <dir>. Prints the main table (like Table 1
 of the paper: size, compression, then test PPL and PPL / teacher per task, per method and
-bit-width) and the ablation table, and writes table.md and ppl_vs_bits.png into --out (default:
-the first directory). Runs of the same method, bit-width and task with different seeds are
-aggregated: the cell shows the mean, with "± std (n seeds)" when there is more than one.
+bit-width), the ablation table (every other QAT variant, named by the `method.*` overrides Hydra
+recorded, e.g. "lsq (activation_granularity=token)"; the plot draws each as its own line), and
+writes table.md and ppl_vs_bits.png into --out (default: the first directory). Runs of the same
+method, bit-width and task with different seeds are aggregated: the cell shows the mean, with
+"± std (n seeds)" when there is more than one.
 """
 
 from __future__ import annotations
@@ -86,7 +88,9 @@ def is_main(m: dict) -> bool:
 
 
 def is_ablation(m: dict) -> bool:
-    return weight_bits(m) == 2 and not is_ptq(m) and (not is_main(m) or m["config"]["method"] in REFERENCES)
+    """Every QAT variant that is not a main row (at any bit-width: a W4 run with per-token activations is
+    one), with the reference methods repeated to compare against."""
+    return not is_ptq(m) and (not is_main(m) or m["config"]["method"] in REFERENCES)
 
 
 def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -153,7 +157,7 @@ def plot(tasks: list[Task], path: Path) -> None:
         by_method: dict[str, dict[int, list[float]]] = {}
         for m in t.rows:
             if m["config"].get("negatives", "teacher") == "teacher" and not is_ptq(m):
-                by_method.setdefault(m["config"]["method"], {}).setdefault(weight_bits(m), []).append(
+                by_method.setdefault(label(m), {}).setdefault(weight_bits(m), []).append(
                     m["student"]["test_ppl"])
         for name, pts in sorted(by_method.items()):
             bits = sorted(pts)
@@ -178,7 +182,7 @@ def main() -> None:
     out = args.out or args.roots[0]
     out.mkdir(parents=True, exist_ok=True)
     text = (f"## Methods\n\n{table(tasks, is_main, 'method')}\n\n"
-            f"## Ablations\n\n{table(tasks, is_ablation, 'variant (W2E2A8)')}\n")
+            f"## Ablations\n\n{table(tasks, is_ablation, 'variant')}\n")
     if any(is_ptq(m) for t in tasks for m in t.rows):
         text += f"\n## Post-training quantization (no QAT)\n\n{table(tasks, is_ptq, 'initial scales of')}\n"
     print(text)

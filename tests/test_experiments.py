@@ -54,10 +54,19 @@ def test_table_script_builds_main_and_ablation_tables(tmp_path):
     (d / "metrics.json").write_text(json.dumps(_metrics("quantgpt", 2, 20.0)))
     (d / ".hydra" / "overrides.yaml").write_text("- experiment=wt2_small\n- method=quantgpt\n"
                                                  "- method.distill.contrastive_weight=0.5\n- seed=1\n")
+    # a W4 variant (per-token activations): an ablation row too, never averaged into lsq's main row
+    for i, (method, ppl, override) in enumerate((("lsq", 11.0, None), ("lsq", 10.2, "activation_granularity=token"))):
+        d = tmp_path / "w4" / str(i)
+        (d / ".hydra").mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(_metrics(method, 4, ppl)))
+        (d / ".hydra" / "overrides.yaml").write_text(f"- method={method}\n" + (f"- method.{override}\n" if override
+                                                                                else ""))
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "table.py"), str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     main, ablations = proc.stdout.split("## Ablations")
+    assert "| lsq | 4-4-8 | 2.50 | 8.0x | 11.00 |" in main and "activation_granularity" not in main
+    assert "| lsq (activation_granularity=token) | 4-4-8 | 2.50 | 8.0x | 10.20 |" in ablations
     assert "| quantgpt (contrastive_weight=0.5) | 2-2-8 | 1.25 | 16.0x | 20.00 |" in ablations
     assert "contrastive_weight" not in main
     assert "| quantgpt | 2-2-8 | 1.25 | 16.0x | 12.00 | 1.200 |" in main
