@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from size_export import MIB, build, save_fp32
 
 from qgplm.export import export_model
-from qgplm.export.converters.onnx import ONNX_FILE, export_onnx
+from qgplm.export.converters.onnx import DATA_FILE, ONNX_FILE, PAST_FILE, export_onnx
 from qgplm.quant import QuantConfig
 
 
@@ -67,8 +67,9 @@ def main() -> None:
                 tag = "W2E2" + (" compact" if compact else "")
                 print(f"== {name} {tag}: export {took:.1f} s, logits {shape}\n{rep.table()}\n"
                       f"   initializers by dtype (MiB): { {k: round(v / MIB, 2) for k, v in kinds.items()} }")
-                rows.append((name, tag, fp32 / MIB, packed.file_bytes / MIB, rep.onnx_bytes / MIB,
-                             rep.data_bytes / MIB, kinds.get("uint8", 0) / MIB,
+                graphs = rep.files[ONNX_FILE] + rep.files.get(PAST_FILE, 0)  # with the KV-cache graph
+                rows.append((name, tag, fp32 / MIB, packed.file_bytes / MIB, graphs / MIB,
+                             rep.files.get(DATA_FILE, 0) / MIB, kinds.get("uint8", 0) / MIB,
                              sum(v for k, v in kinds.items() if k.startswith("float")) / MIB,
                              rep.file_bytes / MIB, fp32 / rep.file_bytes))
             del model

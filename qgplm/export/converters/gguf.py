@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +61,8 @@ from qgplm.export.converters.gguf_vocab import add_tokenizer
 from qgplm.export.converters.via_packed import via_packed_export
 from qgplm.export.format.manifest import MANIFEST, WEIGHTS, empty_out_dir, read_manifest, verify_checksums
 from qgplm.export.format.pack import row_steps
+from qgplm.export.format.report import ExportReport
 from qgplm.export.runtimes.llamacpp import GGUF_FILE
-from qgplm.quant.size import MIB
 
 FILE_TYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 7, "TQ2_0": 37, "Q2_0": 41}  # llama.h's LLAMA_FTYPE_MOSTLY_*
 
@@ -80,48 +79,6 @@ def check_supported(model_class: str, config: Any = None) -> None:
 # ---------------------------------------------------------------- export
 
 
-@dataclass
-class GGUFReport:
-    out_dir: str
-    file_bytes: int
-    fp32_bytes: int
-    types: dict[str, str] = field(default_factory=dict)  # GGUF tensor name -> GGML type
-    notes: list[str] = field(default_factory=list)
-    max_step_rounding: float = 0.0  # largest |fp16(step) - step| / step over all quantized tensors
-    weights: int = 0  # elements of the tensors in the file
-    quant_weights: int = 0  # elements of its quantized tensors
-    quant_bytes: int = 0  # bytes of its quantized tensors
-    held_as: dict[str, list[str]] = field(default_factory=dict)  # why a type was chosen -> packed tensors
-
-    @property
-    def ratio(self) -> float:
-        return self.fp32_bytes / self.file_bytes
-
-    @property
-    def bits_per_weight(self) -> float:
-        """The whole file's bits per weight (header, tokenizer and fp32 tensors included)."""
-        return 8 * self.file_bytes / max(self.weights, 1)
-
-    @property
-    def quant_bits_per_weight(self) -> float:
-        """Bits per weight of the quantized tensors (their blocks' codes and scales)."""
-        return 8 * self.quant_bytes / max(self.quant_weights, 1)
-
-    def table(self) -> str:
-        counts: dict[str, int] = {}
-        for t in self.types.values():
-            counts[t] = counts.get(t, 0) + 1
-        lines = [f"{'tensors':<28}{', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}",
-                 f"{GGUF_FILE + ' on disk':<28}{self.file_bytes / MIB:>10.2f} MiB",
-                 f"{'FP32 tensors (reference)':<28}{self.fp32_bytes / MIB:>10.2f} MiB",
-                 f"{'compression':<28}{self.ratio:>10.2f} x",
-                 f"{'bits per weight':<28}{self.bits_per_weight:>10.3f} (file), "
-                 f"{self.quant_bits_per_weight:.3f} (quantized tensors)",
-                 f"{'step rounding to fp16':<28}{self.max_step_rounding:>10.2e} (largest relative)"]
-        held = [f"{why}: {len(keys)} tensor(s), e.g. {keys[0]}" for why, keys in self.held_as.items()]
-        return "\n".join(lines + [f"note: {n}" for n in self.notes + held])
-
-
 def _file_name(arch: GGUFArch, key: str, aliases: list[str]) -> str | None:
     """The GGUF name of a stored tensor (None: a buffer llama.cpp builds itself); a tied head is
     stored once, as the embedding, which llama.cpp reads as its output matrix too."""
@@ -134,7 +91,7 @@ def _file_name(arch: GGUFArch, key: str, aliases: list[str]) -> str | None:
 
 
 def _quantized(codes: Tensor, step: Tensor, key: str, bits: int, order: Tensor | None, two_bit: str,
-               report: GGUFReport) -> tuple[np.ndarray, str]:
+               report: ExportReport) -> tuple[np.ndarray, str]:
     """(blocks, GGML type) of one packed tensor, its rows in the file's order."""
     steps = row_steps(step, codes.shape[0])
     if order is not None:
@@ -148,7 +105,7 @@ def _quantized(codes: Tensor, step: Tensor, key: str, bits: int, order: Tensor |
 
 
 def _file_tensors(manifest: dict[str, Any], tensors: dict[str, Tensor], arch: GGUFArch, config: Any,
-                  two_bit: str, report: GGUFReport) -> list[tuple[str, np.ndarray, str]]:
+                  two_bit: str, report: ExportReport) -> list[tuple[str, np.ndarray, str]]:
     """(GGUF name, array, GGML type) of every tensor llama.cpp's graph reads, each stored tensor once."""
     from qgplm.export.loader import decode
 
@@ -169,7 +126,7 @@ def _file_tensors(manifest: dict[str, Any], tensors: dict[str, Tensor], arch: GG
     return out
 
 
-def _add_tensor(writer: Any, name: str, array: np.ndarray, qtype: str, report: GGUFReport) -> None:
+def _add_tensor(writer: Any, name: str, array: np.ndarray, qtype: str, report: ExportReport) -> None:
     if qtype == "F32":
         writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
         report.weights += array.size
@@ -195,7 +152,7 @@ def _file_type(arrays: list[tuple[str, np.ndarray, str]]) -> int:
 
 
 def export_gguf(source: Any, out_dir: str | Path, tokenizer: Any = None, gguf_2bit: str = DEFAULT_TWO_BIT,
-                **export_kwargs: Any) -> GGUFReport:
+                **export_kwargs: Any) -> ExportReport:
     """Write `<out_dir>/model.gguf` of `source`: a qgplm export directory, or a model (a trained
     student, or a float model quantized post-training with `export_kwargs` as in `export_model`),
     exported to the packed format first in a temporary directory. `gguf_2bit`: how 2-bit rows that
@@ -220,7 +177,7 @@ def _add_metadata(writer: Any, gguf: Any, arch: GGUFArch, config: Any, export_di
     writer.add_string("qgplm.quantizer", ",".join(manifest["quantizer"]))
 
 
-def _from_dir(export_dir: Path, out: Path, two_bit: str = DEFAULT_TWO_BIT) -> GGUFReport:
+def _from_dir(export_dir: Path, out: Path, two_bit: str = DEFAULT_TWO_BIT) -> ExportReport:
     gguf = _gguf()
     from transformers import AutoConfig
 
@@ -233,7 +190,8 @@ def _from_dir(export_dir: Path, out: Path, two_bit: str = DEFAULT_TWO_BIT) -> GG
     if manifest.get("attention_act"):
         notes.append("attention fake quantization (quantize_attention) is not applied: llama.cpp runs attention in "
                      "fp32/fp16")
-    report = GGUFReport(str(out), 0, manifest["size"]["fp32_bytes"], notes=notes)
+    report = ExportReport(str(out), "gguf", {}, manifest["size"]["fp32_bytes"], max_step_rounding=0.0,
+                          notes=notes)
     arrays = _file_tensors(manifest, read_tensors(export_dir), arch, config, two_bit, report)
     out.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out / GGUF_FILE), arch.arch)
@@ -247,9 +205,9 @@ def _from_dir(export_dir: Path, out: Path, two_bit: str = DEFAULT_TWO_BIT) -> GG
     for f in sorted(export_dir.iterdir()):  # config, generation config, tokenizer
         if f.is_file() and f.name not in (WEIGHTS, MANIFEST):
             shutil.copy2(f, out / f.name)
-    report.file_bytes = (out / GGUF_FILE).stat().st_size
+    report.files[GGUF_FILE] = (out / GGUF_FILE).stat().st_size
     return report
 
 
-__all__ = ["DEFAULT_TWO_BIT", "GGUF_FILE", "GGUFReport", "SUPPORTED", "TWO_BIT", "check_supported", "encode_q2_0",
+__all__ = ["DEFAULT_TWO_BIT", "GGUF_FILE", "SUPPORTED", "TWO_BIT", "check_supported", "encode_q2_0",
            "encode_q4_0", "encode_q8_0", "encode_tq2_0", "export_gguf", "ggml_type"]

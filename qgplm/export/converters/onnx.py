@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,8 @@ import torch
 from qgplm.errors import QgplmError, optional_module
 from qgplm.export.converters.via_packed import via_packed_export
 from qgplm.export.format.manifest import MANIFEST, WEIGHTS, empty_out_dir, read_manifest, verify_checksums
+from qgplm.export.format.report import ExportReport
 from qgplm.export.runtimes.lowbit import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK, block_scales, kernel_bits, pack_rows
-from qgplm.quant.size import MIB
 
 ONNX_FILE = "model.onnx"
 PAST_FILE = "model_with_past.onnx"  # GPT-2 only: the KV-cache graph, sharing model.onnx.data
@@ -66,28 +65,6 @@ def check_supported(model_class: str) -> None:
     if model_class not in SUPPORTED:
         raise QgplmError(f"format=onnx does not support {model_class}: supported are "
                          f"{' and '.join(SUPPORTED.values())}; use the default format (qgplm) with mode=lowbit")
-
-
-@dataclass
-class OnnxReport:
-    out_dir: str
-    onnx_bytes: int
-    data_bytes: int
-    fp32_bytes: int
-
-    @property
-    def file_bytes(self) -> int:
-        return self.onnx_bytes + self.data_bytes
-
-    @property
-    def ratio(self) -> float:
-        return self.fp32_bytes / self.file_bytes
-
-    def table(self) -> str:
-        rows = [(ONNX_FILE, self.onnx_bytes), (DATA_FILE, self.data_bytes), ("ONNX total", self.file_bytes),
-                ("FP32 tensors (reference)", self.fp32_bytes)]
-        lines = [f"{name:<28}{b / MIB:>10.2f} MiB" for name, b in rows]
-        return "\n".join(lines + [f"{'compression':<28}{self.ratio:>10.2f} x"])
 
 
 class _Graph:
@@ -463,7 +440,7 @@ KV_CACHE = ("GPT2LMHeadModel",)
 
 
 def export_onnx(source: Any, out_dir: str | Path, tokenizer: Any = None, *, block_size: int = DEFAULT_BLOCK,
-                accuracy_level: int = DEFAULT_ACCURACY_LEVEL, **export_kwargs: Any) -> OnnxReport:
+                accuracy_level: int = DEFAULT_ACCURACY_LEVEL, **export_kwargs: Any) -> ExportReport:
     """Write a standalone ONNX model of `source`: a qgplm export directory, or a model (a trained
     student, or a float model quantized post-training with `export_kwargs` as in `export_model`),
     exported to the packed format first in a temporary directory."""
@@ -475,7 +452,7 @@ def export_onnx(source: Any, out_dir: str | Path, tokenizer: Any = None, *, bloc
                              lambda d: _from_dir(d, out, block_size, accuracy_level), "qgplm-onnx-")
 
 
-def _from_dir(export_dir: Path, out: Path, block_size: int, accuracy_level: int) -> OnnxReport:
+def _from_dir(export_dir: Path, out: Path, block_size: int, accuracy_level: int) -> ExportReport:
     onnx = _onnx()
     from onnx import helper
     from transformers import AutoConfig
@@ -521,8 +498,13 @@ def _from_dir(export_dir: Path, out: Path, block_size: int, accuracy_level: int)
     data = out / DATA_FILE
     if data.exists():
         data.chmod(0o644)  # onnx writes it owner-only; it is as public as model.onnx
-    graphs = sum((out / f).stat().st_size for f in (ONNX_FILE, PAST_FILE) if (out / f).exists())
-    return OnnxReport(str(out), graphs, data.stat().st_size if data.exists() else 0, manifest["size"]["fp32_bytes"])
+    files = {f: (out / f).stat().st_size for f in (ONNX_FILE, PAST_FILE, DATA_FILE) if (out / f).exists()}
+    # the MatMulNBits B and scales of every packed tensor the graphs read (3-bit codes held as 4-bit)
+    quant = [(n * k, b.nbytes + s.nbytes) for b, s, n, k, *_ in packed_arrays.values()]
+    weights = sum(math.prod(e["shape"]) for e in manifest["packed"].values())
+    weights += sum(tensors[key].numel() for key in manifest["fp"])
+    return ExportReport(str(out), "onnx", files, manifest["size"]["fp32_bytes"], weights=weights,
+                        quant_weights=sum(w for w, _ in quant), quant_bytes=sum(b for _, b in quant))
 
 
-__all__ = ["DATA_FILE", "ONNX_FILE", "PAST_FILE", "OnnxReport", "SUPPORTED", "check_supported", "export_onnx"]
+__all__ = ["DATA_FILE", "ONNX_FILE", "PAST_FILE", "SUPPORTED", "check_supported", "export_onnx"]

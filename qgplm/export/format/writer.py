@@ -14,7 +14,7 @@ output bit for bit, which is what makes the loaded model's logits identical to t
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,38 +25,12 @@ from torch import Tensor, nn
 from qgplm.errors import QgplmError
 from qgplm.export.format.manifest import MANIFEST, WEIGHTS, empty_out_dir, write_manifest
 from qgplm.export.format.pack import pack_codes, packed_nbytes
+from qgplm.export.format.report import ExportReport
 from qgplm.quant.api import IdentityQuantizer, initialize_quantizers, oriented_weight, quantize_model
 from qgplm.quant.modules import QUANT_MODULES, KernelLayer, QuantConv1D, QuantEmbedding, QuantLinear
 from qgplm.quant.quantizers import ActivationQuantizer, WeightQuantizer
 from qgplm.quant.recipe import QuantConfig
 from qgplm.quant.registry import kind_of
-from qgplm.quant.size import MIB
-
-
-@dataclass
-class ExportReport:
-    """Byte counts of an export. `fp32_bytes`: the same tensors (deduplicated) all in FP32."""
-
-    out_dir: str
-    codes_bytes: int
-    scales_bytes: int
-    fp_bytes: int
-    file_bytes: int
-    fp32_bytes: int
-
-    @property
-    def ratio(self) -> float:
-        return self.fp32_bytes / self.file_bytes
-
-    def table(self) -> str:
-        rows = [("packed codes", self.codes_bytes), ("scales", self.scales_bytes),
-                ("FP tensors", self.fp_bytes), (f"{WEIGHTS} on disk", self.file_bytes),
-                ("FP32 tensors (reference)", self.fp32_bytes)]
-        lines = [f"{name:<28}{b / MIB:>10.2f} MiB" for name, b in rows]
-        return "\n".join(lines + [f"{'compression':<28}{self.ratio:>10.2f} x"])
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ratio": self.ratio}
 
 
 def _is_quantizer(mod: nn.Module) -> bool:
@@ -151,6 +125,8 @@ class _Contents:
     scales_bytes: int = 0
     fp_bytes: int = 0
     fp32_bytes: int = 0
+    weights: int = 0  # elements of every stored tensor
+    quant_weights: int = 0  # elements of the packed ones
 
     def add_packed(self, key: str, codes: Tensor, step: Tensor, bits: int, **record: Any) -> None:
         self.tensors[f"{key}.codes"] = pack_codes(codes, bits)
@@ -158,6 +134,7 @@ class _Contents:
         self.packed[key] = {"bits": bits, "shape": list(codes.shape), **record, "aliases": self.groups[key]}
         self.codes_bytes += packed_nbytes(codes.numel(), bits)
         self.scales_bytes += step.numel() * 4
+        self.quant_weights += codes.numel()
 
 
 def _exports_codes(q: WeightQuantizer) -> bool:
@@ -203,6 +180,7 @@ def _store_other_tensors(unique: dict[str, Tensor], positions: set[str], fp16: b
 
     for key, t in unique.items():
         out.fp32_bytes += t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size()
+        out.weights += t.numel()
         if key in out.packed:
             continue
         t = t.detach()
@@ -268,8 +246,11 @@ def export_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *
     _pack_quantized_layers(model, key_of, contents)
     _store_other_tensors(unique, _position_keys(model, key_of) if position_bits else set(), fp16, contents)
     _write_files(model, out, contents.tensors, tokenizer)
-    report = ExportReport(str(out), contents.codes_bytes, contents.scales_bytes, contents.fp_bytes,
-                          (out / WEIGHTS).stat().st_size, contents.fp32_bytes)
+    report = ExportReport(str(out), "qgplm", {WEIGHTS: (out / WEIGHTS).stat().st_size}, contents.fp32_bytes,
+                          weights=contents.weights, quant_weights=contents.quant_weights,
+                          quant_bytes=contents.codes_bytes + contents.scales_bytes,
+                          codes_bytes=contents.codes_bytes, scales_bytes=contents.scales_bytes,
+                          fp_bytes=contents.fp_bytes)
     options = {"position_bits": position_bits, "fp16": fp16}
     write_manifest(out, _manifest(model, contents, report, options, tokenizer))
     return report
@@ -292,4 +273,4 @@ def _position_keys(model: nn.Module, key_of: dict[tuple, str]) -> set[str]:
     return out
 
 
-__all__ = ["ExportReport", "MANIFEST", "export_model"]
+__all__ = ["MANIFEST", "export_model"]
