@@ -82,6 +82,7 @@ def test_console_shows_each_log_line_once_and_no_tips(tmp_path):
     assert "INFO: " not in console
     assert "Tip:" not in console and "litlogger" not in console
     assert "LeafSpec" not in console
+    assert "in eval mode at the start of training" not in console  # the frozen teacher, on purpose
     assert "ModelCheckpoint" not in console  # the test step gets the best checkpoint's path, not "best"
     run_log = (tmp_path / "run.log").read_text()
     assert run_log.count("Seed set to") == 1 and run_log.count("GPU available:") == 2
@@ -152,3 +153,39 @@ def test_quiet_console_drops_handlers_left_on_closed_streams():
     finally:
         logger.removeHandler(live)
         logger.removeHandler(stale)
+
+
+@pytest.mark.parametrize("student_eval, shown", [(False, False), (True, True)])
+def test_eval_mode_warning_hidden_only_for_the_frozen_teacher(student_eval, shown):
+    """Lightning's "Found N module(s) in eval mode" is dropped when the eval-mode modules are the
+    teacher's, and still shown when a student module is in eval mode too."""
+    import warnings
+
+    import lightning.pytorch as pl
+    import torch
+
+    from qgplm.train.console import eval_mode_teacher_expected
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.student, self.teacher = torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2))
+            self.teacher.eval()
+
+        def training_step(self, batch, _):
+            return self.student(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.student.parameters(), lr=0.1)
+
+    module = Tiny()
+    module.student.train(not student_eval)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 2)), batch_size=2)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with eval_mode_teacher_expected(module):
+            trainer.fit(module, loader)
+    found = [str(w.message) for w in caught if "in eval mode at the start of training" in str(w.message)]
+    assert bool(found) == shown, found

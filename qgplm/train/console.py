@@ -16,12 +16,20 @@ Why each step:
 - `lightning.pytorch.utilities._pytree` still uses torch's deprecated `LeafSpec` (a FutureWarning
   on every fit), which a qgplm user cannot change: ignored by its exact message, category and the
   module it is reported from, not globally.
+- Lightning warns at every fit start that "Found N module(s) in eval mode": in distillation that is
+  the frozen teacher, in eval mode on purpose (dropout off). `eval_mode_teacher_expected` silences
+  the warning around the student's fit when, and only when, every eval-mode module is the teacher's,
+  so a student module left in eval mode by mistake is still reported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
+
+from torch import nn
 
 # Loggers that `import lightning` gives a console handler of their own.
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
@@ -74,3 +82,18 @@ def quiet_console() -> None:
     logging.getLogger(_RANK_ZERO_LOGGER).addFilter(_DROP_TIPS)  # addFilter skips a filter already there
     for message, module, category in UNACTIONABLE_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+@contextlib.contextmanager
+def eval_mode_teacher_expected(module: nn.Module, teacher: str = "teacher") -> Iterator[None]:
+    """Around `trainer.fit(module)`: ignore Lightning's eval-mode warning if every module in eval
+    mode is `module.<teacher>` or below it (the frozen teacher); otherwise it is shown as usual."""
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+    others = [name for name, m in module.named_modules()
+              if not m.training and name != teacher and not name.startswith(f"{teacher}.")]
+    with warnings.catch_warnings():
+        if not others:
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
+                                    category=PossibleUserWarning)
+        yield

@@ -52,6 +52,7 @@ from qgplm.train.callbacks import (
 )
 from qgplm.train.checkpoint_io import AtomicCheckpointIO
 from qgplm.train.config import RunConfig, StageConfig
+from qgplm.train.console import eval_mode_teacher_expected
 from qgplm.train.distributed import global_rank, is_launched_rank
 from qgplm.train.loggers import build_loggers, finish_loggers, wandb_runs
 from qgplm.train.module import DistillModule, LMModule, TeacherModule
@@ -209,7 +210,8 @@ def train_student(runner: StageRunner, teacher: torch.nn.Module, dm: Any, evalua
     trainer = runner.trainer("student", cfg.student, extra)
     fitted = cfg.student.max_steps > 0
     if fitted:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+        with eval_mode_teacher_expected(module):
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     else:  # student.max_steps=0: post-training quantization, each quantizer's initial scale, no optimizer step
         initialize_quantizers(student)
     test = runner.test(trainer, module, dm, fitted=fitted)
