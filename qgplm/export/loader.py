@@ -18,8 +18,10 @@ Checksums are verified before any tensor is read.
 Memory: no mode ever holds the float model. The model is built with its parameters on the meta
 device (skeleton.py), then filled tensor by tensor from the memory-mapped file (safetensors'
 `safe_open`): FP tensors (LayerNorms, biases, position embeddings) are copied out, dequantize mode
-rebuilds each float weight from its codes one at a time, and int8 / lowbit decode each packed tensor
-only when its kernel layer is built, dropping the int8 codes as soon as no layer holds them. So
+rebuilds each float weight from its codes one at a time, a block of rows at a time straight into
+the weight (`dequantize_rows`), lowbit packs each block of rows straight into its kernel's layout,
+and int8 decodes each packed tensor only when its kernel layer is built, dropping the int8 codes as
+soon as no layer holds them. So
 the peak while loading stays close to the loaded model (experiments/bench_export.py --memory-only,
 docs/deploy.md "Loading memory").
 """
