@@ -176,3 +176,82 @@ def test_leftover_meta_tensor_is_refused():
         m = nn.Linear(4, 4)
     with pytest.raises(QgplmError, match="not filled from the export.*weight"):
         check_materialised(m, "load")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_packed_codes_decode_any_row_range(bits):
+    """PackedCodes' row blocks are the matching rows of the whole tensor's unpack_codes, for row
+    widths whose rows do not start on a byte (3-bit codes, 13 per row)."""
+    from qgplm.export.format.pack import PackedCodes, code_range, pack_codes, unpack_codes
+
+    lo, hi = code_range(bits)
+    codes = torch.randint(lo, hi + 1, (11, 13), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    pc = PackedCodes(packed, bits, [11, 13])
+    assert torch.equal(pc.full().long(), codes)
+    assert torch.equal(unpack_codes(packed, bits, codes.numel()).view(11, 13), pc.full())
+    for start, stop in ((0, 11), (0, 1), (3, 4), (5, 11), (7, 9), (10, 11), (4, 4)):
+        assert torch.equal(pc[start:stop].long(), codes[start:stop]), (start, stop)
+    with pytest.raises(QgplmError, match="corrupt"):
+        PackedCodes(packed[:-1], bits, [11, 13])
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_dequantize_rows_is_bit_identical(per_row, transposed):
+    """Built a few rows at a time into the final layout, the weight equals codes.to(float) * step
+    (then transposed) bit for bit."""
+    from qgplm.export.format.pack import PackedCodes, pack_codes
+
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(-2, 2, (37, 24), generator=g)
+    step = torch.rand(37, 1, generator=g) * 0.1 if per_row else torch.tensor(0.0371)
+    pc = PackedCodes(pack_codes(codes, 2), 2, [37, 24])
+    want = L.dequantize(codes.to(torch.int8), step)
+    want = want.t().contiguous() if transposed else want
+    for block in (None, 8, 5):
+        got = L.dequantize_rows(pc, step, transposed, block_rows=block)
+        assert got.is_contiguous() and got.shape == want.shape
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), block
+
+
+class WrittenTensors(TorchDispatchMode):
+    """The largest element count of any tensor an op writes, per dtype (allocations by `empty` and
+    views excluded, as in MaterialisedFloats)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest: dict[torch.dtype, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        view = not schema.is_mutable and any(r.alias_info is not None for r in schema.returns)
+        if str(func.name()).removeprefix("aten::") not in _EMPTY and not view:
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                    self.largest[t.dtype] = max(self.largest.get(t.dtype, 0), t.numel())
+        return out
+
+
+@pytest.mark.parametrize("mode", ["dequantize", "lowbit"])
+def test_tables_are_decoded_a_block_of_rows_at_a_time(exports, mode, monkeypatch):
+    """With blocks smaller than the largest table (the tied embedding), no op ever writes the whole
+    table's codes (int8 / int16) nor a whole float copy of it in the dequantize and lowbit modes,
+    and the logits are unchanged (dequantize mode: the student's, bit for bit)."""
+    import qgplm.export.format.pack as pack
+    import qgplm.export.runtimes.lowbit as lowbit
+
+    d, s = exports["gpt2"]
+    _, manifest = read_manifest(d)
+    table = max(e["shape"][0] * e["shape"][1] for e in manifest["packed"].values())
+    want = logits(load_quantized(d, mode), "gpt2", IDS)
+    monkeypatch.setattr(pack, "_CHUNK", 64)
+    monkeypatch.setattr(lowbit, "_ROWS", 8)
+    with WrittenTensors() as seen:
+        model = load_quantized(d, mode)
+    for dtype in (torch.int8, torch.int16, torch.float32):
+        assert seen.largest.get(dtype, 0) < table, (dtype, seen.largest, table)
+    assert torch.equal(logits(model, "gpt2", IDS), want)
+    if mode == "dequantize":
+        assert torch.equal(want, logits(s, "gpt2", IDS))

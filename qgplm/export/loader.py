@@ -18,8 +18,10 @@ Checksums are verified before any tensor is read.
 Memory: no mode ever holds the float model. The model is built with its parameters on the meta
 device (skeleton.py), then filled tensor by tensor from the memory-mapped file (safetensors'
 `safe_open`): FP tensors (LayerNorms, biases, position embeddings) are copied out, dequantize mode
-rebuilds each float weight from its codes one at a time, and int8 / lowbit decode each packed tensor
-only when its kernel layer is built, dropping the int8 codes as soon as no layer holds them. So
+rebuilds each float weight from its codes one at a time, a block of rows at a time straight into
+the weight (`dequantize_rows`), lowbit packs each block of rows straight into its kernel's layout,
+and int8 decodes each packed tensor only when its kernel layer is built, dropping the int8 codes as
+soon as no layer holds them. So
 the peak while loading stays close to the loaded model (experiments/bench_export.py --memory-only,
 docs/deploy.md "Loading memory").
 """
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ from transformers import AutoConfig
 import qgplm.quant.attention  # noqa: F401  (registers the quantized attention implementation)
 from qgplm.errors import QgplmError
 from qgplm.export.format.manifest import WEIGHTS, read_manifest, verify_checksums
-from qgplm.export.format.pack import unpack_codes
+from qgplm.export.format.pack import PackedCodes, unpack_codes
 from qgplm.export.format.skeleton import check_materialised, parameters_on_meta
 from qgplm.export.runtimes.heap import release_freed_heap
 from qgplm.quant.api import IdentityQuantizer, quantize_attention_inputs
@@ -146,7 +148,9 @@ class _LazyCodes:
     """{packed key: (int8 codes, step)}, decoded from the file on first use and held only as long
     as a layer holds them (a weak reference): the kernel layers are built one by one, so the int8
     codes of the whole model never sit in memory together, while a table shared by several layers
-    (a tied LM head and its embedding in int8 mode) is decoded once and stays one tensor."""
+    (a tied LM head and its embedding in int8 mode) is decoded once and stays one tensor.
+    `rows(key)` gives the codes undecoded (PackedCodes), for consumers that take them a block of
+    rows at a time (dequantize mode, the low-bit kernels)."""
 
     def __init__(self, tensors: _TensorFile, manifest: dict[str, Any], steps: dict[str, Tensor]):
         self._tensors, self._packed, self._steps = tensors, manifest["packed"], steps
@@ -156,12 +160,37 @@ class _LazyCodes:
         ref = self._held.get(key)
         codes = None if ref is None else ref()
         if codes is None:
-            codes, _ = decode(self._tensors, key, self._packed[key])
+            codes = self.rows(key)[0].full()
             self._held[key] = weakref.ref(codes)
         return codes, self._steps[key]
 
+    def rows(self, key: str) -> tuple[PackedCodes, Tensor]:
+        entry = self._packed[key]
+        try:
+            packed = self._tensors[f"{key}.codes"]
+        except KeyError:
+            raise QgplmError(f"{WEIGHTS} has no codes/scale for {key}: the export is corrupt, "
+                             f"export it again") from None
+        return PackedCodes(packed, entry["bits"], entry["shape"]), self._steps[key]
+
     def step(self, key: str) -> Tensor:
         return self._steps[key]
+
+
+class _RowCodes(Mapping):
+    """{packed key: (PackedCodes, step)} over a _LazyCodes: what the low-bit kernels take."""
+
+    def __init__(self, codes_of: _LazyCodes):
+        self._codes_of = codes_of
+
+    def __getitem__(self, key: str) -> tuple[PackedCodes, Tensor]:
+        return self._codes_of.rows(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._codes_of._packed)
+
+    def __len__(self) -> int:
+        return len(self._codes_of._packed)
 
 
 def read_tensors(export_dir: Path) -> dict[str, Tensor]:
@@ -190,6 +219,29 @@ def dequantize(codes: Tensor, step: Tensor) -> Tensor:
     """codes * step: the same float op as the quantizers' forward (`codes * (alpha / n)`),
     done in place on the converted codes (same IEEE products, one allocation)."""
     return codes.to(step.dtype).mul_(step)
+
+
+def dequantize_rows(codes: PackedCodes, step: Tensor, transposed: bool = False,
+                    block_rows: int | None = None) -> Tensor:
+    """`dequantize(codes, step)` (then `.t().contiguous()` if `transposed`), built a block of rows
+    at a time straight into the one float tensor returned: each block's int8 codes are converted
+    into their place and multiplied there by their rows' step, the same IEEE products as the whole
+    tensor's `codes.to(dtype).mul_(step)`. The float weight is the only large allocation: no int8
+    copy of the whole tensor and no second float copy for the transposition, so loading leaves no
+    heap holes the size of a weight behind (glibc would keep them resident)."""
+    rows = codes.shape[0]
+    if transposed:
+        out = torch.empty(codes.shape[::-1], dtype=step.dtype)
+        view = out.t()
+    else:
+        out = view = torch.empty(codes.shape, dtype=step.dtype)
+    per_row = step.numel() > 1  # [rows, 1]: each block takes its own rows' steps
+    block = block_rows or codes.block_rows()
+    for start in range(0, rows, block):
+        part = view[start:start + block]
+        part.copy_(codes[start:start + block])
+        part.mul_(step[start:start + block] if per_row else step)
+    return out
 
 
 def _int8_keys(manifest: dict[str, Any]) -> set[str]:
@@ -257,9 +309,7 @@ def _state_dict_of(tensors: _TensorFile, manifest: dict[str, Any], skip: set[str
         if key in skip:  # the layer is replaced by a kernel one after loading
             w = torch.empty(shape, dtype=codes_of.step(key).dtype, device="meta")
         else:
-            w = dequantize(*codes_of[key])
-            if entry["transposed"]:
-                w = w.t().contiguous()
+            w = dequantize_rows(*codes_of.rows(key), transposed=entry["transposed"])
         for alias in entry["aliases"]:
             state[alias] = w
     for key, entry in manifest["fp"].items():
@@ -282,7 +332,9 @@ def _convert_to_kernels(model: nn.Module, mode: str, manifest: dict[str, Any],
         from qgplm.export.runtimes.lowbit import convert_lowbit
 
         bits_of = {key: entry["bits"] for key, entry in manifest["packed"].items()}
-        convert_lowbit(model, codes_of, bits_of, **kernel_options)
+        # the low-bit kernels pack the codes a block of rows at a time: no whole int8 table
+        rows = _RowCodes(codes_of) if isinstance(codes_of, _LazyCodes) else codes_of
+        convert_lowbit(model, rows, bits_of, **kernel_options)
     for name, key in tables.items():
         model.set_submodule(name, Int8Embedding(*codes_of[key], model.get_submodule(name).padding_idx, None),
                             strict=True)

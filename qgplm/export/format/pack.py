@@ -14,6 +14,7 @@ full [-2^(b-1), 2^(b-1) - 1]; both fit.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -103,3 +104,51 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
     weights = (torch.ones(bits, dtype=torch.int16) << torch.arange(bits, dtype=torch.int16))
     u = (stream.to(torch.int16) * weights).sum(dim=1)
     return (u.to(torch.int16) + lo).to(torch.int8)
+
+
+class PackedCodes:
+    """The codes of one packed tensor, [rows, ...], decoded a block of rows at a time (`codes[a:b]`).
+
+    Loading decodes every table through this, never as a whole: a row block's int8 codes are
+    written straight into their destination (a float weight, a kernel's packed layout) and freed, so
+    no full-size int8 (or int16, or float) copy of a large table is made on the way, and the heap
+    holds no large temporary that glibc would keep resident as a hole. `full()` decodes it all
+    (int8 mode keeps the int8 codes themselves)."""
+
+    def __init__(self, packed: Tensor, bits: int, shape: list[int] | tuple[int, ...]):
+        _check_bits(bits)
+        self.shape = torch.Size(shape)
+        self.bits = bits
+        self.numel = self.shape.numel()
+        self._row = self.numel // self.shape[0] if self.shape and self.shape[0] else 0
+        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(self.numel, bits):
+            raise QgplmError(f"packed tensor has {packed.numel()} bytes, expected {packed_nbytes(self.numel, bits)} "
+                             f"for {self.numel} {bits}-bit codes: the export is corrupt, export the model again")
+        self._packed = packed
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        """int8 codes of rows [start, stop) (a slice with step 1)."""
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("PackedCodes decodes contiguous row ranges only: codes[start:stop]")
+        start, stop, _ = rows.indices(self.shape[0])
+        stop = max(stop, start)
+        first, last = start * self._row, stop * self._row
+        # the stream's byte boundaries fall every 8 / gcd(8, bits) codes: start at the one before `first`
+        align = 8 // math.gcd(8, self.bits)
+        lead = first % align
+        count = last - first + lead
+        byte = (first - lead) * self.bits // 8
+        codes = unpack_codes(self._packed[byte:byte + packed_nbytes(count, self.bits)], self.bits, count)
+        return codes[lead:].view(stop - start, *self.shape[1:])
+
+    def full(self) -> Tensor:
+        """All the codes as one int8 tensor of `shape`."""
+        return unpack_codes(self._packed, self.bits, self.numel).view(self.shape)
+
+    def block_rows(self, elements: int | None = None) -> int:
+        """Rows per block so that a block holds about `elements` codes (default: as many as
+        unpack_codes decodes per step; at least one row)."""
+        return max(1, (_CHUNK if elements is None else elements) // max(1, self._row))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qgplm.errors import QgplmError, optional_module
-from qgplm.export.format.pack import row_steps
+from qgplm.export.format.pack import PackedCodes, row_steps
 from qgplm.export.runtimes.heap import release_freed_heap
 from qgplm.quant.modules import KernelLayer
 
@@ -59,8 +60,9 @@ def kernel_bits(bits: int) -> int:
     raise QgplmError(f"{bits}-bit weights cannot run on the low-bit kernel: supported are 2..8 bits")
 
 
-def pack_rows(codes: Tensor, bits: int, block_size: int) -> np.ndarray:
-    """MatMulNBits' B: uint8 [N, blocks, block_size * bits / 8] from signed codes [N, K].
+def pack_rows(codes: Tensor | PackedCodes, bits: int, block_size: int) -> np.ndarray:
+    """MatMulNBits' B: uint8 [N, blocks, block_size * bits / 8] from signed codes [N, K] (a tensor, or
+    an export's PackedCodes, decoded here a block of rows at a time).
 
     Each row is cut into blocks of `block_size` codes (the last one padded with the zero point, so
     the padding dequantizes to 0); within a block, code j sits in bits [(j % per) * bits, ...) of
@@ -71,13 +73,14 @@ def pack_rows(codes: Tensor, bits: int, block_size: int) -> np.ndarray:
     blocks = -(-k // block_size)
     per = 8 // bits
     out = torch.empty(n, blocks, block_size // per, dtype=torch.uint8)
-    # a block of rows at a time: the int16 temporaries are 2-4x the codes (GPT-2's tied LM head: 147 MiB)
+    # a block of rows at a time: the int16 temporaries are 2-4x the codes (GPT-2's tied LM head: 147 MiB),
+    # and an export's codes are only ever decoded a block at a time
     for start in range(0, n, _ROWS):
         out[start:start + _ROWS] = _pack_block(codes[start:start + _ROWS], bits, blocks, block_size)
     return out.numpy()
 
 
-_ROWS = 4096
+_ROWS = 1024  # rows per block: about 1 M codes of a 768-wide layer, a few MiB of temporaries
 
 
 def _pack_block(codes: Tensor, bits: int, blocks: int, block_size: int) -> Tensor:
@@ -139,7 +142,7 @@ def write_external(f, arrays: list[np.ndarray], offset: int) -> list[int]:
     for arr in arrays:
         offset = -(-offset // _ALIGN) * _ALIGN
         f.seek(offset)
-        f.write(np.ascontiguousarray(arr).tobytes())
+        f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))  # no bytes copy of the array
         offsets.append(offset)
         offset += arr.nbytes
     return offsets
@@ -198,7 +201,8 @@ class LowBitLinear(KernelLayer):
 
     mode = "lowbit"
 
-    def __init__(self, codes: Tensor, step: Tensor, bits: int, bias: Tensor | None, factory: _SessionFactory,
+    def __init__(self, codes: Tensor | PackedCodes, step: Tensor, bits: int, bias: Tensor | None,
+                 factory: _SessionFactory,
                  block_size: int = DEFAULT_BLOCK, accuracy_level: int = DEFAULT_ACCURACY_LEVEL):
         super().__init__()
         self.out_features, self.in_features = codes.shape
@@ -230,7 +234,7 @@ class LowBitEmbedding(KernelLayer):
 
     mode = "lowbit"
 
-    def __init__(self, codes: Tensor, step: Tensor, bits: int, padding_idx: int | None,
+    def __init__(self, codes: Tensor | PackedCodes, step: Tensor, bits: int, padding_idx: int | None,
                  embed_scale: float | Tensor | None, packed: Tensor | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = codes.shape
@@ -263,7 +267,8 @@ class LowBitEmbedding(KernelLayer):
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits} (packed)"
 
 
-def convert_lowbit(model: nn.Module, codes_of: dict[str, tuple[Tensor, Tensor]], bits_of: dict[str, int], *,
+def convert_lowbit(model: nn.Module, codes_of: Mapping[str, tuple[Tensor | PackedCodes, Tensor]],
+                   bits_of: dict[str, int], *,
                    block_size: int = DEFAULT_BLOCK, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
                    threads: int | None = None) -> nn.Module:
     """Replace the loaded quantized layers by low-bit ones in place: every quantized linear layer
