@@ -1,7 +1,7 @@
 """Benchmark: the embedded default run (`python -m qgplm.run`), wall time and figures.
 
 Runs the default pipeline `--repeats` times in fresh processes (each in its own run dir) and
-prints a markdown table from each run's metrics.json. Target of issue #2: under 3 minutes on
+prints a markdown table from each run's metrics.json. Target: under 3 minutes on
 2 CPU cores, end to end (start-up, corpus generation, teacher, student, evaluation).
 
     python experiments/bench_default.py [--repeats 1] [extra Hydra overrides ...]

@@ -1,4 +1,4 @@
-"""The fair comparison of issue #3: one teacher, every method at the same budget, one table.
+"""The fair comparison: one teacher, every method at the same budget, one table.
 
     python experiments/compare.py --experiment wt2_small --bits 2 [--ablations]
     python experiments/compare.py --experiment wt2_small --bits 4,8

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check of the GPU path (issue #16), about 10 minutes on one GPU. Needs only this repo
+# One prepared GPU check of the GPU path, about 10 minutes on one GPU. Needs only this repo
 # and the machine's own CUDA PyTorch: no downloads. What the machine lacks travels with the repo in
 # .gpu_bundle/ (ignored by git), made here by `make gpu-bundle`:
 #   - wheels/: qgplm's Python dependencies missing from a bare CUDA image (hydra-core, omegaconf,

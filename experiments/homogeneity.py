@@ -1,4 +1,4 @@
-"""Token homogeneity of the teacher and of each trained student of a comparison (issue #3; docs/method.md).
+"""Token homogeneity of the teacher and of each trained student of a comparison (docs/method.md).
 
     python experiments/homogeneity.py experiments/results/wt2_small [--windows 16]
 
