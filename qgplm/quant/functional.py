@@ -115,6 +115,12 @@ def dynamic_scale_codes(w: Tensor, gamma: Tensor, bits: int, per_row: bool = Fal
 ACTIVATION_GRANULARITIES = ("tensor", "token")
 
 
+def check_granularity(granularity: str) -> None:
+    """ValueError unless `granularity` is one of ACTIVATION_GRANULARITIES."""
+    if granularity not in ACTIVATION_GRANULARITIES:
+        raise ValueError(f"granularity must be one of {ACTIVATION_GRANULARITIES}, got {granularity!r}")
+
+
 def minmax_activation_codes(x: Tensor, bits: int = 8, symmetric: bool = False,
                             mask: Tensor | None = None,
                             granularity: str = "tensor") -> tuple[Tensor, Tensor, Tensor]:
@@ -136,42 +142,20 @@ def minmax_activation_codes(x: Tensor, bits: int = 8, symmetric: bool = False,
     a pad key's probability is 0 and would otherwise widen the row's range); a row with no True
     element takes its whole range.
     """
-    if granularity == "token":
-        return _minmax_codes_per_token(x, bits, symmetric, mask)
-    if granularity != "tensor":
-        raise ValueError(f"granularity must be one of {ACTIVATION_GRANULARITIES}, got {granularity!r}")
+    check_granularity(granularity)
+    # the reductions that set a range: over everything, or over each row's last dimension
+    over = {"dim": -1, "keepdim": True} if granularity == "token" else {}
     if mask is not None:
-        mask = mask | ~mask.any()  # no real element: the whole tensor (no sync, no empty reduction)
+        mask = mask | ~mask.any(**over)  # no real element: the whole tensor / row (no sync, no empty reduction)
     if symmetric:
         n = levels(bits)
-        amax = x.abs().amax() if mask is None else x.abs().masked_fill(~mask, 0).amax()
+        amax = x.abs().amax(**over) if mask is None else x.abs().masked_fill(~mask, 0).amax(**over)
         step = (amax / n).clamp_min(EPS)
-        return torch.clamp(torch.round(x / step), -n, n), step, torch.zeros((), dtype=x.dtype, device=x.device)
-    if mask is None:
-        lo, hi = torch.aminmax(x)  # the same values as amin() / amax(), one pass
-    else:
-        lo, hi = x.masked_fill(~mask, float("inf")).amin(), x.masked_fill(~mask, float("-inf")).amax()
-    qmax = 2**bits - 1
-    step = ((hi - lo) / qmax).clamp_min(EPS)
-    zero = torch.round(-lo / step)
-    return torch.clamp(torch.round(x / step) + zero, 0, qmax), step, zero
-
-
-def _minmax_codes_per_token(x: Tensor, bits: int, symmetric: bool,
-                            mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """`minmax_activation_codes` with one range per row of the last dimension (the same formulas)."""
-    if mask is not None:
-        mask = mask | ~mask.any(dim=-1, keepdim=True)  # a row with no real element: the whole row
-    if symmetric:
-        n = levels(bits)
-        a = x.abs() if mask is None else x.abs().masked_fill(~mask, 0)
-        step = (a.amax(dim=-1, keepdim=True) / n).clamp_min(EPS)
         return torch.clamp(torch.round(x / step), -n, n), step, torch.zeros_like(step)
     if mask is None:
-        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+        lo, hi = torch.aminmax(x, **over)  # the same values as amin() / amax(), one pass
     else:
-        lo = x.masked_fill(~mask, float("inf")).amin(dim=-1, keepdim=True)
-        hi = x.masked_fill(~mask, float("-inf")).amax(dim=-1, keepdim=True)
+        lo, hi = x.masked_fill(~mask, float("inf")).amin(**over), x.masked_fill(~mask, float("-inf")).amax(**over)
     qmax = 2**bits - 1
     step = ((hi - lo) / qmax).clamp_min(EPS)
     zero = torch.round(-lo / step)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from qgplm.quant.functional import (
-    ACTIVATION_GRANULARITIES,
+    check_granularity,
     dynamic_scale_codes,
     dynamic_scale_quantize,
     minmax_activation_quantize,
@@ -229,8 +229,7 @@ class ActivationQuantizer(nn.Module):
 
     def __init__(self, bits: int = 8, symmetric: bool = False, granularity: str = "tensor"):
         super().__init__()
-        if granularity not in ACTIVATION_GRANULARITIES:
-            raise ValueError(f"granularity must be one of {ACTIVATION_GRANULARITIES}, got {granularity!r}")
+        check_granularity(granularity)
         self.bits = int(bits)
         self.symmetric = symmetric
         self.granularity = granularity
