@@ -44,7 +44,7 @@ from transformers import AutoConfig
 import qgplm.quant.attention  # noqa: F401  (registers the quantized attention implementation)
 from qgplm.errors import QgplmError
 from qgplm.export.format.manifest import WEIGHTS, read_manifest, verify_checksums
-from qgplm.export.format.pack import PackedCodes, unpack_codes
+from qgplm.export.format.pack import PackedCodes
 from qgplm.export.format.skeleton import check_materialised, parameters_on_meta
 from qgplm.export.runtimes.heap import release_freed_heap
 from qgplm.quant.api import IdentityQuantizer, quantize_attention_inputs
@@ -165,13 +165,7 @@ class _LazyCodes:
         return codes, self._steps[key]
 
     def rows(self, key: str) -> tuple[PackedCodes, Tensor]:
-        entry = self._packed[key]
-        try:
-            packed = self._tensors[f"{key}.codes"]
-        except KeyError:
-            raise QgplmError(f"{WEIGHTS} has no codes/scale for {key}: the export is corrupt, "
-                             f"export it again") from None
-        return PackedCodes(packed, entry["bits"], entry["shape"]), self._steps[key]
+        return packed_codes(self._tensors, key, self._packed[key]), self._steps[key]
 
     def step(self, key: str) -> Tensor:
         return self._steps[key]
@@ -202,17 +196,22 @@ def read_tensors(export_dir: Path) -> dict[str, Tensor]:
         raise QgplmError(f"cannot read {export_dir / WEIGHTS} ({e}): export the model again") from None
 
 
+def _stored(tensors: Mapping[str, Tensor] | _TensorFile, key: str, part: str) -> Tensor:
+    """The `codes` or `scale` tensor of the packed tensor `key`; one error line if the file lacks it."""
+    name = f"{key}.{part}"
+    if name not in tensors:
+        raise QgplmError(f"{WEIGHTS} has no codes/scale for {key}: the export is corrupt, export it again")
+    return tensors[name]
+
+
+def packed_codes(tensors: Mapping[str, Tensor] | _TensorFile, key: str, entry: dict[str, Any]) -> PackedCodes:
+    """The codes of one packed tensor, undecoded, in the quantizer's orientation."""
+    return PackedCodes(_stored(tensors, key, "codes"), entry["bits"], entry["shape"])
+
+
 def decode(tensors: dict[str, Tensor], key: str, entry: dict[str, Any]) -> tuple[Tensor, Tensor]:
     """(int8 codes in the quantizer's orientation, step) of one packed tensor."""
-    shape = entry["shape"]
-    numel = 1
-    for s in shape:
-        numel *= s
-    try:
-        packed, step = tensors[f"{key}.codes"], tensors[f"{key}.scale"]
-    except KeyError:
-        raise QgplmError(f"{WEIGHTS} has no codes/scale for {key}: the export is corrupt, export it again") from None
-    return unpack_codes(packed, entry["bits"], numel).view(shape), step
+    return packed_codes(tensors, key, entry).full(), _stored(tensors, key, "scale")
 
 
 def dequantize(codes: Tensor, step: Tensor) -> Tensor:
@@ -292,9 +291,7 @@ def _steps_of(tensors: _TensorFile, manifest: dict[str, Any]) -> dict[str, Tenso
     """{packed key: its step} (owned copies: a few floats per tensor, or one per row)."""
     steps = {}
     for key in manifest["packed"]:
-        if f"{key}.scale" not in tensors:
-            raise QgplmError(f"{WEIGHTS} has no codes/scale for {key}: the export is corrupt, export it again")
-        steps[key] = tensors[f"{key}.scale"].clone()
+        steps[key] = _stored(tensors, key, "scale").clone()
     return steps
 
 

@@ -84,12 +84,17 @@ def _byte_table(bits: int) -> Tensor:
     return (((byte >> shifts) & ((1 << bits) - 1)) + lo).to(torch.int8)
 
 
-def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
-    """Inverse of `pack_codes`: the first `numel` codes as a flat int8 tensor."""
+def _check_packed(packed: Tensor, bits: int, numel: int) -> None:
+    """One error line unless `packed` is the uint8 stream of `numel` `bits`-bit codes."""
     _check_bits(bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(numel, bits):
         raise QgplmError(f"packed tensor has {packed.numel()} bytes, expected {packed_nbytes(numel, bits)} for "
                          f"{numel} {bits}-bit codes: the export is corrupt, export the model again")
+
+
+def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of `pack_codes`: the first `numel` codes as a flat int8 tensor."""
+    _check_packed(packed, bits, numel)
     lo, _ = code_range(bits)
     if 8 % bits == 0:  # one table lookup per byte: byte -> its 8/b codes
         table = _byte_table(bits)
@@ -116,14 +121,11 @@ class PackedCodes:
     (int8 mode keeps the int8 codes themselves)."""
 
     def __init__(self, packed: Tensor, bits: int, shape: list[int] | tuple[int, ...]):
-        _check_bits(bits)
         self.shape = torch.Size(shape)
         self.bits = bits
         self.numel = self.shape.numel()
         self._row = self.numel // self.shape[0] if self.shape and self.shape[0] else 0
-        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(self.numel, bits):
-            raise QgplmError(f"packed tensor has {packed.numel()} bytes, expected {packed_nbytes(self.numel, bits)} "
-                             f"for {self.numel} {bits}-bit codes: the export is corrupt, export the model again")
+        _check_packed(packed, bits, self.numel)
         self._packed = packed
 
     def __len__(self) -> int:
