@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every row of the SmolLM2-135M comparison (docs/results.md), one `qgplm.run` per row, in the order that
 # decides the most first: WikiText-2's central ablation and LSQ, post-training quantization, a second seed,
-# the other QAT methods, W4, then Penn Treebank's four decisive rows. On 2 CPU cores a QAT row took 22-30
-# minutes with other jobs sharing the cores (docs/results.md), a post-training row 11 (its validation and test).
+# the other QAT methods, W4, per-token activations, per-row scales, then Penn Treebank's four decisive rows.
+# On 2 CPU cores a QAT row took 22-30 minutes with other jobs sharing the cores (docs/results.md), a
+# post-training row 11 (its validation and test).
 #
 #   bash experiments/smollm2_rows.sh               # all rows; rows already done (metrics.json) are skipped
 #   bash experiments/smollm2_rows.sh wt2_core      # one group: wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4
-#                                                  #   wt2_token ptb
+#                                                  #   wt2_token wt2_per_row ptb
 #   RESULTS=<dir> bash experiments/smollm2_rows.sh # results elsewhere (default experiments/results)
 #   python experiments/table.py experiments/results/smollm2_wt2   # the tables, at any time
 #
@@ -63,17 +64,20 @@ wt2_token() {  # per-token 8-bit activations (method.activation_granularity=toke
     student smollm2_wt2 w4/quantgpt_token quantgpt 4 method.activation_granularity=token
     student smollm2_wt2 w2/quantgpt_no_contrastive_token quantgpt_no_contrastive 2 method.activation_granularity=token
 }
+wt2_per_row() {  # one weight scale per output row (method.per_row=true): does it change the W2 ordering?
+    for m in quantgpt lsq; do student smollm2_wt2 "w2/${m}_per_row" "$m" 2 method.per_row=true; done
+}
 ptb() {
     teacher smollm2_ptb
     for m in quantgpt quantgpt_no_contrastive lsq quantgpt_full_grid; do student smollm2_ptb "w2/$m" "$m" 2; done
 }
 
 groups=("$@")
-[[ ${#groups[@]} -gt 0 ]] || groups=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token ptb)
+[[ ${#groups[@]} -gt 0 ]] || groups=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row ptb)
 for g in "${groups[@]}"; do
     case "$g" in
-        wt2_core|wt2_ptq|wt2_seeds|wt2_methods|wt2_w4|wt2_token|ptb) "$g" ;;
-        *) echo "error: unknown group $g: choose from wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token ptb" >&2
+        wt2_core|wt2_ptq|wt2_seeds|wt2_methods|wt2_w4|wt2_token|wt2_per_row|ptb) "$g" ;;
+        *) echo "error: unknown group $g: choose from wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row ptb" >&2
            exit 2 ;;
     esac
 done
