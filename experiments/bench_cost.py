@@ -34,6 +34,8 @@ Settings (--settings, comma-separated; default all but torchao):
   quantgpt  W2E2A8 dynamic scaling + logits KD + token contrastive loss + memory bank update, as
             qgplm's QAT stage computes it (DistillModule.training_step, the bank's update and the
             scale clamp after the optimizer step)
+  quantgpt_token  quantgpt with per-token 8-bit activations (method.activation_granularity=token):
+            the same activation granularity as the torchao setting, the like-for-like comparison
   torchao   torchao's QAT (torchao.quantization.qat, IntxFakeQuantizeConfig): int2 symmetric
             per-channel weights and int8 asymmetric per-token dynamic activations on every
             nn.Linear (LM head included), int2 per-channel token embedding: the layers qgplm's
@@ -60,7 +62,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DEPS = ROOT / ".bench_deps"
-SETTINGS = ("fp", "kd_only", "quantgpt_no_contrastive", "quantgpt", "torchao")
+SETTINGS = ("fp", "kd_only", "quantgpt_no_contrastive", "quantgpt", "quantgpt_token", "torchao")
 DEFAULT_SETTINGS = "fp,kd_only,quantgpt_no_contrastive,quantgpt"
 SIZES = {"tiny": (1, 64, 128), "small": (4, 256, 8192), "gpt2-small": (12, 768, 50257)}  # layers, width, vocab
 LLAMA_SIZES = ("tiny_llama", "smollm2")
@@ -138,10 +140,12 @@ def build_module(setting: str, teacher, a: argparse.Namespace):
         student = torchao_student(teacher)
     else:
         quantizer = "minmax" if setting == "kd_only" else "quantgpt"
-        qcfg = QuantConfig(weight_bits=2, embedding_bits=2, activation_bits=8, quantizer=quantizer)
+        granularity = "token" if setting == "quantgpt_token" else "tensor"
+        qcfg = QuantConfig(weight_bits=2, embedding_bits=2, activation_bits=8, quantizer=quantizer,
+                           activation_granularity=granularity)
         student = quantize_model(copy.deepcopy(teacher), qcfg)
         initialize_quantizers(student)
-    contrastive = setting in ("quantgpt", "torchao")
+    contrastive = setting in ("quantgpt", "quantgpt_token", "torchao")
     distill = DistillConfig(contrastive_weight=0.1 if contrastive else 0.0)
     module = DistillModule(student, teacher, distill, optim, a.steps).to(a.device)
     bank = None
@@ -286,6 +290,9 @@ def table(rows: list[dict], a: argparse.Namespace) -> str:
                      f"QuantGPT step (target <= 5%)")
     if q_ao is not None:
         lines.append(f"qgplm / torchao step time (same KD loss): {q_ao:.2f}x (target <= 1.0)")
+    if (t_ao := ratio(by, "quantgpt_token", "torchao")) is not None:
+        lines.append(f"qgplm per-token / torchao step time (both per-token 8-bit activations): {t_ao:.2f}x "
+                     f"(target <= 1.0)")
     lines.append("peak RSS: each setting's own process, model loading included (RSS after set-up: the peak "
                  "before the first step)")
     return "\n".join(lines)

@@ -32,15 +32,16 @@ def _bench():
     return bench_cost
 
 
-@pytest.mark.parametrize("setting", ["fp", "kd_only", "quantgpt"])
+@pytest.mark.parametrize("setting", ["fp", "kd_only", "quantgpt", "quantgpt_token"])
 def test_bench_cost_measures_tiny_bf16_on_cpu(setting):
     bench = _bench()
     row = bench.measure(setting, _args())
     assert row["precision"] == "bf16-mixed" and row["device"] == "cpu"
     assert row["step_s"] > 0 and row["peak_rss_mib"] >= row["setup_rss_mib"] > 0 and math.isfinite(row["loss"])
     assert row["tokens_per_s"] == pytest.approx(2 * 16 / row["step_s"])
-    assert (row["contrastive_s"] is not None) == (setting == "quantgpt")
-    if setting == "quantgpt":
+    contrastive = setting.startswith("quantgpt")
+    assert (row["contrastive_s"] is not None) == contrastive
+    if contrastive:
         assert 0 < row["contrastive_s"]
         assert row["contrastive_share"] == pytest.approx(row["contrastive_s"] / row["step_s"])
     assert bench.SIZES["gpt2-small"] == (12, 768, 50257)
@@ -60,7 +61,7 @@ def _torchao_skip_reason() -> str | None:
 def test_bench_cost_tiny_llama_table_has_every_column(precision):
     """--size tiny_llama, --settings fp,quantgpt (and torchao where .bench_deps has it): one row per
     setting in the order asked, every column filled, the target ratios printed."""
-    settings = "quantgpt,fp" + ("" if _torchao_skip_reason() else ",torchao")
+    settings = "quantgpt,fp,quantgpt_token" + ("" if _torchao_skip_reason() else ",torchao")
     proc = _run_bench("--size", "tiny_llama", "--steps", "1", "--warmup", "1", "--block", "16", "--batch", "2",
                       "--precision", precision, "--settings", settings, "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -82,6 +83,23 @@ def test_bench_cost_tiny_llama_table_has_every_column(precision):
     assert [r["setting"] for r in json_rows] == settings.split(",")
     assert all(r["precision"] == precision and r["peak_rss_mib"] > 0 for r in json_rows)
     assert ("qgplm / torchao step time" in out) == ("torchao" in settings)
+    assert ("qgplm per-token / torchao step time" in out) == ("torchao" in settings)
+
+
+@pytest.mark.parametrize(("setting", "granularity"), [("quantgpt", "tensor"), ("quantgpt_token", "token")])
+def test_bench_cost_quantgpt_settings_differ_only_in_activation_granularity(setting, granularity):
+    """quantgpt_token is the like-for-like partner of torchao's per-token int8 activations: every
+    activation quantizer of its student is per token, and its weights are QuantGPT's 2-bit ones."""
+    from qgplm.quant import ActivationQuantizer, DynamicScaleQuantizer
+
+    bench = _bench()
+    a = _args(size="tiny_llama", precision="32-true")
+    module, bank = bench.build_module(setting, bench.build_teacher(a), a)
+    acts = [m for m in module.student.modules() if isinstance(m, ActivationQuantizer)]
+    weights = [m for m in module.student.modules() if isinstance(m, DynamicScaleQuantizer)]
+    assert acts and {q.granularity for q in acts} == {granularity}
+    assert weights and {q.bits for q in weights} == {2}
+    assert bank is not None
 
 
 def test_bench_cost_torchao_setting_quantizes_the_w2e2a8_layers():
