@@ -25,7 +25,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torchmetrics.text import Perplexity
 
 from qgplm.data.token_stream import IGNORE_INDEX
 from qgplm.distill import MemoryBank, soft_cross_entropy, token_contrastive_loss
@@ -33,6 +32,7 @@ from qgplm.errors import QgplmError
 from qgplm.quant import WeightQuantizer, scale_parameters
 from qgplm.quant.quantizers import clamp_scales_
 from qgplm.train.config import DistillConfig, OptimConfig
+from qgplm.train.metrics import Perplexity
 
 log = logging.getLogger("qgplm")
 
