@@ -17,8 +17,8 @@ class Perplexity(_TorchmetricsPerplexity):
     Why: torchmetrics computes `softmax(logits)` and then `log` of the target's probability. Where a
     target's logit lies more than ~104 below the row's largest (its probability underflows fp32 to 0),
     that token scores -log(0) = inf and the whole perplexity becomes inf, though the model's NLL is
-    finite. A partly trained 2-bit student reaches such logit gaps (measured: SmolLM2-135M with min-max
-    2-bit weights after 100 QAT steps), and an inf validation PPL stops training as diverged. The sums are
+    finite. A badly quantized model (a 2-bit student early in training) can have such logit gaps, and an
+    inf validation PPL stops training as diverged. The sums are
     kept in float64 for the same reason: exp(mean NLL) overflows fp32 above a mean NLL of 88.7 (a PPL of
     3.4e38), float64 above 709.
     """
