@@ -18,9 +18,8 @@ class Perplexity(_TorchmetricsPerplexity):
     target's logit lies more than ~104 below the row's largest (its probability underflows fp32 to 0),
     that token scores -log(0) = inf and the whole perplexity becomes inf, though the model's NLL is
     finite. A badly quantized model (a 2-bit student early in training) can have such logit gaps, and an
-    inf validation PPL stops training as diverged. The sums are
-    kept in float64 for the same reason: exp(mean NLL) overflows fp32 above a mean NLL of 88.7 (a PPL of
-    3.4e38), float64 above 709.
+    inf validation PPL stops training as diverged. The sums are kept in float64 for the same reason:
+    exp(mean NLL) overflows fp32 above a mean NLL of 88.7 (a PPL of 3.4e38), float64 above 709.
     """
 
     def __init__(self, ignore_index: int | None = None, **kwargs: Any) -> None:
