@@ -7,8 +7,9 @@
 #
 #   bash experiments/smollm2_rows.sh               # all rows; rows already done (metrics.json) are skipped
 #   bash experiments/smollm2_rows.sh wt2_core      # one group: wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4
-#                                                  #   wt2_token wt2_per_row ptb
+#                                                  #   wt2_token wt2_per_row wt2_bf16 ptb
 #   RESULTS=<dir> bash experiments/smollm2_rows.sh # results elsewhere (default experiments/results)
+#   ONLY='w2/(pact|twn)$' bash experiments/smollm2_rows.sh wt2_methods   # only the rows whose path matches
 #   python experiments/table.py experiments/results/smollm2_wt2   # the tables, at any time
 #
 # A row killed half-way is started again from its beginning (its directory is replaced): rows are short.
@@ -21,6 +22,7 @@ read -r -a EXTRA <<< "${QGPLM_OVERRIDES:-}"
 run() {  # run <experiment> <row dir, relative to the experiment's results> <overrides...>
     local exp="$1" row="$2"; shift 2
     local dir="$RESULTS/$exp/$row"
+    if [[ -n "${ONLY:-}" && ! "$exp/$row" =~ $ONLY ]]; then return; fi
     if [[ -f "$dir/metrics.json" ]]; then echo "done: $exp/$row"; return; fi
     rm -rf "$dir"; mkdir -p "$(dirname "$dir")"
     echo "+ [$(date -u +%H:%M:%S)] $exp/$row: $*"
@@ -67,17 +69,22 @@ wt2_token() {  # per-token 8-bit activations (method.activation_granularity=toke
 wt2_per_row() {  # one weight scale per output row (method.per_row=true): does it change the W2 ordering?
     for m in quantgpt lsq; do student smollm2_wt2 "w2/${m}_per_row" "$m" 2 method.per_row=true; done
 }
+wt2_bf16() {  # W2 rows again under bf16 autocast (fast on CPUs with avx512_bf16 or AMX): does bf16 change them?
+    for m in quantgpt lsq kd_only pact twn; do
+        student smollm2_wt2 "w2_bf16/$m" "$m" 2 trainer.precision=bf16-mixed
+    done
+}
 ptb() {
     teacher smollm2_ptb
     for m in quantgpt quantgpt_no_contrastive lsq quantgpt_full_grid; do student smollm2_ptb "w2/$m" "$m" 2; done
 }
 
 groups=("$@")
-[[ ${#groups[@]} -gt 0 ]] || groups=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row ptb)
+[[ ${#groups[@]} -gt 0 ]] || groups=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row wt2_bf16 ptb)
 for g in "${groups[@]}"; do
     case "$g" in
-        wt2_core|wt2_ptq|wt2_seeds|wt2_methods|wt2_w4|wt2_token|wt2_per_row|ptb) "$g" ;;
-        *) echo "error: unknown group $g: choose from wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row ptb" >&2
+        wt2_core|wt2_ptq|wt2_seeds|wt2_methods|wt2_w4|wt2_token|wt2_per_row|wt2_bf16|ptb) "$g" ;;
+        *) echo "error: unknown group $g: choose from wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row wt2_bf16 ptb" >&2
            exit 2 ;;
     esac
 done

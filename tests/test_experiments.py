@@ -196,7 +196,7 @@ def test_homogeneity_pieces(tmp_path):
 
 def test_smollm2_rows_script_skips_done_rows_and_refuses_unknown_groups(tmp_path):
     """experiments/smollm2_rows.sh: a row whose metrics.json exists is not run again (resuming a
-    long comparison across sessions); an unknown group is one error line, exit 2."""
+    long comparison across sessions); ONLY selects rows by path; an unknown group is one error line, exit 2."""
     script = ROOT / "experiments" / "smollm2_rows.sh"
     env = {**os.environ, "RESULTS": str(tmp_path)}
     bad = subprocess.run(["bash", str(script), "nope"], env=env, capture_output=True, text=True)
@@ -208,6 +208,10 @@ def test_smollm2_rows_script_skips_done_rows_and_refuses_unknown_groups(tmp_path
     done = subprocess.run(["bash", str(script), "wt2_core"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [w for row in rows for w in ("done:", f"smollm2_wt2/{row}")]
+    # ONLY keeps the rows whose path matches: the others are neither run nor reported
+    only = subprocess.run(["bash", str(script), "wt2_core"], env={**env, "ONLY": "w2/lsq$"}, capture_output=True,
+                          text=True)
+    assert only.returncode == 0 and only.stdout.split() == ["done:", "smollm2_wt2/w2/lsq"], only.stderr
 
 
 def test_ptq_error_sources_rows_on_a_tiny_llama(tmp_path):
