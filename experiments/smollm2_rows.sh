@@ -70,7 +70,7 @@ wt2_per_row() {  # one weight scale per output row (method.per_row=true): does i
     for m in quantgpt lsq; do student smollm2_wt2 "w2/${m}_per_row" "$m" 2 method.per_row=true; done
 }
 wt2_bf16() {  # W2 rows again under bf16 autocast (fast on CPUs with avx512_bf16 or AMX): does bf16 change them?
-    for m in quantgpt lsq kd_only pact twn; do
+    for m in quantgpt pact twn kd_only lsq; do
         student smollm2_wt2 "w2_bf16/$m" "$m" 2 trainer.precision=bf16-mixed
     done
 }
