@@ -42,15 +42,16 @@ class Task:
 def load_run(path: Path) -> dict:
     """A run's metrics.json, plus `method_overrides`: the `method.*` command-line overrides Hydra
     recorded for it (<run>/.hydra/overrides.yaml), i.e. how the run differs from its method's config
-    (e.g. {"distill.negatives": "random"}, {"distill.contrastive_weight": "0.5"}), and a
-    `trainer.precision` override as "precision": a bf16 run is its own row, never a seed of an fp32 one."""
+    (e.g. {"distill.negatives": "random"}, {"distill.contrastive_weight": "0.5"}), plus the overrides of
+    the student's optimizer (`student.optim.scale_lr` as "optim.scale_lr") and of `trainer.precision` (as
+    "precision"): a run at another learning rate or under bf16 is its own row, never a seed of the default."""
     m = json.loads(path.read_text())
     overrides = path.parent / ".hydra" / "overrides.yaml"
     if overrides.is_file():
         pairs = (o.lstrip("+~").split("=", 1) for o in OmegaConf.to_container(OmegaConf.load(overrides)) or [])
-        m["method_overrides"] = {k.removeprefix("method.").removeprefix("trainer."): v
+        m["method_overrides"] = {k.removeprefix("method.").removeprefix("trainer.").removeprefix("student."): v
                                  for k, v in (p for p in pairs if len(p) == 2)
-                                 if k.startswith("method.") or k == "trainer.precision"}
+                                 if k.startswith(("method.", "student.optim.")) or k == "trainer.precision"}
     return m
 
 

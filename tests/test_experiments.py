@@ -66,12 +66,18 @@ def test_table_script_builds_main_and_ablation_tables(tmp_path):
     (d / ".hydra").mkdir(parents=True)
     (d / "metrics.json").write_text(json.dumps(_metrics("pact", 2, 41.0)))
     (d / ".hydra" / "overrides.yaml").write_text("- method=pact\n- trainer.precision=bf16-mixed\n")
+    d = tmp_path / "bf16" / "1"  # and at another scale learning rate
+    (d / ".hydra").mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(_metrics("pact", 2, 42.0)))
+    (d / ".hydra" / "overrides.yaml").write_text("- method=pact\n- trainer.precision=bf16-mixed\n"
+                                                 "- student.optim.scale_lr=0.01\n- seed=1\n")
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "table.py"), str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     main, ablations = proc.stdout.split("## Ablations")
     assert "| pact | 2-2-8 | 1.25 | 16.0x | 40.00 |" in main and "bf16" not in main
     assert "| pact (precision=bf16-mixed) | 2-2-8 | 1.25 | 16.0x | 41.00 |" in ablations
+    assert "| pact (optim.scale_lr=0.01, precision=bf16-mixed) | 2-2-8 | 1.25 | 16.0x | 42.00 |" in ablations
     assert "| lsq | 4-4-8 | 2.50 | 8.0x | 11.00 |" in main and "activation_granularity" not in main
     assert "| lsq (activation_granularity=token) | 4-4-8 | 2.50 | 8.0x | 10.20 |" in ablations
     assert "| quantgpt (contrastive_weight=0.5) | 2-2-8 | 1.25 | 16.0x | 20.00 |" in ablations
