@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every row of the SmolLM2-135M comparison (docs/results.md), one `qgplm.run` per row, in the order that
 # decides the most first: WikiText-2's central ablation and LSQ, post-training quantization, a second seed,
-# the other QAT methods, W4, per-token activations, per-row scales, then Penn Treebank's four decisive rows.
+# the other QAT methods, W4, per-token activations, per-row scales, the W2 methods under bf16 autocast,
+# then Penn Treebank's decisive rows.
 # On 2 CPU cores a QAT row took 22-30 minutes with other jobs sharing the cores (docs/results.md), a
 # post-training row 11 (its validation and test).
 #
@@ -73,10 +74,18 @@ wt2_bf16() {  # W2 rows again under bf16 autocast (fast on CPUs with avx512_bf16
     for m in quantgpt pact twn kd_only lsq; do
         student smollm2_wt2 "w2_bf16/$m" "$m" 2 trainer.precision=bf16-mixed
     done
+    student smollm2_wt2 w2_bf16/pact_seed1 pact 2 seed=1 trainer.precision=bf16-mixed
+    # PACT learns alpha itself, QuantGPT gamma = alpha / mean|w| (mean|w| ~0.15 here): at the same scale_lr
+    # QuantGPT's clipping values move ~7x less a step. The same relative speed:
+    student smollm2_wt2 w2_bf16/quantgpt_scale_lr1e-2 quantgpt 2 student.optim.scale_lr=1.0e-2 \
+        trainer.precision=bf16-mixed
+    # PACT's alphas start at 1.4 mean|w| (QuantGPT's fixed multiple), QuantGPT's at the MSE-optimal gamma:
+    student smollm2_wt2 w2_bf16/quantgpt_gamma_fixed quantgpt 2 method.quantizer_kwargs.gamma_init=fixed \
+        trainer.precision=bf16-mixed
 }
-ptb() {
+ptb() {  # the students of docs/results.md ran under bf16: QGPLM_OVERRIDES="trainer.precision=bf16-mixed"
     teacher smollm2_ptb
-    for m in quantgpt quantgpt_no_contrastive lsq quantgpt_full_grid; do student smollm2_ptb "w2/$m" "$m" 2; done
+    for m in quantgpt pact lsq quantgpt_no_contrastive quantgpt_full_grid; do student smollm2_ptb "w2/$m" "$m" 2; done
 }
 
 groups=("$@")
