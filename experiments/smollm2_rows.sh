@@ -86,6 +86,7 @@ wt2_bf16() {  # W2 rows again under bf16 autocast (fast on CPUs with avx512_bf16
 ptb() {  # the students of docs/results.md ran under bf16: QGPLM_OVERRIDES="trainer.precision=bf16-mixed"
     teacher smollm2_ptb
     for m in quantgpt pact lsq quantgpt_no_contrastive quantgpt_full_grid; do student smollm2_ptb "w2/$m" "$m" 2; done
+    student smollm2_ptb w2/quantgpt_gamma_fixed quantgpt 2 method.quantizer_kwargs.gamma_init=fixed
 }
 
 groups=("$@")
