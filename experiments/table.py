@@ -40,18 +40,17 @@ class Task:
 
 
 def load_run(path: Path) -> dict:
-    """A run's metrics.json, plus `method_overrides`: the `method.*` command-line overrides Hydra
-    recorded for it (<run>/.hydra/overrides.yaml), i.e. how the run differs from its method's config
-    (e.g. {"distill.negatives": "random"}, {"distill.contrastive_weight": "0.5"}), plus the overrides of
-    the student's optimizer (`student.optim.scale_lr` as "optim.scale_lr") and of `trainer.precision` (as
+    """A run's metrics.json, plus `variant_overrides`: the command-line overrides Hydra recorded for it
+    (<run>/.hydra/overrides.yaml) that make it a variant, each without its first key component: the
+    `method.*` ones (how the run differs from its method's config, e.g. {"distill.negatives": "random"}),
+    the student's optimizer (`student.optim.scale_lr` as "optim.scale_lr") and `trainer.precision` (as
     "precision"): a run at another learning rate or under bf16 is its own row, never a seed of the default."""
     m = json.loads(path.read_text())
     overrides = path.parent / ".hydra" / "overrides.yaml"
     if overrides.is_file():
         pairs = (o.lstrip("+~").split("=", 1) for o in OmegaConf.to_container(OmegaConf.load(overrides)) or [])
-        m["method_overrides"] = {k.removeprefix("method.").removeprefix("trainer.").removeprefix("student."): v
-                                 for k, v in (p for p in pairs if len(p) == 2)
-                                 if k.startswith(("method.", "student.optim.")) or k == "trainer.precision"}
+        m["variant_overrides"] = {k.split(".", 1)[1]: v for k, v in (p for p in pairs if len(p) == 2)
+                                  if k.startswith(("method.", "student.optim.")) or k == "trainer.precision"}
     return m
 
 
@@ -68,8 +67,8 @@ def load_task(root: Path) -> Task:
 def label(m: dict) -> str:
     """The method, with what the run changed of it: "quantgpt (negatives=random)"."""
     c = m["config"]
-    if "method_overrides" in m:
-        changed = {k.removeprefix("distill."): v for k, v in m["method_overrides"].items()}
+    if "variant_overrides" in m:
+        changed = {k.removeprefix("distill."): v for k, v in m["variant_overrides"].items()}
     else:  # metrics.json without Hydra's record: the one variant metrics.json itself names
         neg = c.get("negatives", "teacher")
         changed = {} if neg == "teacher" else {"negatives": neg}
