@@ -89,12 +89,10 @@ ptb() {  # the students of docs/results.md ran under bf16: QGPLM_OVERRIDES="trai
     student smollm2_ptb w2/quantgpt_gamma_fixed quantgpt 2 method.quantizer_kwargs.gamma_init=fixed
 }
 
+ALL_GROUPS=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row wt2_bf16 ptb)
 groups=("$@")
-[[ ${#groups[@]} -gt 0 ]] || groups=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row wt2_bf16 ptb)
-for g in "${groups[@]}"; do
-    case "$g" in
-        wt2_core|wt2_ptq|wt2_seeds|wt2_methods|wt2_w4|wt2_token|wt2_per_row|wt2_bf16|ptb) "$g" ;;
-        *) echo "error: unknown group $g: choose from wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row wt2_bf16 ptb" >&2
-           exit 2 ;;
-    esac
+[[ ${#groups[@]} -gt 0 ]] || groups=("${ALL_GROUPS[@]}")
+for g in "${groups[@]}"; do  # every name is checked before any row runs
+    [[ " ${ALL_GROUPS[*]} " == *" $g "* ]] || { echo "error: unknown group $g: choose from ${ALL_GROUPS[*]}" >&2; exit 2; }
 done
+for g in "${groups[@]}"; do "$g"; done
