@@ -2,13 +2,14 @@
 # Every row of the SmolLM2-135M comparison (docs/results.md), one `qgplm.run` per row, in the order that
 # decides the most first: WikiText-2's central ablation and LSQ, post-training quantization, a second seed,
 # the other QAT methods, W4, per-token activations, per-row scales, the W2 methods under bf16 autocast,
-# then Penn Treebank's decisive rows.
+# QuantGPT from the fixed initial gamma, then Penn Treebank's decisive rows and the rest of its rows.
 # On 2 CPU cores a QAT row took 22-30 minutes with other jobs sharing the cores (docs/results.md), a
 # post-training row 11 (its validation and test).
 #
 #   bash experiments/smollm2_rows.sh               # all rows; rows already done (metrics.json) are skipped
 #   bash experiments/smollm2_rows.sh wt2_core      # one group: wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4
-#                                                  #   wt2_token wt2_per_row wt2_bf16 ptb
+#                                                  #   wt2_token wt2_per_row wt2_bf16 wt2_gamma_fixed ptb
+#                                                  #   ptb_rest
 #   RESULTS=<dir> bash experiments/smollm2_rows.sh # results elsewhere (default experiments/results)
 #   ONLY='w2/(pact|twn)$' bash experiments/smollm2_rows.sh wt2_methods   # only the rows whose path matches
 #   python experiments/table.py experiments/results/smollm2_wt2   # the tables, at any time
@@ -83,13 +84,27 @@ wt2_bf16() {  # W2 rows again under bf16 autocast (fast on CPUs with avx512_bf16
     student smollm2_wt2 w2_bf16/quantgpt_gamma_fixed quantgpt 2 method.quantizer_kwargs.gamma_init=fixed \
         trainer.precision=bf16-mixed
 }
+wt2_gamma_fixed() {  # QuantGPT from PACT's start (gamma 1.4): more seeds, and the contrastive ablation from there
+    local fixed=(method.quantizer_kwargs.gamma_init=fixed trainer.precision=bf16-mixed)
+    student smollm2_wt2 w2_bf16/quantgpt_gamma_fixed_seed1 quantgpt 2 seed=1 "${fixed[@]}"
+    student smollm2_wt2 w2_bf16/quantgpt_no_contrastive_gamma_fixed quantgpt_no_contrastive 2 "${fixed[@]}"
+    student smollm2_wt2 w2_bf16/quantgpt_no_contrastive_gamma_fixed_seed1 quantgpt_no_contrastive 2 seed=1 \
+        "${fixed[@]}"
+}
 ptb() {  # the students of docs/results.md ran under bf16: QGPLM_OVERRIDES="trainer.precision=bf16-mixed"
     teacher smollm2_ptb
     for m in quantgpt pact lsq quantgpt_no_contrastive quantgpt_full_grid; do student smollm2_ptb "w2/$m" "$m" 2; done
     student smollm2_ptb w2/quantgpt_gamma_fixed quantgpt 2 method.quantizer_kwargs.gamma_init=fixed
+    student smollm2_ptb w2/quantgpt_gamma_fixed_seed1 quantgpt 2 seed=1 method.quantizer_kwargs.gamma_init=fixed
+    student smollm2_ptb w2/quantgpt_no_contrastive_gamma_fixed quantgpt_no_contrastive 2 \
+        method.quantizer_kwargs.gamma_init=fixed
+}
+ptb_rest() {  # Penn Treebank's other W2 methods and its W4 rows (bf16 as above)
+    for m in twn kd_only; do student smollm2_ptb "w2/$m" "$m" 2; done
+    for m in quantgpt lsq; do student smollm2_ptb "w4/$m" "$m" 4; done
 }
 
-ALL_GROUPS=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row wt2_bf16 ptb)
+ALL_GROUPS=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row wt2_bf16 wt2_gamma_fixed ptb ptb_rest)
 groups=("$@")
 [[ ${#groups[@]} -gt 0 ]] || groups=("${ALL_GROUPS[@]}")
 for g in "${groups[@]}"; do  # every name is checked before any row runs
