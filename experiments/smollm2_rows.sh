@@ -96,6 +96,7 @@ ptb() {  # the students of docs/results.md ran under bf16: QGPLM_OVERRIDES="trai
     for m in quantgpt pact lsq quantgpt_no_contrastive quantgpt_full_grid; do student smollm2_ptb "w2/$m" "$m" 2; done
     student smollm2_ptb w2/quantgpt_gamma_fixed quantgpt 2 method.quantizer_kwargs.gamma_init=fixed
     student smollm2_ptb w2/quantgpt_gamma_fixed_seed1 quantgpt 2 seed=1 method.quantizer_kwargs.gamma_init=fixed
+    student smollm2_ptb w2/pact_seed1 pact 2 seed=1
     student smollm2_ptb w2/quantgpt_no_contrastive_gamma_fixed quantgpt_no_contrastive 2 \
         method.quantizer_kwargs.gamma_init=fixed
 }
