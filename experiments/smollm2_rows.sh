@@ -72,17 +72,14 @@ wt2_per_row() {  # one weight scale per output row (method.per_row=true): does i
     for m in quantgpt lsq; do student smollm2_wt2 "w2/${m}_per_row" "$m" 2 method.per_row=true; done
 }
 wt2_bf16() {  # W2 rows again under bf16 autocast (fast on CPUs with avx512_bf16 or AMX): does bf16 change them?
-    for m in quantgpt pact twn kd_only lsq; do
-        student smollm2_wt2 "w2_bf16/$m" "$m" 2 trainer.precision=bf16-mixed
-    done
-    student smollm2_wt2 w2_bf16/pact_seed1 pact 2 seed=1 trainer.precision=bf16-mixed
+    local bf16=trainer.precision=bf16-mixed
+    for m in quantgpt pact twn kd_only lsq; do student smollm2_wt2 "w2_bf16/$m" "$m" 2 "$bf16"; done
+    student smollm2_wt2 w2_bf16/pact_seed1 pact 2 seed=1 "$bf16"
     # PACT learns alpha itself, QuantGPT gamma = alpha / mean|w| (mean|w| ~0.15 here): at the same scale_lr
     # QuantGPT's clipping values move ~7x less a step. The same relative speed:
-    student smollm2_wt2 w2_bf16/quantgpt_scale_lr1e-2 quantgpt 2 student.optim.scale_lr=1.0e-2 \
-        trainer.precision=bf16-mixed
+    student smollm2_wt2 w2_bf16/quantgpt_scale_lr1e-2 quantgpt 2 student.optim.scale_lr=1.0e-2 "$bf16"
     # PACT's alphas start at 1.4 mean|w| (QuantGPT's fixed multiple), QuantGPT's at the MSE-optimal gamma:
-    student smollm2_wt2 w2_bf16/quantgpt_gamma_fixed quantgpt 2 method.quantizer_kwargs.gamma_init=fixed \
-        trainer.precision=bf16-mixed
+    student smollm2_wt2 w2_bf16/quantgpt_gamma_fixed quantgpt 2 method.quantizer_kwargs.gamma_init=fixed "$bf16"
 }
 wt2_gamma_fixed() {  # QuantGPT from PACT's start (gamma 1.4): more seeds, and the contrastive ablation from there
     local fixed=(method.quantizer_kwargs.gamma_init=fixed trainer.precision=bf16-mixed)
@@ -92,13 +89,13 @@ wt2_gamma_fixed() {  # QuantGPT from PACT's start (gamma 1.4): more seeds, and t
         "${fixed[@]}"
 }
 ptb() {  # the students of docs/results.md ran under bf16: QGPLM_OVERRIDES="trainer.precision=bf16-mixed"
+    local fixed=method.quantizer_kwargs.gamma_init=fixed
     teacher smollm2_ptb
     for m in quantgpt pact lsq quantgpt_no_contrastive quantgpt_full_grid; do student smollm2_ptb "w2/$m" "$m" 2; done
-    student smollm2_ptb w2/quantgpt_gamma_fixed quantgpt 2 method.quantizer_kwargs.gamma_init=fixed
-    student smollm2_ptb w2/quantgpt_gamma_fixed_seed1 quantgpt 2 seed=1 method.quantizer_kwargs.gamma_init=fixed
+    student smollm2_ptb w2/quantgpt_gamma_fixed quantgpt 2 "$fixed"
+    student smollm2_ptb w2/quantgpt_gamma_fixed_seed1 quantgpt 2 seed=1 "$fixed"
     student smollm2_ptb w2/pact_seed1 pact 2 seed=1
-    student smollm2_ptb w2/quantgpt_no_contrastive_gamma_fixed quantgpt_no_contrastive 2 \
-        method.quantizer_kwargs.gamma_init=fixed
+    student smollm2_ptb w2/quantgpt_no_contrastive_gamma_fixed quantgpt_no_contrastive 2 "$fixed"
 }
 ptb_rest() {  # Penn Treebank's other W2 methods and its W4 rows (bf16 as above)
     for m in twn kd_only; do student smollm2_ptb "w2/$m" "$m" 2; done
