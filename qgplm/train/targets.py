@@ -57,18 +57,19 @@ def check_targets(node: Any, section: str) -> None:
     prefixes = allowed_prefixes()
     for key, target in _targets(node, section):
         name = str(target)
+        shown = name if name.isprintable() else repr(name)  # a newline in the value must not split the error line
         if not name.startswith(prefixes):
-            raise QgplmError(f"{key}={name} is not an allowed class: qgplm instantiates only classes under "
+            raise QgplmError(f"{key}={shown} is not an allowed class: qgplm instantiates only classes under "
                              f"{', '.join(prefixes)}; to allow your own, set {ENV}=<its module prefix> in the "
                              f"environment (docs/security.md)")
         try:
             obj = get_class(name)  # imports the module of an allowed prefix; refuses a function
         except Exception as e:  # noqa: BLE001 - Hydra wraps import and attribute errors alike
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise QgplmError(f"{key}={name} is not an importable class ({reason}): name a class as "
+            raise QgplmError(f"{key}={shown} is not an importable class ({reason}): name a class as "
                              f"module.Class") from None
         if not isinstance(obj, type):  # get_class already refuses these; kept should Hydra change
-            raise QgplmError(f"{key}={name} is not an importable class: name a class as module.Class")
+            raise QgplmError(f"{key}={shown} is not an importable class: name a class as module.Class")
 
 
 def instantiate_checked(cfg: Any, section: str, **kwargs: Any) -> Any:
