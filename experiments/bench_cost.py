@@ -9,6 +9,7 @@ ratios the cost targets are about: QuantGPT / FP, contrastive share, qgplm / tor
     python experiments/bench_cost.py [--layers 4 --width 256 --vocab 8192 --block 128 --batch 16 --steps 20]
     python experiments/bench_cost.py --size gpt2-small --device cuda --precision bf16-mixed --block 512 --batch 8
     python experiments/bench_cost.py --size tiny --steps 2 --warmup 1      # seconds, on CPU (the fast test)
+    python experiments/bench_cost.py --cpu-allocator system   # malloc's defaults instead of qgplm.run's
 
 SmolLM2-135M (the pretrained GGUF teacher of model=smollm2), at experiment=smollm2_wt2's batch,
 on an otherwise idle machine (timings on a busy one mean nothing):
@@ -187,6 +188,9 @@ def time_contrastive(module, bank, batch, a: argparse.Namespace, sync, autocast)
 def measure(setting: str, a: argparse.Namespace) -> dict:
     import torch
 
+    from qgplm.train.host_memory import set_cpu_allocator
+
+    set_cpu_allocator(a.cpu_allocator)  # first, as qgplm.run does: model loading is allocated under it too
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch.cuda.is_available() is False "
@@ -229,7 +233,7 @@ def measure(setting: str, a: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t)
     step = statistics.median(times)
     row = {"setting": setting, "step_s": step, "tokens_per_s": a.batch * a.block / step, "loss": float(loss),
-           "peak_rss_mib": _rss_mib(), "setup_rss_mib": setup_rss, "device": str(dev), "precision": a.precision,
+           "peak_rss_mib": _rss_mib(), "setup_rss_mib": setup_rss, "device": str(dev), "precision": a.precision, "cpu_allocator": a.cpu_allocator,
            "contrastive_s": None, "contrastive_share": None}
     if dev.type == "cuda":
         row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -256,8 +260,8 @@ def describe(a: argparse.Namespace) -> str:
                 f"vocab {TINY_LLAMA['vocab_size']})"
     else:
         model = f"{a.layers} x {a.width} GPT-2, vocab {a.vocab}"
-    return (f"{model}, batch {a.batch} x {a.block}, {a.device}, {a.precision}, median of {a.steps} steps after "
-            f"{a.warmup}")
+    return (f"{model}, batch {a.batch} x {a.block}, {a.device}, {a.precision}, cpu_allocator={a.cpu_allocator}, "
+            f"median of {a.steps} steps after {a.warmup}")
 
 
 def ratio(rows: dict[str, dict], num: str, den: str) -> float | None:
@@ -312,6 +316,9 @@ def main() -> None:
     ap.add_argument("--size", choices=(*SIZES, *LLAMA_SIZES), default=None,
                     help="model preset: GPT-2 layers/width/vocab (overrides them), tiny_llama or smollm2")
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"comma-separated, of {','.join(SETTINGS)}")
+    ap.add_argument("--cpu-allocator", default="reuse", choices=("reuse", "system"),
+                    help="as qgplm.run's cpu_allocator= (qgplm.train.host_memory): reuse, its default, keeps "
+                         "freed memory in the process; system is malloc's defaults")
     ap.add_argument("--json", action="store_true", help="also print every row as a JSON line")
     ap.add_argument("--one", choices=SETTINGS, help=argparse.SUPPRESS)
     a = ap.parse_args()

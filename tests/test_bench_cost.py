@@ -21,7 +21,7 @@ SCRIPT = ROOT / "experiments" / "gpu_check.sh"
 
 def _args(**kw) -> argparse.Namespace:
     base = dict(layers=1, width=64, vocab=128, block=16, batch=2, steps=2, warmup=1, device="cpu",
-                precision="bf16-mixed", size=None, json=False, one=None, settings="fp")
+                precision="bf16-mixed", size=None, json=False, one=None, settings="fp", cpu_allocator="system")
     return argparse.Namespace(**{**base, **kw})
 
 

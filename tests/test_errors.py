@@ -152,6 +152,8 @@ CASES = [
     ("all-loss-weights-zero", ["method.distill.kd_weight=0", "method.distill.contrastive_weight=0"],
      ["are all 0, so the student would learn nothing", "method.distill.kd_weight=1.0"], True),
     ("seed-negative", ["seed=-1"], ["seed must be an integer in 0..4294967295, got -1"], True),
+    ("cpu-allocator-unknown", ["cpu_allocator=jemalloc"],
+     ["cpu_allocator='jemalloc' is not valid: choose one of reuse, system"], True),
     ("num-workers-negative", ["task.num_workers=-1"], ["task.num_workers must be >= 0"], True),
     ("max-train-tokens-zero", ["task.max_train_tokens=0"], ["task.max_train_tokens must be >= 1 or null"], True),
     ("generate-samples-negative", ["generate_samples=-2"], ["generate_samples must be >= 0"], True),

@@ -27,6 +27,7 @@ from qgplm.quant.functional import ACTIVATION_GRANULARITIES
 from qgplm.quant.recipe import QuantConfig, QuantRecipe
 from qgplm.tasks.base import TaskConfig, task_class
 from qgplm.tasks.saved import with_target
+from qgplm.train.host_memory import CPU_ALLOCATORS
 
 STAGES = ("teacher", "quantize", "pipeline")
 NEGATIVES = ("teacher", "student", "random")
@@ -193,9 +194,11 @@ class RunConfig:
     ckpt_path: str | None = None
     output_dir: str = "."
     generate_samples: int = 0
+    cpu_allocator: str = "reuse"
 
     def validate(self) -> None:
         _choice("stage", self.stage, STAGES)
+        _choice("cpu_allocator", self.cpu_allocator, CPU_ALLOCATORS)
         if self.stage == "quantize" and not self.teacher_path:
             raise QgplmError("stage=quantize needs a teacher: pass teacher_path=<run dir or saved model dir>")
         self.model.validate()

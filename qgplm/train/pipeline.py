@@ -54,6 +54,7 @@ from qgplm.train.checkpoint_io import AtomicCheckpointIO
 from qgplm.train.config import RunConfig, StageConfig
 from qgplm.train.console import eval_mode_teacher_expected
 from qgplm.train.distributed import global_rank, is_launched_rank
+from qgplm.train.host_memory import set_cpu_allocator
 from qgplm.train.loggers import build_loggers, finish_loggers, wandb_runs
 from qgplm.train.module import DistillModule, LMModule, TeacherModule
 from qgplm.train.oom import explain_out_of_memory
@@ -313,6 +314,7 @@ def run_stages(cfg: RunConfig, trainer_cfg: DictConfig, logger_cfg: DictConfig |
                callbacks_cfg: DictConfig | None) -> dict[str, Any]:
     """Teacher stage, then (stage=quantize/pipeline) the student stage; metrics.json at the end."""
     t_start = time.time()
+    set_cpu_allocator(cfg.cpu_allocator)
     task = build_task(cfg.task)
     out, resume = open_run_dir(cfg)
     check_model_fits(cfg, task, architecture(cfg, out, resume))  # before any data is read or anything trains
