@@ -233,8 +233,8 @@ def measure(setting: str, a: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t)
     step = statistics.median(times)
     row = {"setting": setting, "step_s": step, "tokens_per_s": a.batch * a.block / step, "loss": float(loss),
-           "peak_rss_mib": _rss_mib(), "setup_rss_mib": setup_rss, "device": str(dev), "precision": a.precision, "cpu_allocator": a.cpu_allocator,
-           "contrastive_s": None, "contrastive_share": None}
+           "peak_rss_mib": _rss_mib(), "setup_rss_mib": setup_rss, "device": str(dev), "precision": a.precision,
+           "cpu_allocator": a.cpu_allocator, "contrastive_s": None, "contrastive_share": None}
     if dev.type == "cuda":
         row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if bank is not None:
