@@ -61,6 +61,8 @@ import sys
 import time
 from pathlib import Path
 
+from qgplm.train.host_memory import CPU_ALLOCATORS
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DEPS = ROOT / ".bench_deps"
 SETTINGS = ("fp", "kd_only", "quantgpt_no_contrastive", "quantgpt", "quantgpt_token", "torchao")
@@ -316,7 +318,7 @@ def main() -> None:
     ap.add_argument("--size", choices=(*SIZES, *LLAMA_SIZES), default=None,
                     help="model preset: GPT-2 layers/width/vocab (overrides them), tiny_llama or smollm2")
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"comma-separated, of {','.join(SETTINGS)}")
-    ap.add_argument("--cpu-allocator", default="reuse", choices=("reuse", "system"),
+    ap.add_argument("--cpu-allocator", default="reuse", choices=CPU_ALLOCATORS,
                     help="as qgplm.run's cpu_allocator= (qgplm.train.host_memory): reuse, its default, keeps "
                          "freed memory in the process; system is malloc's defaults")
     ap.add_argument("--json", action="store_true", help="also print every row as a JSON line")

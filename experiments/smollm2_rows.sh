@@ -95,7 +95,7 @@ ptb() {  # the students of docs/results.md ran under bf16: QGPLM_OVERRIDES="trai
     student smollm2_ptb w2/quantgpt_gamma_fixed quantgpt 2 "$fixed"
     student smollm2_ptb w2/quantgpt_gamma_fixed_seed1 quantgpt 2 seed=1 "$fixed"
     student smollm2_ptb w2/pact_seed1 pact 2 seed=1
-    student smollm2_ptb w2/quantgpt_gamma_fixed_seed2 quantgpt 2 seed=2 "$fixed"  # the third seed of the tie
+    student smollm2_ptb w2/quantgpt_gamma_fixed_seed2 quantgpt 2 seed=2 "$fixed"  # third seeds: QuantGPT and PACT
     student smollm2_ptb w2/pact_seed2 pact 2 seed=2
     student smollm2_ptb w2/quantgpt_no_contrastive_gamma_fixed quantgpt_no_contrastive 2 "$fixed"
 }

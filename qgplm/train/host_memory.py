@@ -4,14 +4,15 @@ A training step allocates and frees the same large temporaries every step: the f
 every weight, the [tokens, vocabulary] logits and probabilities, the embedding's gradient. glibc's
 malloc serves every block above 32 MiB with a fresh `mmap` and returns it to the kernel on `free`,
 so each step touches every page of those blocks anew and the kernel faults and zeroes them one 4 KiB
-page at a time. On a 2-core virtual machine that page-fault work is a quarter of a SmolLM2-135M
-QuantGPT step (docs/results.md, Cost at this scale). PyTorch's CUDA allocator keeps freed blocks for
+page at a time. On a 2-core virtual machine `reuse` made a SmolLM2-135M QuantGPT step 20% (fp32) to
+44% (bf16) faster (docs/results.md, The CPU allocator). PyTorch's CUDA allocator keeps freed blocks for
 reuse; its CPU allocator leaves that to malloc.
 
 `reuse` (the default) tells glibc to serve large blocks from its heap and to keep freed memory in the
 process (`mallopt(M_MMAP_MAX, 0)` and a 2 GiB trim threshold), so the next step reuses pages that are
-already mapped. The peak RSS stays about the same (the same blocks are live at the peak); what changes
-is that memory freed after the peak is returned to the kernel only when the process exits. `system`
+already mapped. The peak RSS grows a little (4-10% measured there: a freed block cannot always serve a
+differently sized request), and memory freed after the peak is returned to the kernel only when the
+process exits. `system`
 leaves glibc's defaults. Training results are bit for bit the same either way: only where the bytes
 live changes. Processes without glibc (macOS, musl) keep their own allocator's behaviour, and `reuse`
 says so once in the log.
@@ -19,9 +20,9 @@ says so once in the log.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
+
+from qgplm.libc import glibc
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,6 @@ _TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int: keep up to 2 GiB of free m
 _applied: str | None = None
 
 
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
-
-
 def set_cpu_allocator(mode: str) -> bool:
     """Apply `mode` (one of CPU_ALLOCATORS) to this process; True where it took effect.
 
@@ -54,7 +47,7 @@ def set_cpu_allocator(mode: str) -> bool:
         raise ValueError(f"cpu_allocator must be one of {CPU_ALLOCATORS}, got {mode!r}")
     if mode == _applied or (mode == "system" and _applied is None):
         return True  # `system` before any `reuse`: glibc's defaults were never touched
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         if mode == "reuse":
             log.info("cpu_allocator=reuse: this process has no glibc malloc, its own allocator is left as is")
