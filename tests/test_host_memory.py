@@ -22,11 +22,11 @@ PAGES = 64 * 2**20 // 4096  # 4 KiB pages of one 64 MiB temporary
 STEPS = """
 import json, os, resource, sys, torch
 from qgplm.train.host_memory import set_cpu_allocator
-applied = set_cpu_allocator(sys.argv[1])
+applied = all([set_cpu_allocator(mode) for mode in sys.argv[1].split(",")])  # in order, e.g. reuse,system
 page = os.sysconf("SC_PAGE_SIZE")
 w = torch.randn(4096, 4096)
 faults, rss = [], []
-for _ in range(10):
+for _ in range(20):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     q = w.clamp(-1.0, 1.0)
     y = torch.mm(q[:256], q.t())
@@ -44,18 +44,23 @@ def _faults(mode: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+WARM = 10  # steps before the heap holds blocks for every size (it took 3-10 steps, run to run)
+
+
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="cpu_allocator=reuse sets glibc's malloc; other allocators are left as they are")
 def test_reuse_stops_the_page_faults_that_system_pays_every_step():
     system, reuse = _faults("system"), _faults("reuse")
     assert system["applied"] and reuse["applied"]
     # malloc's defaults: each 64 MiB temporary is a fresh mmap, its pages fault again at every step
-    assert min(system["faults"][4:]) > 1.9 * PAGES, system
+    assert min(system["faults"][WARM:]) > 1.9 * PAGES, system
     # reuse: after a few warm-up steps the temporaries land on pages the heap already holds
-    assert sorted(reuse["faults"][4:])[3] < 0.05 * PAGES, reuse  # the median step faults nothing
-    assert sum(reuse["faults"][4:]) < 0.25 * sum(system["faults"][4:]), (reuse, system)
-    # and the heap does not grow step after step: kept memory is reused, not piled up
-    assert reuse["rss_mib"][-1] - reuse["rss_mib"][3] < 80, reuse
+    steady = sorted(reuse["faults"][WARM:])
+    assert steady[len(steady) // 2] < 0.05 * PAGES, reuse  # the median step faults nothing
+    assert sum(reuse["faults"][WARM:]) < 0.25 * sum(system["faults"][WARM:]), (reuse, system)
+    # system after reuse in one process (a sweep's jobs, tests): malloc's behaviour is back
+    back = _faults("reuse,system")
+    assert back["applied"] and min(back["faults"][WARM:]) > 1.9 * PAGES, back
 
 
 def test_unknown_mode_is_refused():
