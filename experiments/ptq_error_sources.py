@@ -19,6 +19,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,9 +27,13 @@ from qgplm.data.token_stream import IGNORE_INDEX, EvalWindows, tokenize_stream
 from qgplm.models import load_pretrained, load_tokenizer
 from qgplm.quant import QuantConfig, initialize_quantizers, quantize_model
 
-# (row, weight bits, embedding bits, activation bits, symmetric activations, activation granularity);
-# None: full precision. New rows go at the end: row numbers are how the docs' commands name them.
-ROWS: tuple[tuple[str, int | None, int | None, int | None, bool, str], ...] = (
+# (row, weight bits, embedding bits, activation bits, symmetric activations, activation granularity
+# [, extra QuantConfig fields]); None: full precision. QuantGPT's quantizer with its default initial gamma
+# unless the extra fields say otherwise. New rows go at the end: row numbers are how the docs' commands
+# name them.
+Row = tuple[str, int | None, int | None, int | None, bool, str] | tuple[
+    str, int | None, int | None, int | None, bool, str, dict[str, Any]]
+ROWS: tuple[Row, ...] = (
     ("FP32", None, None, None, False, "tensor"),
     ("A8 (per-tensor min-max, asymmetric)", None, None, 8, False, "tensor"),
     ("A8 (per-tensor, symmetric)", None, None, 8, True, "tensor"),
@@ -41,6 +46,16 @@ ROWS: tuple[tuple[str, int | None, int | None, int | None, bool, str], ...] = (
     ("A8 (per-token, symmetric)", None, None, 8, True, "token"),
     ("W8E8A8 (per-token A8)", 8, 8, 8, False, "token"),
     ("W4E4A8 (per-token A8)", 4, 4, 8, False, "token"),
+    ("W4 (linear weights only)", 4, None, None, False, "tensor"),
+    ("E4 (embedding and tied head only)", None, 4, None, False, "tensor"),
+    ("W4E4, one scale per output row", 4, 4, None, False, "tensor", {"per_row": True}),
+    ("W4E4A8 (per-token A8), one scale per output row", 4, 4, 8, False, "token", {"per_row": True}),
+    ("W4E4, gamma_init=fixed (3.0)", 4, 4, None, False, "tensor", {"quantizer_kwargs": {"gamma_init": "fixed"}}),
+    ("W4E4, lsq", 4, 4, None, False, "tensor", {"quantizer": "lsq"}),
+    ("W4E4A8 (per-token A8), one scale per output row, gamma_init=fixed (3.0)", 4, 4, 8, False, "token",
+     {"per_row": True, "quantizer_kwargs": {"gamma_init": "fixed"}}),
+    ("W4E4A8 (per-token A8), one scale per output row, lsq", 4, 4, 8, False, "token",
+     {"per_row": True, "quantizer": "lsq"}),
 )
 
 
@@ -92,12 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     print("| row | test PPL | / FP32 | seconds |\n|---|---|---|---|")
     fp = None
     for i in (int(r) for r in rows):
-        name, w, e, a, sym, granularity = ROWS[i]
+        name, w, e, a, sym, granularity, *extra = ROWS[i]
         t = time.perf_counter()
         model = load_pretrained(str(d)).float().eval()
         if (w, e, a) != (None, None, None):
             quantize_model(model, QuantConfig(weight_bits=w, embedding_bits=e, activation_bits=a,
-                                              activation_symmetric=sym, activation_granularity=granularity))
+                                              activation_symmetric=sym, activation_granularity=granularity,
+                                              **(extra[0] if extra else {})))
             initialize_quantizers(model)
         ppl = perplexity(model, ids)
         fp = ppl if fp is None and i == 0 else fp

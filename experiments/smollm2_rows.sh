@@ -8,8 +8,8 @@
 #
 #   bash experiments/smollm2_rows.sh               # all rows; rows already done (metrics.json) are skipped
 #   bash experiments/smollm2_rows.sh wt2_core      # one group: wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4
-#                                                  #   wt2_token wt2_per_row wt2_bf16 wt2_gamma_fixed ptb
-#                                                  #   ptb_rest
+#                                                  #   wt2_token wt2_per_row wt2_bf16 wt2_gamma_fixed
+#                                                  #   wt2_w4_per_row per_row_fixed ptb ptb_rest
 #   RESULTS=<dir> bash experiments/smollm2_rows.sh # results elsewhere (default experiments/results)
 #   ONLY='w2/(pact|twn)$' bash experiments/smollm2_rows.sh wt2_methods   # only the rows whose path matches
 #   python experiments/table.py experiments/results/smollm2_wt2   # the tables, at any time
@@ -87,6 +87,27 @@ wt2_gamma_fixed() {  # QuantGPT from PACT's start (gamma 1.4): more seeds, and t
     student smollm2_wt2 w2_bf16/quantgpt_no_contrastive_gamma_fixed quantgpt_no_contrastive 2 "${fixed[@]}"
     student smollm2_wt2 w2_bf16/quantgpt_no_contrastive_gamma_fixed_seed1 quantgpt_no_contrastive 2 seed=1 \
         "${fixed[@]}"
+    student smollm2_wt2 w2_bf16/quantgpt_per_row_gamma_fixed quantgpt 2 method.per_row=true "${fixed[@]}"
+}
+wt2_w4_per_row() {  # W4E4A8 with one scale per output row and per-token activations: per tensor, the 4-bit
+    # linear weights alone destroy the model before training (docs/results.md, "Where the error comes from")
+    local bf16=trainer.precision=bf16-mixed
+    for m in quantgpt lsq; do
+        student smollm2_wt2 "w4/${m}_per_row_token" "$m" 4 method.per_row=true method.activation_granularity=token "$bf16"
+    done
+}
+per_row_fixed() {  # one scale per output row, QuantGPT from the fixed start: the methods and the central
+    # ablation again in the setting that gave the lowest W2E2A8 row, on both tasks (bf16)
+    local fixed=method.quantizer_kwargs.gamma_init=fixed per_row=method.per_row=true bf16=trainer.precision=bf16-mixed
+    student smollm2_wt2 w2_bf16/pact_per_row pact 2 "$per_row" "$bf16"
+    student smollm2_ptb w2/quantgpt_per_row_gamma_fixed quantgpt 2 "$per_row" "$fixed" "$bf16"
+    student smollm2_ptb w2/pact_per_row pact 2 "$per_row" "$bf16"
+    student smollm2_wt2 w2_bf16/quantgpt_no_contrastive_per_row_gamma_fixed quantgpt_no_contrastive 2 "$per_row" \
+        "$fixed" "$bf16"
+    student smollm2_wt2 w2_bf16/quantgpt_per_row_gamma_fixed_seed1 quantgpt 2 seed=1 "$per_row" "$fixed" "$bf16"
+    student smollm2_ptb w2/lsq_per_row lsq 2 "$per_row" "$bf16"
+    student smollm2_ptb w2/quantgpt_no_contrastive_per_row_gamma_fixed quantgpt_no_contrastive 2 "$per_row" \
+        "$fixed" "$bf16"
 }
 ptb() {  # the students of docs/results.md ran under bf16: QGPLM_OVERRIDES="trainer.precision=bf16-mixed"
     local fixed=method.quantizer_kwargs.gamma_init=fixed
@@ -104,7 +125,8 @@ ptb_rest() {  # Penn Treebank's other W2 methods and its W4 rows (bf16 as above)
     for m in quantgpt lsq; do student smollm2_ptb "w4/$m" "$m" 4; done
 }
 
-ALL_GROUPS=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row wt2_bf16 wt2_gamma_fixed ptb ptb_rest)
+ALL_GROUPS=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row wt2_bf16 wt2_gamma_fixed wt2_w4_per_row
+            per_row_fixed ptb ptb_rest)
 groups=("$@")
 [[ ${#groups[@]} -gt 0 ]] || groups=("${ALL_GROUPS[@]}")
 for g in "${groups[@]}"; do  # every name is checked before any row runs

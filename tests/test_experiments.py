@@ -242,22 +242,25 @@ def test_ptq_error_sources_rows_on_a_tiny_llama(tmp_path):
     (tmp_path / "test.txt").write_text(text)
     script = str(ROOT / "experiments" / "ptq_error_sources.py")
     run = lambda *a: subprocess.run([sys.executable, script, *a], capture_output=True, text=True)  # noqa: E731
-    proc = run(str(tmp_path / "m"), "--tokens", "300", "--data", str(tmp_path / "test.txt"), "--rows", "0,1,5,8")
+    proc = run(str(tmp_path / "m"), "--tokens", "300", "--data", str(tmp_path / "test.txt"), "--rows", "0,1,5,8,14,16,17")
     assert proc.returncode == 0, proc.stderr
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r[0] for r in rows[1:]] == ["| FP32", "| A8 (per-tensor min-max, asymmetric)", "| W4E4",
-                                        "| A8 (per-token min-max, asymmetric)"]
-    fp, a8, w4, a8_token = (float(r[1]) for r in rows[1:])
-    assert rows[1][2] == "1.00" and len({fp, a8, w4, a8_token}) == 4
-    for args, match in (((str(tmp_path),), "holds no HF model"), ((str(tmp_path / "m"), "--rows", "12"), "--rows"),
+                                        "| A8 (per-token min-max, asymmetric)", "| W4E4, one scale per output row",
+                                        "| W4E4, gamma_init=fixed (3.0)", "| W4E4, lsq"]
+    ppls = [float(r[1]) for r in rows[1:]]
+    assert rows[1][2] == "1.00" and len(set(ppls)) == len(ppls)  # each row's extra fields reach the quantizer
+    spec = importlib.util.spec_from_file_location("ptq_error_sources", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    past_the_end = str(len(mod.ROWS))
+    for args, match in (((str(tmp_path),), "holds no HF model"),
+                        ((str(tmp_path / "m"), "--rows", past_the_end), "--rows"),
                         ((str(tmp_path / "m"), "--tokens", "100"), "--tokens")):
         proc = run(*args, "--data", str(tmp_path / "test.txt"))
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
         assert match in proc.stderr
     # its scoring is the training runs' EvalWindows: one 128-token window is one forward's mean loss
-    spec = importlib.util.spec_from_file_location("ptq_error_sources", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     model = LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
     ids = torch.randint(0, len(tok), (128,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
