@@ -242,7 +242,8 @@ def test_ptq_error_sources_rows_on_a_tiny_llama(tmp_path):
     (tmp_path / "test.txt").write_text(text)
     script = str(ROOT / "experiments" / "ptq_error_sources.py")
     run = lambda *a: subprocess.run([sys.executable, script, *a], capture_output=True, text=True)  # noqa: E731
-    proc = run(str(tmp_path / "m"), "--tokens", "300", "--data", str(tmp_path / "test.txt"), "--rows", "0,1,5,8,14,16,17")
+    proc = run(str(tmp_path / "m"), "--tokens", "300", "--data", str(tmp_path / "test.txt"),
+               "--rows", "0,1,5,8,14,16,17")
     assert proc.returncode == 0, proc.stderr
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r[0] for r in rows[1:]] == ["| FP32", "| A8 (per-tensor min-max, asymmetric)", "| W4E4",
