@@ -548,3 +548,92 @@ def test_seq2seq_untied_decoder_embedding_and_head_get_embedding_bits_with_own_q
     assert len(qs) == 3 and all(q.bits == 2 for q in (enc.weight_quantizer, dec.weight_quantizer,
                                                        head.weight_quantizer))
     assert type(model.model.decoder.embed_positions).__name__ == "BartLearnedPositionalEmbedding"
+
+
+# ------------------------------------------------------------------ a tied table, quantized once a forward
+
+
+def tied_llama() -> LlamaForCausalLM:
+    """tiny_llama with the head tied to the embedding, as SmolLM2's."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return model
+
+
+def _count_quantize(monkeypatch, quantizer) -> list[int]:
+    calls = [0]
+    original = quantizer.quantize
+
+    def counted(w):
+        calls[0] += 1
+        return original(w)
+
+    monkeypatch.setattr(quantizer, "quantize", counted)
+    return calls
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tied_llama])
+def test_tied_table_quantized_once_a_forward_same_logits_and_gradients(build, monkeypatch):
+    """The token embedding and the LM head tied to it share one quantizer, which computes its output
+    once per forward: the same logits to the bit and the same gradients (both layers' gradients
+    reach one autograd node, summed) as quantizing it for each layer; nothing is kept after the
+    forward; micro-batches (two forwards, one backward) each get their own graph."""
+    model = quantize_model(build(), QuantConfig())
+    initialize_quantizers(model)  # eval mode (no dropout); gradients flow all the same
+    table = model.get_input_embeddings().weight_quantizer
+    assert table.shared and model.get_output_embeddings().weight_quantizer is table
+    reference = copy.deepcopy(model)
+    reference.get_input_embeddings().weight_quantizer.shared = False  # quantized by each layer
+    calls = _count_quantize(monkeypatch, table)
+    x = ids(shape=(2, 10))
+    logits = model(x).logits
+    assert calls[0] == 1 and table._last is None  # once, and dropped after the forward
+    ref_logits = reference(x).logits
+    assert torch.equal(logits, ref_logits)
+    (logits.float().square().mean()).backward()
+    (ref_logits.float().square().mean()).backward()
+    got, want = _grads(model), _grads(reference)
+    assert got.keys() == want.keys() and table.gamma.grad.abs() > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+    # gradient accumulation: two forwards before one backward, each with its own graph
+    model.zero_grad()
+    reference.zero_grad()
+    y = ids(seed=2, shape=(2, 10))
+    (model(x).logits.sum() + model(y).logits.sum()).backward()
+    (reference(x).logits.sum() + reference(y).logits.sum()).backward()
+    assert calls[0] == 3
+    for name, g in _grads(reference).items():
+        torch.testing.assert_close(_grads(model)[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_tied_table_direct_calls_recompute_and_copies_carry_no_output():
+    """Layers called by hand (no model forward around them): a layer asking twice gets a fresh tensor
+    each time, the other layer reuses the last one; the kept tensor is not copied with the model, and
+    an optimizer step (a new weight version) makes the next call quantize again."""
+    model = quantize_model(tied_llama(), QuantConfig(activation_bits=None))
+    initialize_quantizers(model)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    table = emb.weight_quantizer
+    x = ids(shape=(1, 6))
+    first = emb(x)
+    second = emb(x)
+    assert torch.equal(first, second) and first.grad_fn is not second.grad_fn
+    kept = table._last[1]
+    h = torch.randn(1, 6, head.in_features)
+    head(h)
+    assert table._last[1] is kept  # the head reused the embedding's tensor
+    clone = copy.deepcopy(model)  # a non-leaf tensor in the copy would raise here
+    assert clone.get_input_embeddings().weight_quantizer._last is None
+    with torch.no_grad():
+        emb.weight.add_(0.01)
+    head(h)
+    assert table._last[1] is not kept

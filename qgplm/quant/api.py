@@ -103,6 +103,8 @@ class _QuantizedLayerFactory:
         if wq is None:
             wq = self.table_quantizers[id(weight)] = _make_weight_quantizer(self.config, self.config.embedding_bits,
                                                                             rows)
+        else:
+            wq.shared = True  # a second layer of the same table: one output per forward (WeightQuantizer.forward)
         return wq
 
     def __call__(self, name: str, mod: nn.Module) -> nn.Module | None:
@@ -132,13 +134,32 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         raise QgplmError("model is already quantized: call quantize_model once, on a float model")
     if config.is_full_precision:
         return model
-    swap_modules(model, lambda name, mod: _selected(name, config), _QuantizedLayerFactory(model, config))
+    factory = _QuantizedLayerFactory(model, config)
+    swap_modules(model, lambda name, mod: _selected(name, config), factory)
+    if any(q.shared for q in factory.table_quantizers.values()):
+        install_shared_output_hooks(model)
     if config.quantize_attention and config.activation_bits is not None:
         quantize_attention_inputs(model, config.activation_bits, config.activation_symmetric,
                                   config.activation_granularity)
     if config.activation_bits is not None:
         install_token_mask_hooks(model)  # activation ranges over real tokens only
     return model
+
+
+def _forget_shared_outputs(model: nn.Module, *_: object) -> None:
+    for m in model.modules():
+        if isinstance(m, WeightQuantizer) and m.shared:
+            m.forget_output()
+
+
+def install_shared_output_hooks(model: nn.Module) -> None:
+    """Scope a shared quantizer's output (`WeightQuantizer.forward`) to one forward of `model`: it is
+    dropped before each forward and after it (also when the forward raises). Idempotent."""
+    if getattr(model, "_qgplm_shared_output_hooks", False):
+        return
+    model.register_forward_pre_hook(_forget_shared_outputs)
+    model.register_forward_hook(_forget_shared_outputs, always_call=True)
+    model._qgplm_shared_output_hooks = True
 
 
 def quantize_attention_inputs(model: nn.Module, bits: int, symmetric: bool, granularity: str = "tensor") -> None:

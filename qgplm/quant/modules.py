@@ -21,6 +21,13 @@ def _maybe(q: nn.Module | None, x: Tensor) -> Tensor:
     return x if q is None else q(x)
 
 
+def _quantized(layer: nn.Module, w: Tensor) -> Tensor:
+    """`layer`'s fake-quantized weight; a shared quantizer (a tied table) is told which layer asks,
+    so that it quantizes the table once a forward (`WeightQuantizer.forward`)."""
+    wq = layer.weight_quantizer
+    return wq(w, layer) if wq.shared else wq(w)
+
+
 class QuantLinear(nn.Linear):
     """nn.Linear with a fake-quantized weight and (optionally) an 8-bit quantized input."""
 
@@ -38,7 +45,7 @@ class QuantLinear(nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(_maybe(self.act_quantizer, x), self.weight_quantizer(self.weight), self.bias)
+        return F.linear(_maybe(self.act_quantizer, x), _quantized(self, self.weight), self.bias)
 
 
 class QuantConv1D(Conv1D):
@@ -95,7 +102,7 @@ class QuantEmbedding(nn.Embedding):
         return new
 
     def forward(self, input: Tensor) -> Tensor:
-        out = F.embedding(input, self.weight_quantizer(self.weight), self.padding_idx, self.max_norm,
+        out = F.embedding(input, _quantized(self, self.weight), self.padding_idx, self.max_norm,
                           self.norm_type, self.scale_grad_by_freq, self.sparse)
         return out if self.embed_scale is None else out * self.embed_scale
 

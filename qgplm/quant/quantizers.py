@@ -3,7 +3,8 @@
 A weight quantizer is a small nn.Module attached to a quantized layer. The interface every
 quantizer kind implements (QuantGPT here, the baselines in baselines.py, registered in registry.py):
 
-- `forward(w)`: the fake-quantized weight used in the forward pass (identity when disabled).
+- `forward(w)`: the fake-quantized weight used in the forward pass (identity when disabled); a kind
+  implements `quantize(w)` and inherits it.
 - `initialize(w)`: set the scale from the weight it will quantize; called once at fit start by
   the scale warm-up callback. The `initialized` buffer is saved with checkpoints, so a resumed
   run never re-initialises.
@@ -12,6 +13,10 @@ quantizer kind implements (QuantGPT here, the baselines in baselines.py, registe
 - `scale_bounds()`: (scale parameter, lower bound) pairs the scales must stay above; `clamp_()`
   keeps them there after an optimizer step (returns True if it had to), and `clamp_scales_` does
   it for all quantizers of a model at once, without a host sync (the training step's).
+
+A quantizer shared by several layers (a token embedding and the LM head tied to it) is marked
+`shared` by `quantize_model`, and computes its output once per forward of the model: the second
+layer gets the same tensor (see `WeightQuantizer.forward`).
 """
 
 from __future__ import annotations
@@ -53,18 +58,53 @@ class WeightQuantizer(nn.Module):
         # Quantization ramp-in: forward = w + mix * (Q(w) - w). 1.0 = fully quantized.
         self.mix = 1.0
         self.register_buffer("initialized", torch.tensor(False), persistent=True)
+        # Set by quantize_model when several layers call this quantizer (tied tables): see forward.
+        self.shared = False
+        self._last: tuple[tuple, Tensor, set[int]] | None = None  # (key, output, ids of the layers given it)
 
     @property
     def per_row(self) -> bool:
         return self.num_rows is not None
 
-    def forward(self, w: Tensor) -> Tensor:
+    def forward(self, w: Tensor, layer: nn.Module | None = None) -> Tensor:
+        """The fake-quantized `w` (`w` itself when disabled).
+
+        A `shared` quantizer called by a quantized `layer` reuses the tensor it computed last for
+        another layer, if nothing it depends on has changed since (the same weight at the same
+        in-place version, the same scale and buffer versions, mix, mode and grad mode) and this
+        layer has not had it yet; a layer calling again means a new forward (micro-batches of an
+        accumulated step, a recomputed checkpoint), which gets a fresh tensor and graph. On SmolLM2
+        the tied 49,152 x 576 table is the embedding and the LM head, a fifth of the weights:
+        quantizing it once a forward instead of twice saves that work in the forward and in the
+        backward (one autograd node receives both layers' gradients, summed). The quantized model
+        drops the tensor after each forward (`install_shared_output_hooks`), so it holds no memory
+        between steps."""
         if not self.enabled:
             return w
+        key = None
+        if self.shared and layer is not None:
+            key = (w.data_ptr(), tuple(w.shape), w.stride(), w._version, w.dtype, self.training,
+                   torch.is_grad_enabled(), self.mix,
+                   tuple(t._version for t in (*self.parameters(recurse=False), *self.buffers(recurse=False))))
+            last = self._last
+            if last is not None and last[0] == key and id(layer) not in last[2]:
+                last[2].add(id(layer))
+                return last[1]
         q = self.quantize(w)
-        if self.mix >= 1.0:
-            return q
-        return w + self.mix * (q - w)
+        if self.mix < 1.0:
+            q = w + self.mix * (q - w)
+        if key is not None:
+            self._last = (key, q, {id(layer)})
+        return q
+
+    def forget_output(self) -> None:
+        """Drop the output a `shared` quantizer keeps for the other layers of the same forward."""
+        self._last = None
+
+    def __getstate__(self):  # copies and pickles never carry a forward's output (nor its graph)
+        state = dict(super().__getstate__())
+        state["_last"] = None
+        return state
 
     def quantize(self, w: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
