@@ -9,7 +9,7 @@
 #   bash experiments/smollm2_rows.sh               # all rows; rows already done (metrics.json) are skipped
 #   bash experiments/smollm2_rows.sh wt2_core      # one group: wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4
 #                                                  #   wt2_token wt2_per_row wt2_bf16 wt2_gamma_fixed
-#                                                  #   wt2_w4_per_row per_row_fixed ptb ptb_rest
+#                                                  #   wt2_w4_per_row per_row_fixed per_row_more ptb ptb_rest
 #   RESULTS=<dir> bash experiments/smollm2_rows.sh # results elsewhere (default experiments/results)
 #   ONLY='w2/(pact|twn)$' bash experiments/smollm2_rows.sh wt2_methods   # only the rows whose path matches
 #   python experiments/table.py experiments/results/smollm2_wt2   # the tables, at any time
@@ -109,6 +109,13 @@ per_row_fixed() {  # one scale per output row, QuantGPT from the fixed start: th
     student smollm2_ptb w2/quantgpt_no_contrastive_per_row_gamma_fixed quantgpt_no_contrastive 2 "$per_row" \
         "$fixed" "$bf16"
 }
+per_row_more() {  # per row, PACT led QuantGPT on WikiText-2 (same 1.4 mean|w| start): PACT's second seed, and
+    # QuantGPT's scales at PACT's relative speed (alpha = gamma mean|w|: PACT's alpha moves ~7x more a step)
+    local fixed=method.quantizer_kwargs.gamma_init=fixed per_row=method.per_row=true bf16=trainer.precision=bf16-mixed
+    student smollm2_wt2 w2_bf16/pact_per_row_seed1 pact 2 seed=1 "$per_row" "$bf16"
+    student smollm2_wt2 w2_bf16/quantgpt_per_row_gamma_fixed_scale_lr1e-2 quantgpt 2 "$per_row" "$fixed" \
+        student.optim.scale_lr=1.0e-2 "$bf16"
+}
 ptb() {  # the students of docs/results.md ran under bf16: QGPLM_OVERRIDES="trainer.precision=bf16-mixed"
     local fixed=method.quantizer_kwargs.gamma_init=fixed
     teacher smollm2_ptb
@@ -126,7 +133,7 @@ ptb_rest() {  # Penn Treebank's other W2 methods and its W4 rows (bf16 as above)
 }
 
 ALL_GROUPS=(wt2_core wt2_ptq wt2_seeds wt2_methods wt2_w4 wt2_token wt2_per_row wt2_bf16 wt2_gamma_fixed wt2_w4_per_row
-            per_row_fixed ptb ptb_rest)
+            per_row_fixed per_row_more ptb ptb_rest)
 groups=("$@")
 [[ ${#groups[@]} -gt 0 ]] || groups=("${ALL_GROUPS[@]}")
 for g in "${groups[@]}"; do  # every name is checked before any row runs
