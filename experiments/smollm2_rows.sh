@@ -115,6 +115,8 @@ per_row_more() {  # per row, PACT led QuantGPT on WikiText-2 (same 1.4 mean|w| s
     student smollm2_wt2 w2_bf16/pact_per_row_seed1 pact 2 seed=1 "$per_row" "$bf16"
     student smollm2_wt2 w2_bf16/quantgpt_per_row_gamma_fixed_scale_lr1e-2 quantgpt 2 "$per_row" "$fixed" \
         student.optim.scale_lr=1.0e-2 "$bf16"
+    student smollm2_wt2 w2_bf16/quantgpt_per_row_gamma_fixed_scale_lr1e-2_seed1 quantgpt 2 seed=1 "$per_row" \
+        "$fixed" student.optim.scale_lr=1.0e-2 "$bf16"
 }
 ptb() {  # the students of docs/results.md ran under bf16: QGPLM_OVERRIDES="trainer.precision=bf16-mixed"
     local fixed=method.quantizer_kwargs.gamma_init=fixed
