@@ -386,11 +386,11 @@ def test_model_size_linear_exact_bytes():
 # --------------------------------------------------------------------------- generic HF models
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(tie_word_embeddings: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=tie_word_embeddings)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -555,11 +555,7 @@ def test_seq2seq_untied_decoder_embedding_and_head_get_embedding_bits_with_own_q
 
 def tied_llama() -> LlamaForCausalLM:
     """tiny_llama with the head tied to the embedding, as SmolLM2's."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(tie_word_embeddings=True)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     return model
 
